@@ -1,0 +1,446 @@
+// Fused BatchNorm + ReLU on the CPU.
+//
+// Passes over memory (M = N * spatial elements per channel, tensor of T bytes):
+//   training forward: statistics pass (read x), normalise+ReLU pass (read x, write y): 2 reads, 1 write
+//   eval forward:     one pass (read x, write y)
+//   backward:         reduction pass (read x, dy) and elementwise pass (read x, dy, write dx);
+//                     the ReLU mask is recomputed from x, no intermediate tensor is materialised.
+// Layouts handled natively: contiguous (N, C, *), seen as rows of length S per (n, c), and
+// channels_last (N, *, C), seen as N*S rows of C channels. Any other stride pattern is copied to
+// contiguous first (output keeps the input's layout through empty_like).
+//
+// Statistics use sums shifted by the channel's first element (stable for large means) with
+// per-row partials in acc_t (float for fp32/fp16/bf16, double for fp64) folded in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace torchfast {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int64_t kRowsPerBlock = 64;  // channels_last rows folded per partial
+
+enum class Layout { kNCS, kNSC };
+
+struct Geometry {
+  int64_t N, C, S;
+  Layout layout;
+};
+
+Geometry geometry(const at::Tensor& x) {
+  Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.S = x.numel() / std::max<int64_t>(1, g.N * g.C);
+  if (x.dim() == 2) g.layout = Layout::kNSC;  // (N, C): rows of C channels
+  else if (x.is_contiguous()) g.layout = Layout::kNCS;
+  else g.layout = Layout::kNSC;  // caller checked channels_last
+  return g;
+}
+
+bool native_layout(const at::Tensor& x) {
+  if (x.is_contiguous()) return true;
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+template <typename acc_t>
+std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
+  std::vector<acc_t> v(C, fill);
+  if (t.has_value() && t->defined()) {
+    at::Tensor c = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* p = c.data_ptr<acc_t>();
+    std::copy(p, p + C, v.begin());
+  }
+  return v;
+}
+
+// y = x * scale + shift, the single formula used by the forward and by the backward's mask.
+template <typename acc_t>
+void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& w,
+                 const std::vector<acc_t>& b, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const size_t C = mean.size();
+  scale.resize(C);
+  shift.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    scale[c] = w[c] * invstd[c];
+    shift[c] = b[c] - mean[c] * scale[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics: per channel sum(x - K) and sum((x - K)^2), K the channel's first element.
+
+template <typename scalar_t, typename acc_t>
+void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
+  acc_t a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      acc_t d = static_cast<acc_t>(x[i + l]) - K;
+      a1[l] += d;
+      a2[l] += d * d;
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t d = static_cast<acc_t>(x[i]) - K;
+    a1[0] += d;
+    a2[0] += d * d;
+  }
+  s1 = s2 = acc_t(0);
+  for (int l = 0; l < kLanes; ++l) {
+    s1 += a1[l];
+    s2 += a2[l];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(N * S);
+  std::vector<double> S1(C, 0.0), S2(C, 0.0), K(C, 0.0);
+  if (g.layout == Layout::kNCS) {
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(static_cast<acc_t>(x[c * S]));
+    std::vector<acc_t> r1(N * C), r2(N * C);
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        row_moments<scalar_t, acc_t>(x + r * S, S, static_cast<acc_t>(K[c]), r1[r], r2[r]);
+      }
+    });
+    for (int64_t r = 0; r < N * C; ++r) {
+      S1[r % C] += static_cast<double>(r1[r]);
+      S2[r % C] += static_cast<double>(r2[r]);
+    }
+  } else {
+    const int64_t R = N * S;
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(static_cast<acc_t>(x[c]));
+    std::vector<acc_t> Kc(C);
+    for (int64_t c = 0; c < C; ++c) Kc[c] = static_cast<acc_t>(K[c]);
+    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<double> p1(nblk * C), p2(nblk * C);
+    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
+      std::vector<acc_t> a1(C), a2(C);
+      for (int64_t blk = bb; blk < be; ++blk) {
+        std::fill(a1.begin(), a1.end(), acc_t(0));
+        std::fill(a2.begin(), a2.end(), acc_t(0));
+        const int64_t r_end = std::min(R, (blk + 1) * kRowsPerBlock);
+        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
+          const scalar_t* row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t d = static_cast<acc_t>(row[c]) - Kc[c];
+            a1[c] += d;
+            a2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          p1[blk * C + c] = static_cast<double>(a1[c]);
+          p2[blk * C + c] = static_cast<double>(a2[c]);
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        S1[c] += p1[blk * C + c];
+        S2[c] += p2[blk * C + c];
+      }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double m1 = S1[c] / M;
+    const double v = std::max(0.0, S2[c] / M - m1 * m1);
+    mean[c] = static_cast<acc_t>(K[c] + m1);
+    var[c] = static_cast<acc_t>(v);
+    invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise passes.
+
+template <typename scalar_t, typename acc_t>
+void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc_t* scale, const acc_t* shift) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.layout == Layout::kNCS) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const acc_t sc = scale[r % C], sh = shift[r % C];
+        const scalar_t* xr = x + r * S;
+        scalar_t* yr = y + r * S;
+        for (int64_t i = 0; i < S; ++i) {
+          acc_t v = static_cast<acc_t>(xr[i]) * sc + sh;
+          yr[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* xr = x + r * C;
+        scalar_t* yr = y + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t v = static_cast<acc_t>(xr[c]) * scale[c] + shift[c];
+          yr[c] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        }
+      }
+    });
+  }
+}
+
+// Backward reduction: per channel sum(dy * mask) and sum(dy * mask * (x - mean)).
+template <typename scalar_t, typename acc_t>
+void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, const acc_t* scale, const acc_t* shift,
+                   const acc_t* mean, double* sum_dy, double* sum_dy_xmu) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  if (g.layout == Layout::kNCS) {
+    std::vector<acc_t> r1(N * C), r2(N * C);
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t sc = scale[c], sh = shift[c], mu = mean[c];
+        const scalar_t* xr = x + r * S;
+        const scalar_t* gr = dy + r * S;
+        acc_t a1[kLanes] = {}, a2[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= S; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            const acc_t xv = static_cast<acc_t>(xr[i + l]);
+            const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i + l]) : acc_t(0);
+            a1[l] += gm;
+            a2[l] += gm * (xv - mu);
+          }
+        }
+        for (; i < S; ++i) {
+          const acc_t xv = static_cast<acc_t>(xr[i]);
+          const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i]) : acc_t(0);
+          a1[0] += gm;
+          a2[0] += gm * (xv - mu);
+        }
+        acc_t s1 = 0, s2 = 0;
+        for (int l = 0; l < kLanes; ++l) {
+          s1 += a1[l];
+          s2 += a2[l];
+        }
+        r1[r] = s1;
+        r2[r] = s2;
+      }
+    });
+    for (int64_t r = 0; r < N * C; ++r) {
+      sum_dy[r % C] += static_cast<double>(r1[r]);
+      sum_dy_xmu[r % C] += static_cast<double>(r2[r]);
+    }
+  } else {
+    const int64_t R = N * S;
+    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<double> p1(nblk * C), p2(nblk * C);
+    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
+      std::vector<acc_t> a1(C), a2(C);
+      for (int64_t blk = bb; blk < be; ++blk) {
+        std::fill(a1.begin(), a1.end(), acc_t(0));
+        std::fill(a2.begin(), a2.end(), acc_t(0));
+        const int64_t r_end = std::min(R, (blk + 1) * kRowsPerBlock);
+        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
+          const scalar_t* xr = x + r * C;
+          const scalar_t* gr = dy + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xv = static_cast<acc_t>(xr[c]);
+            const acc_t gm = (xv * scale[c] + shift[c] > acc_t(0)) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+            a1[c] += gm;
+            a2[c] += gm * (xv - mean[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          p1[blk * C + c] = static_cast<double>(a1[c]);
+          p2[blk * C + c] = static_cast<double>(a2[c]);
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] += p1[blk * C + c];
+        sum_dy_xmu[c] += p2[blk * C + c];
+      }
+  }
+}
+
+// dx = gm * k0 - k1 - (x - mean) * k2 per channel, gm the masked gradient (k1 = k2 = 0 in eval).
+template <typename scalar_t, typename acc_t>
+void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Geometry& g,
+                          const acc_t* scale, const acc_t* shift, const acc_t* mean, const acc_t* k0,
+                          const acc_t* k1, const acc_t* k2) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.layout == Layout::kNCS) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t sc = scale[c], sh = shift[c], mu = mean[c], c0 = k0[c], c1 = k1[c], c2 = k2[c];
+        const scalar_t* xr = x + r * S;
+        const scalar_t* gr = dy + r * S;
+        scalar_t* dr = dx + r * S;
+        for (int64_t i = 0; i < S; ++i) {
+          const acc_t xv = static_cast<acc_t>(xr[i]);
+          const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i]) : acc_t(0);
+          dr[i] = static_cast<scalar_t>(gm * c0 - c1 - (xv - mu) * c2);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* xr = x + r * C;
+        const scalar_t* gr = dy + r * C;
+        scalar_t* dr = dx + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t xv = static_cast<acc_t>(xr[c]);
+          const acc_t gm = (xv * scale[c] + shift[c] > acc_t(0)) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+          dr[c] = static_cast<scalar_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+        }
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.device().is_cpu(), op, ": input is on ", input.device(), ", expected cpu");
+  TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions (N, C, ...), got ", input.dim());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": input must be floating point, got ",
+              input.scalar_type());
+}
+
+void check_channel_vector(const c10::optional<at::Tensor>& t, int64_t C, const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " is on ", t->device(), ", expected cpu");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape (", C, ",), got ", t->sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  const char* op = "bn_relu_fwd";
+  check_input(input, op);
+  const int64_t C = input.size(1);
+  check_channel_vector(weight, C, op, "weight");
+  check_channel_vector(bias, C, op, "bias");
+  check_channel_vector(running_mean, C, op, "running_mean");
+  check_channel_vector(running_var, C, op, "running_var");
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()), op,
+              ": eval mode needs running_mean and running_var");
+  const bool native = native_layout(input);
+  const at::Tensor x = native ? input : input.contiguous();
+  at::Tensor out = at::empty_like(input);
+  at::Tensor y = native ? out : at::empty_like(x);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = input.options().dtype(acc_type);
+  at::Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts), var = at::empty({C}, opts);
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = geometry(x);
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    if (training) {
+      if (numel > 0) {
+        batch_stats<scalar_t, acc_t>(x.data_ptr<scalar_t>(), g, eps, mp, ip, vp);
+      } else {
+        std::fill(mp, mp + C, std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(vp, vp + C, std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(ip, ip + C, std::numeric_limits<acc_t>::quiet_NaN());
+      }
+    } else {
+      std::vector<acc_t> rm = per_channel<acc_t>(running_mean, C, 0), rv = per_channel<acc_t>(running_var, C, 1);
+      for (int64_t c = 0; c < C; ++c) {
+        mp[c] = rm[c];
+        vp[c] = rv[c];
+        ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      }
+    }
+    if (numel == 0) return;
+    std::vector<acc_t> m(mp, mp + C), is(ip, ip + C), scale, shift;
+    scale_shift(m, is, per_channel<acc_t>(weight, C, 1), per_channel<acc_t>(bias, C, 0), scale, shift);
+    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, scale.data(), shift.data());
+  });
+  if (!native) out.copy_(y);
+  return {out, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                               const c10::optional<at::Tensor>& weight,
+                                                               const c10::optional<at::Tensor>& bias,
+                                                               const at::Tensor& mean, const at::Tensor& invstd,
+                                                               bool training) {
+  const char* op = "bn_relu_bwd";
+  check_input(input, op);
+  const int64_t C = input.size(1);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(), " but input has ",
+              input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out is ", grad_out.scalar_type(),
+              " but input is ", input.scalar_type());
+  check_channel_vector(weight, C, op, "weight");
+  check_channel_vector(bias, C, op, "bias");
+  check_channel_vector(mean, C, op, "mean");
+  check_channel_vector(invstd, C, op, "invstd");
+  // Both tensors must share one native layout; otherwise bring both to contiguous.
+  const bool native = native_layout(input) && grad_out.strides() == input.strides();
+  const at::Tensor x = native ? input : input.contiguous();
+  const at::Tensor dy = native ? grad_out : grad_out.contiguous();
+  at::Tensor grad_in = at::empty_like(input);
+  at::Tensor dx = native ? grad_in : at::empty_like(x);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = input.options().dtype(acc_type);
+  at::Tensor grad_w = at::empty({C}, opts), grad_b = at::empty({C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = geometry(x);
+    std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), scale, shift;
+    scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), scale, shift);
+    std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+    if (x.numel() > 0)
+      backward_sums<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), g, scale.data(), shift.data(),
+                                     m.data(), sum_dy.data(), sum_dy_xmu.data());
+    acc_t* gw = grad_w.data_ptr<acc_t>();
+    acc_t* gb = grad_b.data_ptr<acc_t>();
+    const double M = static_cast<double>(g.N * g.S);
+    std::vector<acc_t> k0(C), k1(C), k2(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double inv = static_cast<double>(is[c]);
+      gb[c] = static_cast<acc_t>(sum_dy[c]);
+      gw[c] = static_cast<acc_t>(sum_dy_xmu[c] * inv);
+      k0[c] = static_cast<acc_t>(static_cast<double>(w[c]) * inv);
+      if (training && M > 0) {
+        // dx = w*invstd * (gm - sum_dy/M - (x-mean) * invstd^2 * sum_dy_xmu / M)
+        k1[c] = static_cast<acc_t>(static_cast<double>(w[c]) * inv * sum_dy[c] / M);
+        k2[c] = static_cast<acc_t>(static_cast<double>(w[c]) * inv * inv * inv * sum_dy_xmu[c] / M);
+      } else {
+        k1[c] = k2[c] = acc_t(0);
+      }
+    }
+    if (x.numel() > 0)
+      backward_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                                            g, scale.data(), shift.data(), m.data(), k0.data(), k1.data(), k2.data());
+  });
+  if (!native) grad_in.copy_(dx);
+  return {grad_in, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("bn_relu_fwd", &bn_relu_fwd_cpu);
+  m.impl("bn_relu_bwd", &bn_relu_bwd_cpu);
+}
+
+}  // namespace torchfast

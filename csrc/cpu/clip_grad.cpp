@@ -1,0 +1,165 @@
+// Multi-tensor gradient clipping on the CPU.
+//   multi_tensor_norm:  one parallel pass reading every tensor once (1 read).
+//   multi_tensor_clip_: one parallel pass, read + write, skipped entirely when the clip
+//                       coefficient is exactly 1 (x * 1 == x, so skipping is exact).
+// Both walk the fixed chunk table of common.h; per-chunk partial results are combined serially in
+// chunk order, so the norm is bitwise identical for any torch.get_num_threads().
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace torchfast {
+namespace {
+
+enum class NormKind { kOne, kTwo, kInf, kP };
+
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the reduction
+
+// Partial of one chunk: sum |x|^p (or max |x| for inf) in acc_t, folded from kLanes lanes.
+template <typename scalar_t, typename acc_t, NormKind K>
+double chunk_partial(const scalar_t* x, int64_t n, acc_t p) {
+  acc_t lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = acc_t(0);
+  bool has_nan = false;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      acc_t a = std::abs(static_cast<acc_t>(x[i + l]));
+      if constexpr (K == NormKind::kOne) lane[l] += a;
+      else if constexpr (K == NormKind::kTwo) lane[l] += a * a;
+      else if constexpr (K == NormKind::kInf) {
+        has_nan |= (a != a);
+        lane[l] = a > lane[l] ? a : lane[l];
+      } else lane[l] += std::pow(a, p);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t a = std::abs(static_cast<acc_t>(x[i]));
+    if constexpr (K == NormKind::kOne) lane[0] += a;
+    else if constexpr (K == NormKind::kTwo) lane[0] += a * a;
+    else if constexpr (K == NormKind::kInf) {
+      has_nan |= (a != a);
+      lane[0] = a > lane[0] ? a : lane[0];
+    } else lane[0] += std::pow(a, p);
+  }
+  if constexpr (K == NormKind::kInf) {
+    if (has_nan) return std::numeric_limits<double>::quiet_NaN();
+    acc_t m = 0;
+    for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
+    return static_cast<double>(m);
+  } else {
+    double s = 0;
+    for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lane[l]);
+    return s;
+  }
+}
+
+// The memory block of a dense tensor (any dimension order), or a contiguous copy of it.
+at::Tensor dense_view(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
+  TORCH_CHECK(!tensors.empty(), "multi_tensor_norm: expected at least one tensor");
+  TORCH_CHECK(norm_type > 0, "multi_tensor_norm: norm_type must be > 0 or inf, got ", norm_type);
+  const auto dtype = tensors[0].scalar_type();
+  std::vector<at::Tensor> dense;
+  dense.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device().is_cpu(), "multi_tensor_norm: tensor ", i, " is on ", tensors[i].device());
+    TORCH_CHECK(tensors[i].scalar_type() == dtype, "multi_tensor_norm: tensor ", i, " is ",
+                tensors[i].scalar_type(), " but tensor 0 is ", dtype, "; group tensors by dtype first");
+    TORCH_CHECK(at::isFloatingType(dtype), "multi_tensor_norm: expected floating-point tensors, got ", dtype);
+    dense.push_back(dense_view(tensors[i]));
+  }
+  const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
+  std::vector<double> partial(chunks.size(), 0.0);
+  const bool is_inf = std::isinf(norm_type);
+  const NormKind kind = is_inf ? NormKind::kInf
+                        : norm_type == 1.0 ? NormKind::kOne
+                        : norm_type == 2.0 ? NormKind::kTwo
+                                           : NormKind::kP;
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t p = static_cast<acc_t>(norm_type);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        const scalar_t* x = static_cast<const scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
+        const int64_t n = ch.end - ch.begin;
+        switch (kind) {
+          case NormKind::kOne: partial[c] = chunk_partial<scalar_t, acc_t, NormKind::kOne>(x, n, p); break;
+          case NormKind::kTwo: partial[c] = chunk_partial<scalar_t, acc_t, NormKind::kTwo>(x, n, p); break;
+          case NormKind::kInf: partial[c] = chunk_partial<scalar_t, acc_t, NormKind::kInf>(x, n, p); break;
+          case NormKind::kP: partial[c] = chunk_partial<scalar_t, acc_t, NormKind::kP>(x, n, p); break;
+        }
+      }
+    });
+    double total = 0.0;
+    if (kind == NormKind::kInf) {
+      for (double v : partial) {
+        if (std::isnan(v) || std::isnan(total)) total = std::numeric_limits<double>::quiet_NaN();
+        else total = v > total ? v : total;
+      }
+    } else {
+      for (double v : partial) total += v;
+      if (kind == NormKind::kTwo) total = std::sqrt(total);
+      else if (kind == NormKind::kP) total = std::pow(total, 1.0 / norm_type);
+    }
+    out = at::scalar_tensor(static_cast<acc_t>(total),
+                            at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return out;
+}
+
+void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
+  if (tensors.empty()) return;
+  TORCH_CHECK(total_norm.numel() == 1, "multi_tensor_clip_: total_norm must have one element, got ",
+              total_norm.numel());
+  TORCH_CHECK(total_norm.device().is_cpu(), "multi_tensor_clip_: total_norm is on ", total_norm.device(),
+              " but the tensors are on cpu");
+  const auto dtype = tensors[0].scalar_type();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device().is_cpu(), "multi_tensor_clip_: tensor ", i, " is on ", tensors[i].device());
+    TORCH_CHECK(tensors[i].scalar_type() == dtype, "multi_tensor_clip_: tensor ", i, " is ",
+                tensors[i].scalar_type(), " but tensor 0 is ", dtype);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_clip_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t total = total_norm.to(c10::CppTypeToScalarType<acc_t>::value).item<acc_t>();
+    acc_t coef = static_cast<acc_t>(max_norm) / (total + static_cast<acc_t>(1e-6));
+    if (coef >= acc_t(1)) return;  // clamp(coef, max=1) == 1 and x * 1 == x: nothing to write
+    // NaN coef falls through and poisons the gradients, as torch.nn.utils.clip_grad_norm_ does.
+    std::vector<at::Tensor> strided;
+    std::vector<at::Tensor> dense;
+    for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
+    const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        scalar_t* x = static_cast<scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
+        const int64_t n = ch.end - ch.begin;
+        for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
+      }
+    });
+    for (auto& t : strided) t.mul_(static_cast<double>(coef));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+  m.impl("multi_tensor_clip_", &multi_tensor_clip_cpu);
+}
+
+}  // namespace torchfast

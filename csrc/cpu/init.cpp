@@ -1,0 +1,68 @@
+// Batched Philox init on the CPU: one parallel pass over every tensor of the batch.
+// Memory traffic: one write of each tensor, nothing read. Values depend only on (seed, stream,
+// element index), so the result is bitwise the same for any thread count and chunking.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "philox.h"
+#include "cpu/common.h"
+
+namespace torchfast {
+namespace {
+
+template <typename scalar_t>
+void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64_t stream, const InitParams& prm) {
+  // begin is a multiple of 4 (chunks are block aligned); the last block may be partial.
+  float v[4];
+  for (int64_t i = begin; i < end; i += 4) {
+    philox_values(seed, stream, static_cast<uint64_t>(i >> 2), prm, v);
+    const int64_t n = std::min<int64_t>(4, end - i);
+    for (int64_t r = 0; r < n; ++r) out[i + r] = static_cast<scalar_t>(v[r]);
+  }
+}
+
+void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef streams, at::IntArrayRef kinds,
+                     at::ArrayRef<double> params) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(static_cast<int64_t>(streams.size()) == n && static_cast<int64_t>(kinds.size()) == n &&
+                  static_cast<int64_t>(params.size()) == 6 * n,
+              "philox_fill_: expected one stream, one kind and six params per tensor, got ", n, " tensors, ",
+              streams.size(), " streams, ", kinds.size(), " kinds and ", params.size(), " params");
+  std::vector<InitParams> prm(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), "philox_fill_: tensor ", i, " is on ", t.device(), ", expected cpu");
+    TORCH_CHECK(t.is_contiguous(), "philox_fill_: tensor ", i, " must be contiguous");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "philox_fill_: tensor ", i,
+                " must be floating point, got ", t.scalar_type());
+    TORCH_CHECK(kinds[i] >= kUniform && kinds[i] <= kConstant, "philox_fill_: unknown kind ", kinds[i]);
+    prm[i] = InitParams{kinds[i],
+                        static_cast<float>(params[6 * i + 0]),
+                        static_cast<float>(params[6 * i + 1]),
+                        static_cast<float>(params[6 * i + 2]),
+                        static_cast<float>(params[6 * i + 3]),
+                        static_cast<float>(params[6 * i + 4]),
+                        static_cast<float>(params[6 * i + 5])};
+  }
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunkElems);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& t = tensors[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "philox_fill_cpu", [&] {
+        fill_range<scalar_t>(t.data_ptr<scalar_t>(), ch.begin, ch.end, useed,
+                             static_cast<uint64_t>(streams[ch.tensor]), prm[ch.tensor]);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) { m.impl("philox_fill_", &philox_fill_cpu); }
+
+}  // namespace torchfast

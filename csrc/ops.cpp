@@ -1,0 +1,56 @@
+// Every compiled torchfast op is declared here, once. The kernel files only register
+// implementations (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
+// formulas are registered in Python (torchfast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(torchfast, m) {
+  // Fused BatchNorm + ReLU, forward. Returns (out, mean, invstd, var): in training the batch mean,
+  // 1/sqrt(var + eps) and the biased batch variance; in eval the running statistics they were
+  // computed from. Statistics are float32 (float64 for float64 input). The running statistics are
+  // not touched here: the Python wrapper folds (mean, var) into them.
+  m.def(
+      "bn_relu_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of bn_relu_fwd, recomputing the ReLU mask from the saved input. Returns
+  // (grad_input, grad_weight, grad_bias); the last two are per-channel, in the statistics dtype.
+  m.def(
+      "bn_relu_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)");
+  // The p-norm of all tensors of the list taken together (one device, one dtype). A 0-dim tensor
+  // in float32 (float64 for float64 tensors). norm_type is any p > 0 or inf.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // tensors *= min(max_norm / (total_norm + 1e-6), 1), the coefficient computed on the device.
+  m.def("multi_tensor_clip_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
+  // Fills each tensor with torchfast's Philox stream (csrc/philox.h). Per tensor i: streams[i]
+  // is its counter stream, kinds[i] its distribution, params[6*i : 6*i+6] its parameters.
+  m.def(
+      "philox_fill_(Tensor(a!)[] tensors, int seed, int[] streams, int[] kinds, float[] params) -> ()");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  std::string archs;
+#ifdef TORCHFAST_WITH_CUDA
+  archs = TORCHFAST_CUDA_ARCHS;
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+  return Py_BuildValue("{s:O,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "cuda_archs", archs.c_str(),
+                       "compiler", __VERSION__);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this build of torchfast._C contains."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "torchfast compiled kernels (ops live in torch.ops.torchfast)",
+                          -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

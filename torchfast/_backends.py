@@ -1,0 +1,149 @@
+"""Backend choice: which implementation serves one call of one op.
+
+Each backend says, for a call (op, device, dtype, op detail), why it cannot serve it, or nothing if
+it can. Automatic choice takes the first backend of the device's preference list that can serve;
+an explicit choice (``set_backend``, ``use_backend`` or the environment variable
+``TORCHFAST_BACKEND``) that cannot serve raises :class:`BackendUnavailable` with the reason.
+
+Everything a call consults is computed at import time (which kernels the extension registered), so
+``torch.compile`` traces the choice as plain Python without graph breaks.
+"""
+import contextlib
+import os
+import warnings
+
+import torch
+
+from torchfast import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+OPS = ("bn_relu", "clip_grad", "init")
+# Automatic preference per device type; anything else is served by the reference backend.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The compiled ops behind each public op.
+_COMPILED_OPS = {
+    "bn_relu": ("bn_relu_fwd", "bn_relu_bwd"),
+    "clip_grad": ("multi_tensor_norm", "multi_tensor_clip_"),
+    "init": ("philox_fill_",),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve a call."""
+
+
+def _registered(dispatch_key: str) -> dict:
+    """{public op: True if every compiled op behind it has a kernel for dispatch_key}."""
+    out = {}
+    for op, names in _COMPILED_OPS.items():
+        ok = _ext._C is not None
+        for name in names:
+            ok = ok and torch._C._dispatch_has_kernel_for_dispatch_key("torchfast::" + name, dispatch_key)
+        out[op] = ok
+    return out
+
+
+_HAS_CPU_KERNEL = _registered("CPU")
+_HAS_CUDA_KERNEL = _registered("CUDA")
+_BUILD = _ext.build_info()
+
+
+def _not_built_reason(kind: str) -> str:
+    if not _BUILD["built"]:
+        return "torchfast._C is not built (%s); install with `pip install --no-build-isolation -e .`" % (
+            _BUILD.get("error") or "no extension")
+    if kind == "cuda" and not _BUILD["cuda"]:
+        return "torchfast._C was built without CUDA kernels (no CUDA toolkit, or TORCHFAST_SKIP_CUDA=1)"
+    return "this build of torchfast._C has no %s kernel for this op" % kind
+
+
+def why_not(backend: str, op: str, device_type: str, dtype: torch.dtype, norm_type: float = 2.0):
+    """Why `backend` cannot serve `op` for tensors of (device_type, dtype); None if it can."""
+    if backend not in BACKENDS:
+        return "unknown backend %r; expected one of %s" % (backend, ", ".join(BACKENDS))
+    if op not in OPS:
+        raise ValueError("unknown op %r" % (op,))
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return "the Triton kernels are not part of this version of torchfast"
+    if device_type != backend:
+        return "the %s backend serves %s tensors, got %s tensors" % (backend, backend, device_type)
+    registered = _HAS_CPU_KERNEL if backend == "cpu" else _HAS_CUDA_KERNEL
+    if not registered[op]:
+        return _not_built_reason(backend)
+    if dtype not in _KERNEL_DTYPES:
+        return "dtype %s is not supported (float16, bfloat16, float32, float64)" % (dtype,)
+    if op == "clip_grad" and not (norm_type > 0):
+        return "norm_type %r is not supported by the kernels (any p > 0 or inf)" % (norm_type,)
+    return None
+
+
+def _read_env():
+    name = os.environ.get("TORCHFAST_BACKEND", "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
+        warnings.warn("TORCHFAST_BACKEND=%r is not a torchfast backend (%s); ignoring it"
+                      % (name, ", ".join(BACKENDS)), RuntimeWarning, stacklevel=3)
+        return None
+    return name
+
+
+# The explicitly requested backend, or None for automatic choice. Process-wide (a plain global so
+# torch.compile can guard on it).
+_forced = _read_env()
+
+
+def _check_name(name):
+    if name is not None and name not in BACKENDS:
+        raise ValueError("torchfast: unknown backend %r; expected one of %s, or None for automatic choice"
+                         % (name, ", ".join(BACKENDS)))
+
+
+def set_backend(name):
+    """Use backend `name` for every torchfast call from now on; None restores automatic choice."""
+    global _forced
+    _check_name(name)
+    _forced = name
+
+
+def get_backend():
+    """The explicitly requested backend, or None under automatic choice."""
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: `with torchfast.use_backend("reference"): ...` (None: automatic)."""
+    global _forced
+    _check_name(name)
+    previous = _forced
+    _forced = name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, norm_type: float = 2.0) -> str:
+    """The backend that serves this call."""
+    if _forced is not None:
+        reason = why_not(_forced, op, device.type, dtype, norm_type)
+        if reason is not None:
+            raise BackendUnavailable("torchfast: backend %r cannot serve %s for %s %s tensors: %s"
+                                     % (_forced, op, device.type, dtype, reason))
+        return _forced
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        if why_not(name, op, device.type, dtype, norm_type) is None:
+            return name
+    return "reference"
+
+
+def available_backends(device="cpu") -> list:
+    """Backends that can serve every op for float32 tensors on `device`, in automatic order."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    return [name for name in order
+            if all(why_not(name, op, device.type, torch.float32) is None for op in OPS)]
+

@@ -1,0 +1,127 @@
+"""The op layer: fake kernels and autograd for the compiled ops, the reference backend wrapped as ops
+with the same contract, and the table the public API uses to reach each backend's implementation.
+
+Compiled ops (schemas in csrc/ops.cpp)       Reference ops (defined here)
+  torchfast::bn_relu_fwd / bn_relu_bwd          torchfast::bn_relu_fwd_reference / _bwd_reference
+  torchfast::multi_tensor_norm                  plain Python (torchfast.reference.clip_grad)
+  torchfast::multi_tensor_clip_                 plain Python
+  torchfast::philox_fill_                       plain Python (torchfast.reference.philox)
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchfast import _ext
+from torchfast.reference import bn_relu as ref_bn_relu
+from torchfast.reference import clip_grad as ref_clip_grad
+from torchfast.reference import philox as ref_philox
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and layouts only, shared by the compiled and reference ops.
+
+def _fake_bn_relu_fwd(input, weight, bias, running_mean, running_var, training, eps):
+    acc = ref_bn_relu.stat_dtype(input.dtype)
+    c = input.shape[1]
+    return (torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc),
+            input.new_empty((c,), dtype=acc))
+
+
+def _fake_bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training):
+    c = input.shape[1]
+    return torch.empty_like(input), mean.new_empty((c,)), mean.new_empty((c,))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: forward saves the input and the per-channel statistics (plus the parameters), nothing
+# full-size besides the input; backward recomputes the ReLU mask from them.
+
+def _make_autograd(bwd_op):
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _rm, _rv, training, _eps = inputs
+        _out, mean, invstd, _var = output
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
+        ctx.training = training
+        ctx.mark_non_differentiable(mean, invstd, _var)
+
+    def backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_in, grad_w, grad_b = bwd_op(grad_out, input, weight, bias, mean, invstd, ctx.training)
+        return (grad_in if need_in else None,
+                grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None,
+                None, None, None, None)
+
+    return backward, setup_context
+
+
+def _register_bn_relu(fwd_name: str, bwd_op):
+    torch.library.register_fake(fwd_name)(_fake_bn_relu_fwd)
+    backward, setup_context = _make_autograd(bwd_op)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference backend as ops (any device, any floating dtype).
+
+@torch.library.custom_op("torchfast::bn_relu_fwd_reference", mutates_args=())
+def bn_relu_fwd_reference(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                          eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return ref_bn_relu.bn_relu_fwd(input, weight, bias, running_mean, running_var, training, eps)
+
+
+@torch.library.custom_op("torchfast::bn_relu_bwd_reference", mutates_args=())
+def bn_relu_bwd_reference(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Tensor, invstd: Tensor, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return ref_bn_relu.bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training)
+
+
+torch.library.register_fake("torchfast::bn_relu_bwd_reference")(_fake_bn_relu_bwd)
+_register_bn_relu("torchfast::bn_relu_fwd_reference", bn_relu_bwd_reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled ops (present only when torchfast._C loaded).
+
+if _ext._C is not None:
+    torch.library.register_fake("torchfast::bn_relu_bwd")(_fake_bn_relu_bwd)
+    _register_bn_relu("torchfast::bn_relu_fwd", torch.ops.torchfast.bn_relu_bwd)
+
+    @torch.library.register_fake("torchfast::multi_tensor_norm")
+    def _fake_multi_tensor_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
+        return tensors[0].new_empty((), dtype=ref_clip_grad.acc_dtype(tensors[0].dtype))
+
+    @torch.library.register_fake("torchfast::multi_tensor_clip_")
+    def _fake_multi_tensor_clip_(tensors, total_norm, max_norm) -> None:
+        return None
+
+    @torch.library.register_fake("torchfast::philox_fill_")
+    def _fake_philox_fill_(tensors, seed, streams, kinds, params) -> None:
+        return None
+
+
+class _Impl:
+    """One backend's implementations, under the names the public API calls."""
+
+    def __init__(self, bn_relu_fwd, multi_tensor_norm, multi_tensor_clip_, philox_fill_):
+        self.bn_relu_fwd = bn_relu_fwd
+        self.multi_tensor_norm = multi_tensor_norm
+        self.multi_tensor_clip_ = multi_tensor_clip_
+        self.philox_fill_ = philox_fill_
+
+
+def _compiled_impl():
+    ops = torch.ops.torchfast
+    return _Impl(ops.bn_relu_fwd, ops.multi_tensor_norm, ops.multi_tensor_clip_, ops.philox_fill_)
+
+
+IMPLS = {
+    "reference": _Impl(bn_relu_fwd_reference, ref_clip_grad.multi_tensor_norm,
+                       ref_clip_grad.multi_tensor_clip_, ref_philox.philox_fill_),
+}
+if _ext._C is not None:
+    # The dispatcher routes torch.ops.torchfast.* by device, so "cpu" and "cuda" share one table.
+    IMPLS["cpu"] = IMPLS["cuda"] = _compiled_impl()

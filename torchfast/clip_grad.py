@@ -1,0 +1,133 @@
+"""Fused gradient clipping: drop-ins for the torch.nn.utils functions of the same names.
+
+Per (device, dtype) group of gradients: one multi-tensor kernel computes the group's norm and one
+scales the group, the clip coefficient computed on the device from the total norm, so nothing
+waits for the host unless ``error_if_nonfinite=True`` (which must read the norm to raise).
+
+Differences from stock, all in the rounding: the norm of a group is accumulated in float32
+(float64 for float64 gradients) before it is cast to the gradients' dtype, and the clip coefficient
+is computed in float32 (float64) rather than in the dtype of ``total_norm``. The ``foreach``
+argument is accepted for compatibility; torchfast always uses its multi-tensor kernels.
+"""
+import types
+import warnings
+
+import torch
+from torch import Tensor
+
+from torchfast import _backends
+from torchfast._ops import IMPLS
+
+__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm"]
+
+
+def _as_list(tensors):
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def _check_dense(tensors, fname: str, what: str):
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError("torchfast.%s: %s %d is a %s, expected a Tensor" % (fname, what, i, type(t).__name__))
+        if t.layout != torch.strided:
+            raise RuntimeError("torchfast.%s: %s %d has layout %s; sparse gradients are not supported, "
+                               "use torch.nn.utils.%s for them" % (fname, what, i, t.layout, fname))
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError("torchfast.%s: %s %d has dtype %s, expected a floating-point tensor"
+                            % (fname, what, i, t.dtype))
+
+
+def _group(tensors):
+    """{(device, dtype): [tensors]} in order of first appearance."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _grads(parameters):
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
+    """The norm of all `tensors` viewed as one vector (``torch.nn.utils.get_total_norm``).
+
+    Returns a 0-dim tensor on the first tensor's device, in the (promoted) dtype of the tensors;
+    ``tensor(0.)`` for an empty list.
+    """
+    tensors = _as_list(tensors)
+    norm_type = float(norm_type)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    _check_dense(tensors, "get_total_norm", "tensor")
+    if not norm_type > 0:
+        # 0-norm (a count), negative and -inf norms: stock semantics combine per-tensor values in
+        # ways no fused kernel reproduces; hand them to PyTorch itself.
+        return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    first_device = tensors[0].device
+    with torch.no_grad():
+        norms = []
+        for (device, dtype), group in _group(tensors).items():
+            backend = _backends.choose("clip_grad", device, dtype, norm_type)
+            norm = IMPLS[backend].multi_tensor_norm(group, norm_type)
+            norms.append(norm.to(dtype.to_real()))
+        if len(norms) == 1:
+            total_norm = norms[0].to(first_device)
+        else:
+            total_norm = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`")
+    return total_norm
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None) -> None:
+    """Scale the gradients of `parameters` in place by ``min(max_norm / (total_norm + 1e-6), 1)``
+    (``torch.nn.utils.clip_grads_with_norm_``). The coefficient is computed on the device."""
+    parameters = _as_list(parameters)
+    grads = _grads(parameters)
+    max_norm = float(max_norm)
+    if len(grads) == 0:
+        return
+    _check_dense(grads, "clip_grads_with_norm_", "gradient")
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm))
+    with torch.no_grad():
+        for (device, dtype), group in _group(grads).items():
+            backend = _backends.choose("clip_grad", device, dtype)
+            IMPLS[backend].multi_tensor_clip_(group, total_norm.to(device), max_norm)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach=None) -> Tensor:
+    """Clip the gradient norm of `parameters` in place; returns the total norm before clipping
+    (``torch.nn.utils.clip_grad_norm_``)."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+    grads = _grads(parameters)
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    return total_norm
+
+
+def clip_grad_value_(parameters, clip_value: float, foreach=None) -> None:
+    """Clamp the gradients of `parameters` in place to [-clip_value, clip_value]
+    (``torch.nn.utils.clip_grad_value_``)."""
+    parameters = _as_list(parameters)
+    clip_value = float(clip_value)
+    grads = _grads(parameters)
+    if not grads:
+        return
+    _check_dense(grads, "clip_grad_value_", "gradient")
+    with torch.no_grad():
+        for (_device, _dtype), group in _group(grads).items():
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)

@@ -1,0 +1,321 @@
+"""Batched weight initialization: the torch.nn.init functions, each accepting one tensor or a list of
+tensors that is initialized in one batched call, with torchfast's counter-based Philox stream.
+
+Reproducibility: element ``i`` (row-major logical order) of the ``k``-th tensor of a call depends
+only on the seed, ``k`` and ``i`` (see ``torchfast.reference.philox`` for the exact definition), so
+every backend, device, layout and thread count gives the same values. Uniform values are bitwise
+equal across backends; normal and truncated normal values agree to a few float32 ulp (they go
+through log/sin/cos, whose last bit differs between math libraries). Values are generated in
+float32 and rounded to the tensor's dtype (float64 tensors get float32-precision values).
+
+Seeds: pass ``seed=`` (an int in [0, 2**63)) or ``generator=`` (a torch.Generator, from which one
+seed is drawn per call). With neither, the seed is drawn from torch's default CPU generator, so
+``torch.manual_seed`` makes the result reproducible. Drawing from a CUDA generator reads one
+number back from the device; nothing else here synchronises with the host.
+"""
+import math
+import operator
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out, calculate_gain
+
+from torchfast import _backends
+from torchfast._ops import IMPLS
+from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
+
+__all__ = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+           "kaiming_normal_", "zeros_", "ones_", "constant_", "reset_parameters", "calculate_gain"]
+
+_SEED_LIMIT = 2 ** 63
+
+
+def _draw_seed(seed, generator) -> int:
+    if seed is not None and generator is not None:
+        raise ValueError("torchfast.init: pass seed or generator, not both")
+    if seed is not None:
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            raise TypeError("torchfast.init: seed must be an int, got %s" % type(seed).__name__) from None
+        if not 0 <= seed < _SEED_LIMIT:
+            raise ValueError("torchfast.init: seed must be in [0, 2**63), got %d" % seed)
+        return seed
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError("torchfast.init: generator must be a torch.Generator, got %s" % type(generator).__name__)
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64, device=device, generator=generator).item())
+
+
+def _as_list(tensor, fname):
+    single = isinstance(tensor, Tensor)
+    tensors = [tensor] if single else list(tensor)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError("torchfast.init.%s: tensor %d is a %s, expected a Tensor" % (fname, i, type(t).__name__))
+    return single, tensors
+
+
+def _check_float(tensors, fname):
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise TypeError("torchfast.init.%s: tensor %d has dtype %s; random init needs a floating-point tensor"
+                            % (fname, i, t.dtype))
+
+
+def _fill(tensors, specs, seed):
+    """Fill tensors[k] with distribution specs[k] = (kind, 6 params) using stream k. One op call
+    per (device, dtype) group; non-contiguous tensors are filled through a contiguous buffer."""
+    groups = {}
+    for k, (t, spec) in enumerate(zip(tensors, specs)):
+        if t.numel() == 0:
+            continue
+        if spec[0] == CONSTANT and not t.is_floating_point():
+            with torch.no_grad():
+                t.fill_(spec[1][0])
+            continue
+        groups.setdefault((t.device, t.dtype), []).append(k)
+    with torch.no_grad():
+        for (device, dtype), ks in groups.items():
+            backend = _backends.choose("init", device, dtype)
+            targets, copies = [], []
+            for k in ks:
+                t = tensors[k]
+                if t.is_contiguous():
+                    targets.append(t)
+                else:
+                    buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                    targets.append(buf)
+                    copies.append((t, buf))
+            params = [float(p) for k in ks for p in specs[k][1]]
+            IMPLS[backend].philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
+            for t, buf in copies:
+                t.copy_(buf)
+
+
+def _params(*values):
+    return tuple(values) + (0.0,) * (6 - len(values))
+
+
+def _uniform_spec(a, b):
+    return (UNIFORM, _params(a, b))
+
+
+def _normal_spec(mean, std):
+    return (NORMAL, _params(mean, std))
+
+
+def _trunc_normal_spec(mean, std, a, b):
+    def norm_cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    if (mean < a - 2 * std) or (mean > b + 2 * std):
+        warnings.warn("mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+                      "The distribution of values may be incorrect.", stacklevel=3)
+    lo = 2 * norm_cdf((a - mean) / std) - 1
+    hi = 2 * norm_cdf((b - mean) / std) - 1
+    return (TRUNC_NORMAL, _params(lo, hi, a, b, mean, std * math.sqrt(2.0)))
+
+
+def _apply(tensor, fname, spec_of, seed, generator, random=True):
+    """Shared driver: spec_of(t) gives each tensor's spec (or None to skip it)."""
+    single, tensors = _as_list(tensor, fname)
+    if random:
+        _check_float(tensors, fname)
+    kept, specs = [], []
+    for t in tensors:
+        spec = spec_of(t)
+        if spec is not None:
+            kept.append(t)
+            specs.append(spec)
+    if kept:
+        _fill(kept, specs, _draw_seed(seed, generator) if random else 0)
+    return tensor if single else tensors
+
+
+def uniform_(tensor, a: float = 0.0, b: float = 1.0, generator=None, *, seed=None):
+    """Fill with values from U(a, b) (``torch.nn.init.uniform_``)."""
+    return _apply(tensor, "uniform_", lambda t: _uniform_spec(a, b), seed, generator)
+
+
+def normal_(tensor, mean: float = 0.0, std: float = 1.0, generator=None, *, seed=None):
+    """Fill with values from N(mean, std^2) (``torch.nn.init.normal_``)."""
+    return _apply(tensor, "normal_", lambda t: _normal_spec(mean, std), seed, generator)
+
+
+def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0, generator=None,
+                  *, seed=None):
+    """Fill with a normal N(mean, std^2) truncated to [a, b] (``torch.nn.init.trunc_normal_``), by the
+    inverse-CDF method: no rejection loop, no host synchronisation."""
+    spec = _trunc_normal_spec(mean, std, a, b)
+    return _apply(tensor, "trunc_normal_", lambda t: spec, seed, generator)
+
+
+def constant_(tensor, val: float):
+    """Fill with `val` (``torch.nn.init.constant_``)."""
+    return _apply(tensor, "constant_", lambda t: (CONSTANT, _params(val)), None, None, random=False)
+
+
+def ones_(tensor):
+    """Fill with ones (``torch.nn.init.ones_``)."""
+    return constant_(tensor, 1.0)
+
+
+def zeros_(tensor):
+    """Fill with zeros (``torch.nn.init.zeros_``)."""
+    return constant_(tensor, 0.0)
+
+
+def _nonempty(t) -> bool:
+    if 0 in t.shape:
+        warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=4)
+        return False
+    return True
+
+
+def xavier_uniform_(tensor, gain: float = 1.0, generator=None, *, seed=None):
+    """Glorot uniform: U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)) (``torch.nn.init.xavier_uniform_``)."""
+    def spec(t):
+        fan_in, fan_out = _calculate_fan_in_and_fan_out(t)
+        std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
+        bound = math.sqrt(3.0) * std
+        return _uniform_spec(-bound, bound)
+    return _apply(tensor, "xavier_uniform_", spec, seed, generator)
+
+
+def xavier_normal_(tensor, gain: float = 1.0, generator=None, *, seed=None):
+    """Glorot normal: N(0, std^2), std = gain * sqrt(2 / (fan_in + fan_out)) (``torch.nn.init.xavier_normal_``)."""
+    def spec(t):
+        fan_in, fan_out = _calculate_fan_in_and_fan_out(t)
+        return _normal_spec(0.0, gain * math.sqrt(2.0 / float(fan_in + fan_out)))
+    return _apply(tensor, "xavier_normal_", spec, seed, generator)
+
+
+def kaiming_uniform_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", generator=None,
+                     *, seed=None):
+    """He uniform: U(-bound, bound), bound = gain * sqrt(3 / fan_mode) (``torch.nn.init.kaiming_uniform_``)."""
+    def spec(t):
+        if not _nonempty(t):
+            return None
+        fan = _calculate_correct_fan(t, mode)
+        std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
+        bound = math.sqrt(3.0) * std
+        return _uniform_spec(-bound, bound)
+    return _apply(tensor, "kaiming_uniform_", spec, seed, generator)
+
+
+def kaiming_normal_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", generator=None,
+                    *, seed=None):
+    """He normal: N(0, std^2), std = gain / sqrt(fan_mode) (``torch.nn.init.kaiming_normal_``)."""
+    def spec(t):
+        if not _nonempty(t):
+            return None
+        fan = _calculate_correct_fan(t, mode)
+        return _normal_spec(0.0, calculate_gain(nonlinearity, a) / math.sqrt(fan))
+    return _apply(tensor, "kaiming_normal_", spec, seed, generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models.
+
+def _kaiming_sqrt5_spec(weight):
+    # kaiming_uniform_(w, a=sqrt(5)), the default of Linear and Conv*.
+    fan = _calculate_correct_fan(weight, "fan_in")
+    bound = math.sqrt(3.0) * (calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan))
+    return _uniform_spec(-bound, bound)
+
+
+def _fan_in_bias_spec(weight):
+    fan_in, _ = _calculate_fan_in_and_fan_out(weight)
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    return _uniform_spec(-bound, bound)
+
+
+def _module_specs(m):
+    """[(tensor, spec)] reproducing m's own PyTorch default init, None if m is not a known layer."""
+    ones, zeros = (CONSTANT, _params(1.0)), (CONSTANT, _params(0.0))
+    out = []
+    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            return []
+        if m.weight.numel() > 0:
+            out.append((m.weight, _kaiming_sqrt5_spec(m.weight)))
+            if m.bias is not None:
+                out.append((m.bias, _fan_in_bias_spec(m.weight)))
+        return out
+    if isinstance(m, nn.Bilinear):
+        bound = 1 / math.sqrt(m.weight.size(1))
+        out.append((m.weight, _uniform_spec(-bound, bound)))
+        if m.bias is not None:
+            out.append((m.bias, _uniform_spec(-bound, bound)))
+        return out
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return [(m.weight, _normal_spec(0.0, 1.0))]
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        m.reset_running_stats()
+        if m.affine:
+            out += [(m.weight, ones), (m.bias, zeros)]
+        return out
+    if isinstance(m, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        for name, spec in (("weight", ones), ("bias", zeros)):
+            p = getattr(m, name, None)
+            if isinstance(p, Tensor):
+                out.append((p, spec))
+        return out
+    if isinstance(m, nn.MultiheadAttention):
+        def xavier_u(w):
+            fan_in, fan_out = _calculate_fan_in_and_fan_out(w)
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+            return _uniform_spec(-bound, bound)
+
+        def xavier_n(w):
+            fan_in, fan_out = _calculate_fan_in_and_fan_out(w)
+            return _normal_spec(0.0, math.sqrt(2.0 / float(fan_in + fan_out)))
+
+        if m._qkv_same_embed_dim:
+            out.append((m.in_proj_weight, xavier_u(m.in_proj_weight)))
+        else:
+            out += [(w, xavier_u(w)) for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)]
+        if m.in_proj_bias is not None:
+            out += [(m.in_proj_bias, zeros), (m.out_proj.bias, zeros)]
+        out += [(b, xavier_n(b)) for b in (m.bias_k, m.bias_v) if b is not None]
+        return out
+    if isinstance(m, nn.RNNBase):
+        stdv = 1.0 / math.sqrt(m.hidden_size) if m.hidden_size > 0 else 0
+        return [(w, _uniform_spec(-stdv, stdv)) for w in m.parameters()]
+    return None
+
+
+def reset_parameters(module: nn.Module, generator=None, *, seed=None) -> nn.Module:
+    """Re-initialize every standard layer of `module` (Linear, Bilinear, Conv*/ConvTranspose*,
+    Embedding(Bag), BatchNorm/InstanceNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention,
+    RNN/LSTM/GRU) with its PyTorch default distribution, all in one batched call. Running
+    statistics are reset and Embedding padding rows zeroed, as the layers' own reset_parameters do.
+
+    Other modules that hold parameters of their own and define ``reset_parameters`` get it called
+    (the stock, unbatched path); parameters of modules with neither are left as they are.
+    Returns `module`.
+    """
+    specs = {}  # id(tensor) -> (tensor, spec); later (outer) modules override inner ones
+
+    def visit(m):
+        for child in m.children():
+            visit(child)
+        found = _module_specs(m)
+        if found is None:
+            if any(True for _ in m.parameters(recurse=False)) and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+            return
+        for t, spec in found:
+            specs[id(t)] = (t, spec)
+
+    visit(module)
+    if specs:
+        tensors = [t for t, _ in specs.values()]
+        _fill(tensors, [s for _, s in specs.values()], _draw_seed(seed, generator))
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None:
+                m.weight[m.padding_idx].fill_(0)
+    return module

@@ -1,0 +1,62 @@
+"""Fused BatchNorm + ReLU in pure PyTorch: the oracle for every other backend, on any device/dtype.
+
+Same contract as the compiled ops declared in csrc/ops.cpp: statistics in float32 (float64 for
+float64 inputs), output in the input dtype and memory layout, the ReLU mask recomputed in the
+backward from the saved input with the forward's own formula ``x * scale + shift``.
+"""
+import torch
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: torch.Tensor):
+    return [0] + list(range(2, x.dim()))
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _scale_shift(mean, invstd, weight, bias):
+    acc = mean.dtype
+    scale = invstd * weight.to(acc) if weight is not None else invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = bias.to(acc) + shift
+    return scale, shift
+
+
+def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, eps: float):
+    acc = stat_dtype(input.dtype)
+    x = input.to(acc)
+    if training:
+        var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+    else:
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    out = torch.relu(x * _bcast(scale, x) + _bcast(shift, x)).to(input.dtype)
+    return out, mean, invstd, var
+
+
+def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
+    acc = mean.dtype
+    x = input.to(acc)
+    g = grad_out.to(acc)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    gm = torch.where(x * _bcast(scale, x) + _bcast(shift, x) > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    dims = _reduce_dims(x)
+    xmu = x - _bcast(mean, x)
+    sum_dy = gm.sum(dims)
+    sum_dy_xmu = (gm * xmu).sum(dims)
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    k0 = w * invstd
+    if training and x.numel() > 0:
+        m = x.numel() // x.size(1)
+        dx = _bcast(k0, x) * (gm - _bcast(sum_dy / m, x) - xmu * _bcast(invstd * invstd * sum_dy_xmu / m, x))
+    else:
+        dx = gm * _bcast(k0, x)
+    return dx.to(input.dtype), sum_dy_xmu * invstd, sum_dy

@@ -1,0 +1,124 @@
+"""torchfast's counter-based random stream in pure PyTorch: the definition every backend follows.
+
+Philox4x32-10 with
+
+    key     = (seed mod 2^32, seed >> 32)
+    counter = (block mod 2^32, block >> 32, stream mod 2^32, stream >> 32)
+
+where ``stream`` is the position of the tensor in the batch and ``block = i // 4`` for element ``i``
+of the tensor in row-major logical order; element ``i`` takes output word ``i % 4``. All integer
+arithmetic here is done in int64 on values below 2^48, so it is exact on every device.
+
+Distributions, each float32 operation rounded on its own (no fused multiply-add):
+
+* unit uniform of a word w:  u = ((w >> 9) * 2 + 1) * 2**-24, in (0, 1), exact in float32
+* uniform(lo, hi):           lo + (hi - lo) * u
+* normal(mean, std):         Box-Muller over word pairs (0, 1) and (2, 3) of a block:
+                             r = sqrt(-2 log u0), t = 2 pi u1, z0 = r cos t, z1 = r sin t,
+                             value = mean + std * z
+* trunc_normal:              v = lo + (hi - lo) * u with lo, hi = 2 Phi(alpha) - 1, 2 Phi(beta) - 1;
+                             value = clamp(mean + std * sqrt(2) * erfinv(v), a, b), erfinv in float32
+                             by Giles' single-precision approximation (no rejection, no host sync)
+"""
+import torch
+
+M0, M1 = 0xD2511F53, 0xCD9E8D57
+W0, W1 = 0x9E3779B9, 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+
+UNIFORM, NORMAL, TRUNC_NORMAL, CONSTANT = 0, 1, 2, 3
+TWO_PI_F32 = 6.2831854820251465  # float32(2 * pi)
+
+# Giles' erfinv coefficients, single precision, central (w < 5) and tail branches.
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                   -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+                -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product of the constant a and the uint32 values b."""
+    bh, bl = b >> 16, b & 0xFFFF
+    p = a * bh                      # < 2^48
+    s = ((p & 0xFFFF) << 16) + a * bl  # < 2^49
+    return (p >> 16) + (s >> 32), s & MASK32
+
+
+def philox4x32(seed: int, blocks: torch.Tensor, stream: int):
+    """The four output words (int64 tensors holding uint32 values) for each block index."""
+    c0, c1 = blocks & MASK32, blocks >> 32
+    c2 = torch.full_like(blocks, stream & MASK32)
+    c3 = torch.full_like(blocks, (stream >> 32) & MASK32)
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(M0, c0)
+        hi1, lo1 = _mulhilo(M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def word_to_unit(w: torch.Tensor) -> torch.Tensor:
+    return (((w >> 9) * 2 + 1).to(torch.float64) * 2.0 ** -24).to(torch.float32)
+
+
+def erfinv_f32(x: torch.Tensor) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    w = -torch.log((one - x) * (one + x))
+    central = w < 5.0
+    wc = w - 2.5
+    wt = torch.sqrt(w) - 3.0
+    pc = torch.full_like(x, _ERFINV_CENTRAL[0])
+    for c in _ERFINV_CENTRAL[1:]:
+        pc = pc * wc + c
+    pt = torch.full_like(x, _ERFINV_TAIL[0])
+    for c in _ERFINV_TAIL[1:]:
+        pt = pt * wt + c
+    return torch.where(central, pc, pt) * x
+
+
+def _f32(v: float, device) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+def values(seed: int, stream: int, start: int, count: int, kind: int, params, device) -> torch.Tensor:
+    """float32 values of elements [start, start + count) of one tensor's stream; start % 4 == 0."""
+    if kind == CONSTANT:
+        return torch.full((count,), params[0], dtype=torch.float32, device=device)
+    nblk = (count + 3) // 4
+    blocks = torch.arange(start // 4, start // 4 + nblk, dtype=torch.int64, device=device)
+    w = torch.stack(philox4x32(seed, blocks, stream), dim=1)  # (nblk, 4)
+    u = word_to_unit(w)
+    if kind == UNIFORM:
+        lo, hi = _f32(params[0], device), _f32(params[1], device)
+        v = lo + (hi - lo) * u
+    elif kind == NORMAL:
+        mean, std = _f32(params[0], device), _f32(params[1], device)
+        r = torch.sqrt(torch.log(u[:, 0::2]) * -2.0)
+        t = u[:, 1::2] * TWO_PI_F32
+        z = torch.stack((r * torch.cos(t), r * torch.sin(t)), dim=2).reshape(nblk, 4)
+        v = mean + std * z
+    elif kind == TRUNC_NORMAL:
+        lo, hi = _f32(params[0], device), _f32(params[1], device)
+        a, b = _f32(params[2], device), _f32(params[3], device)
+        mean, scale = _f32(params[4], device), _f32(params[5], device)
+        v = torch.minimum(torch.maximum(mean + scale * erfinv_f32(lo + (hi - lo) * u), a), b)
+    else:
+        raise ValueError("unknown init kind %r" % (kind,))
+    return v.reshape(-1)[:count]
+
+
+# Elements generated per step, so a large tensor never needs many int64 temporaries at once.
+_STEP = 1 << 20
+
+
+def philox_fill_(tensors, seed, streams, kinds, params):
+    """Reference for torch.ops.torchfast.philox_fill_: fills each tensor (any layout) in place."""
+    with torch.no_grad():
+        for i, t in enumerate(tensors):
+            p = params[6 * i: 6 * i + 6]
+            n = t.numel()
+            flat = torch.empty(n, dtype=torch.float32, device=t.device)
+            for s in range(0, n, _STEP):
+                flat[s: s + _STEP] = values(seed, streams[i], s, min(_STEP, n - s), kinds[i], p, t.device)
+            t.copy_(flat.view(t.shape))
