@@ -57,10 +57,16 @@ def _make_autograd(bwd_op):
     return backward, setup_context
 
 
-def _register_bn_relu(fwd_name: str, bwd_op):
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("torchfast: double backward through batch_norm_relu is not supported")
+
+
+def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op):
     torch.library.register_fake(fwd_name)(_fake_bn_relu_fwd)
+    torch.library.register_fake(bwd_name)(_fake_bn_relu_bwd)
     backward, setup_context = _make_autograd(bwd_op)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd_name, _no_double_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,16 +85,14 @@ def bn_relu_bwd_reference(grad_out: Tensor, input: Tensor, weight: Optional[Tens
     return ref_bn_relu.bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training)
 
 
-torch.library.register_fake("torchfast::bn_relu_bwd_reference")(_fake_bn_relu_bwd)
-_register_bn_relu("torchfast::bn_relu_fwd_reference", bn_relu_bwd_reference)
+_register_bn_relu("torchfast::bn_relu_fwd_reference", "torchfast::bn_relu_bwd_reference", bn_relu_bwd_reference)
 
 
 # --------------------------------------------------------------------------------------------
 # Compiled ops (present only when torchfast._C loaded).
 
 if _ext._C is not None:
-    torch.library.register_fake("torchfast::bn_relu_bwd")(_fake_bn_relu_bwd)
-    _register_bn_relu("torchfast::bn_relu_fwd", torch.ops.torchfast.bn_relu_bwd)
+    _register_bn_relu("torchfast::bn_relu_fwd", "torchfast::bn_relu_bwd", torch.ops.torchfast.bn_relu_bwd)
 
     @torch.library.register_fake("torchfast::multi_tensor_norm")
     def _fake_multi_tensor_norm(tensors: List[Tensor], norm_type: float) -> Tensor:

@@ -31,7 +31,10 @@ def _scale_shift(mean, invstd, weight, bias):
 def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, eps: float):
     acc = stat_dtype(input.dtype)
     x = input.to(acc)
-    if training:
+    if training and x.numel() == 0:
+        mean = torch.full((x.shape[1],), float("nan"), dtype=acc, device=x.device)
+        var = mean.clone()
+    elif training:
         var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
     else:
         mean = running_mean.to(acc, copy=True)

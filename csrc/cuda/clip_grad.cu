@@ -1,0 +1,157 @@
+// Multi-tensor gradient clipping on CUDA.
+//   multi_tensor_norm:  chunk kernel(s) writing one partial per chunk (1 read of every tensor),
+//                       then one single-block kernel folding the partials in chunk order: no
+//                       atomics, so the result is deterministic; nothing is read by the host.
+//   multi_tensor_clip_: chunk kernel(s) reading the total norm from device memory, computing
+//                       min(max_norm / (total + 1e-6), 1) per block and returning early when it is
+//                       exactly 1 (x * 1 == x); otherwise 1 read + 1 write.
+// Graph-capturable: the chunk tables are kernel parameters and the workspace comes from the
+// caching allocator.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cuda/multi_tensor.cuh"
+
+namespace torchfast {
+namespace cuda {
+namespace {
+
+enum NormKind : int { kOne = 0, kTwo = 1, kInf = 2, kP = 3 };
+
+template <typename acc_t>
+struct Combine {
+  int kind;
+  __device__ acc_t operator()(acc_t a, acc_t b) const {
+    if (kind == kInf) return (a != a || b != b) ? (a + b) : (a > b ? a : b);  // NaN propagates
+    return a + b;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void norm_chunks_kernel(ChunkTable table, int kind, acc_t p, acc_t* partial) {
+  __shared__ acc_t shared[32];
+  const int slot = table.tensor_of_block[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(table.numel[slot], begin + kChunk);
+  const scalar_t* x = static_cast<const scalar_t*>(table.ptr[slot]);
+  Combine<acc_t> op{kind};
+  acc_t acc = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const acc_t a = ::abs(static_cast<acc_t>(x[i]));
+    if (kind == kOne) acc += a;
+    else if (kind == kTwo) acc += a * a;
+    else if (kind == kInf) acc = op(acc, a);
+    else acc += ::pow(a, p);
+  }
+  acc = block_reduce(acc, op, shared);
+  if (threadIdx.x == 0) partial[table.first_block + blockIdx.x] = acc;
+}
+
+template <typename acc_t>
+__global__ void norm_finish_kernel(const acc_t* partial, int64_t n, int kind, acc_t p, acc_t* out) {
+  __shared__ acc_t shared[32];
+  Combine<acc_t> op{kind};
+  acc_t acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = op(acc, partial[i]);
+  acc = block_reduce(acc, op, shared);
+  if (threadIdx.x == 0) {
+    if (kind == kTwo) acc = ::sqrt(acc);
+    else if (kind == kP) acc = ::pow(acc, acc_t(1) / p);
+    *out = acc;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void clip_chunks_kernel(ChunkTable table, const acc_t* total_norm, acc_t max_norm) {
+  const acc_t coef = max_norm / (*total_norm + acc_t(1e-6));
+  if (coef >= acc_t(1)) return;  // clamp(coef, max=1) == 1: nothing changes
+  const int slot = table.tensor_of_block[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(table.numel[slot], begin + kChunk);
+  scalar_t* x = static_cast<scalar_t*>(table.ptr[slot]);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
+    x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
+}
+
+void check_list(at::TensorList tensors, const char* op) {
+  const auto& t0 = tensors[0];
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.is_cuda() && t.device() == t0.device(), op, ": tensor ", i, " is on ", t.device(),
+                " but tensor 0 is on ", t0.device(), "; group tensors by device first");
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), op, ": tensor ", i, " is ", t.scalar_type(),
+                " but tensor 0 is ", t0.scalar_type(), "; group tensors by dtype first");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected floating-point tensors, got ",
+                t.scalar_type());
+  }
+}
+
+at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
+  TORCH_CHECK(!tensors.empty(), "multi_tensor_norm: expected at least one tensor");
+  TORCH_CHECK(norm_type > 0, "multi_tensor_norm: norm_type must be > 0 or inf, got ", norm_type);
+  check_list(tensors, "multi_tensor_norm");
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  std::vector<at::Tensor> dense;
+  for (const auto& t : tensors) dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  const int kind = std::isinf(norm_type) ? kInf : norm_type == 1.0 ? kOne : norm_type == 2.0 ? kTwo : kP;
+  const auto dtype = tensors[0].scalar_type();
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t nchunks = total_chunks(dense);
+  at::Tensor partial = at::zeros({std::max<int64_t>(nchunks, 1)}, tensors[0].options().dtype(acc_type));
+  at::Tensor out = at::empty({}, tensors[0].options().dtype(acc_type));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* pp = partial.data_ptr<acc_t>();
+    for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
+      norm_chunks_kernel<scalar_t, acc_t><<<nb, kThreads, 0, stream>>>(table, kind, static_cast<acc_t>(norm_type), pp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    norm_finish_kernel<acc_t><<<1, 1024, 0, stream>>>(pp, nchunks, kind, static_cast<acc_t>(norm_type),
+                                                      out.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
+  if (tensors.empty()) return;
+  check_list(tensors, "multi_tensor_clip_");
+  TORCH_CHECK(total_norm.numel() == 1, "multi_tensor_clip_: total_norm must have one element, got ",
+              total_norm.numel());
+  TORCH_CHECK(total_norm.device() == tensors[0].device(), "multi_tensor_clip_: total_norm is on ",
+              total_norm.device(), " but the tensors are on ", tensors[0].device());
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  std::vector<at::Tensor> dense, strided;
+  for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
+  const auto dtype = tensors[0].scalar_type();
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor total = total_norm.reshape({}).to(acc_type);  // device-side cast, no sync
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_clip_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* tp = total.data_ptr<acc_t>();
+    for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
+      clip_chunks_kernel<scalar_t, acc_t><<<nb, kThreads, 0, stream>>>(table, tp, static_cast<acc_t>(max_norm));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!strided.empty()) {
+    // Rare (gradients are dense): a plain multiply by the clamped coefficient, still on the device.
+    at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
+    for (auto& t : strided) t.mul_(coef);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+  m.impl("multi_tensor_norm", &cuda::multi_tensor_norm_cuda);
+  m.impl("multi_tensor_clip_", &cuda::multi_tensor_clip_cuda);
+}
+
+}  // namespace torchfast

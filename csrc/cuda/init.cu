@@ -1,0 +1,80 @@
+// Batched Philox init on CUDA: one launch covers a whole batch (per 320 tensors / 1024 chunks of
+// 64K elements); each thread makes one Philox call per 4 consecutive elements. Memory traffic: one
+// write of each tensor. Values follow csrc/philox.h exactly (uniform bitwise equal to the CPU and
+// reference backends: every float op is an explicit round-to-nearest intrinsic, never an FMA).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cuda/multi_tensor.cuh"
+#include "philox.h"
+
+namespace torchfast {
+namespace cuda {
+namespace {
+
+template <typename scalar_t>
+__global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t seed) {
+  const int slot = table.tensor_of_block[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(table.numel[slot], begin + kChunk);
+  scalar_t* out = static_cast<scalar_t*>(table.ptr[slot]);
+  InitParams prm;
+  prm.kind = init.kind[slot];
+  prm.p0 = init.param[slot][0];
+  prm.p1 = init.param[slot][1];
+  prm.p2 = init.param[slot][2];
+  prm.p3 = init.param[slot][3];
+  prm.p4 = init.param[slot][4];
+  prm.p5 = init.param[slot][5];
+  const uint64_t stream = static_cast<uint64_t>(init.stream[slot]);
+  for (int64_t i = begin + 4 * static_cast<int64_t>(threadIdx.x); i < end; i += 4 * static_cast<int64_t>(blockDim.x)) {
+    float v[4];
+    philox_values(seed, stream, static_cast<uint64_t>(i >> 2), prm, v);
+    const int64_t n = min(static_cast<int64_t>(4), end - i);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (r < n) out[i + r] = static_cast<scalar_t>(v[r]);
+  }
+}
+
+void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef streams, at::IntArrayRef kinds,
+                      at::ArrayRef<double> params) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(static_cast<int64_t>(streams.size()) == n && static_cast<int64_t>(kinds.size()) == n &&
+                  static_cast<int64_t>(params.size()) == 6 * n,
+              "philox_fill_: expected one stream, one kind and six params per tensor");
+  if (n == 0) return;
+  const auto dtype = tensors[0].scalar_type();
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.is_cuda() && t.device() == tensors[0].device(), "philox_fill_: tensor ", i, " is on ",
+                t.device(), " but tensor 0 is on ", tensors[0].device());
+    TORCH_CHECK(t.scalar_type() == dtype, "philox_fill_: tensor ", i, " is ", t.scalar_type(), " but tensor 0 is ",
+                dtype, "; group tensors by dtype first");
+    TORCH_CHECK(t.is_contiguous(), "philox_fill_: tensor ", i, " must be contiguous");
+    TORCH_CHECK(kinds[i] >= kUniform && kinds[i] <= kConstant, "philox_fill_: unknown kind ", kinds[i]);
+  }
+  TORCH_CHECK(at::isFloatingType(dtype), "philox_fill_: expected floating-point tensors, got ", dtype);
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "philox_fill_cuda", [&] {
+    for_each_table(tensors, [&](const ChunkTable& table, int nslots, int nb) {
+      InitTable init;  // per-slot parameters, from the slot's position in the caller's list
+      for (int s = 0; s < nslots; ++s) {
+        const int64_t li = table.list_index[s];
+        init.stream[s] = streams[li];
+        init.kind[s] = static_cast<int32_t>(kinds[li]);
+        for (int k = 0; k < 6; ++k) init.param[s][k] = static_cast<float>(params[6 * li + k]);
+      }
+      philox_fill_kernel<scalar_t><<<nb, 256, 0, stream>>>(table, init, static_cast<uint64_t>(seed));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(torchfast, CUDA, m) { m.impl("philox_fill_", &cuda::philox_fill_cuda); }
+
+}  // namespace torchfast

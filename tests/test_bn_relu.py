@@ -1,0 +1,306 @@
+"""Fused BatchNorm+ReLU against stock relu(batch_norm(x)) and the reference, on every backend."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfast
+from torchfast.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
+from torchfast.nn.functional import batch_norm_relu
+
+from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda
+
+STOCK = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+FUSED = {1: BatchNormReLU1d, 2: BatchNormReLU2d, 3: BatchNormReLU3d}
+
+# (kind, shape, layout): odd sizes, size-1 dims, both layouts
+CASES = [
+    (1, (7, 3), "contiguous"),
+    (1, (5, 4, 9), "contiguous"),
+    (1, (2, 1, 1), "contiguous"),
+    (2, (3, 5, 7, 9), "contiguous"),
+    (2, (3, 5, 7, 9), "channels_last"),
+    (2, (1, 3, 1, 2), "channels_last"),
+    (2, (2, 16, 1, 1), "contiguous"),
+    (3, (2, 3, 4, 5, 3), "contiguous"),
+    (3, (2, 3, 4, 5, 3), "channels_last"),
+]
+
+
+def _make_input(shape, layout, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 0.5).to(dtype).to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def _pair(kind, c, dtype, device, **kw):
+    """A stock BN in float64 (the oracle) and in dtype, and a fused one, all with the same state."""
+    g = torch.Generator().manual_seed(1)
+    stock64 = STOCK[kind](c, dtype=torch.float64, **kw)
+    if stock64.affine:
+        with torch.no_grad():
+            stock64.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            stock64.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64) * 0.3)
+    if stock64.track_running_stats:
+        with torch.no_grad():
+            stock64.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64) * 0.1)
+            stock64.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    # Half inputs run with float32 parameters, as mixed-precision training does.
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    stock_lowp = copy.deepcopy(stock64).to(pdtype)
+    fused = FUSED[kind](c, dtype=pdtype, **kw)
+    fused.load_state_dict(stock_lowp.state_dict())
+    return stock64.to(device), stock_lowp.to(device), fused.to(device)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("kind,shape,layout", CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_stock(device, backend, kind, shape, layout, dtype, training):
+    if training and shape[0] * (torch.Size(shape).numel() // shape[0] // shape[1]) == 1:
+        pytest.skip("one value per channel is an error in training (tested separately)")
+    c = shape[1]
+    stock64, stock_lowp, fused = _pair(kind, c, dtype, device)
+    for m in (stock64, stock_lowp, fused):
+        m.train(training)
+    x = _make_input(shape, layout, dtype, device)
+    x64 = x.double().clone().requires_grad_()
+    xl = x.clone().requires_grad_()
+    xf = x.clone().requires_grad_()
+    y64 = F.relu(stock64(x64))
+    yl = F.relu(stock_lowp(xl))
+    torchfast.set_backend(backend)
+    yf = fused(xf)
+    assert yf.dtype == x.dtype and yf.shape == x.shape
+    if layout == "channels_last":
+        assert yf.stride() == x.stride(), "output must keep the input's channels_last layout"
+    assert_close_to_oracle(yf.detach(), yl.detach(), y64.detach(), "output")
+
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    (y64 * gy).sum().backward()
+    (yl * gy.to(dtype)).sum().backward()
+    (yf * gy.to(dtype)).sum().backward()
+    assert_close_to_oracle(xf.grad, xl.grad, x64.grad, "grad_input", atol_ulps=16)
+    assert_close_to_oracle(fused.weight.grad, stock_lowp.weight.grad, stock64.weight.grad, "grad_weight",
+                           atol_ulps=16 * x[0, 0].numel())
+    assert_close_to_oracle(fused.bias.grad, stock_lowp.bias.grad, stock64.bias.grad, "grad_bias",
+                           atol_ulps=16 * x[0, 0].numel())
+    assert fused.weight.grad.dtype == fused.weight.dtype
+    assert_close_to_oracle(fused.running_mean, stock_lowp.running_mean, stock64.running_mean, "running_mean")
+    assert_close_to_oracle(fused.running_var, stock_lowp.running_var, stock64.running_var, "running_var")
+    assert fused.num_batches_tracked.item() == stock64.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64(device, backend, training, layout):
+    x = _make_input((3, 4, 3, 5), layout, torch.float64, device).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = (torch.randn(4, dtype=torch.float64, device=device) * 0.2).requires_grad_()
+    rm = torch.randn(4, dtype=torch.float64, device=device) * 0.1
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    torchfast.set_backend(backend)
+
+    def f(x, w, b):
+        # Running stats are cloned so gradcheck's repeated calls see the same state.
+        return batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_non_contiguous_input(device, backend):
+    base = _make_input((4, 6, 10, 8), "contiguous", torch.float32, device)
+    xs = [base[:, ::2], base.transpose(2, 3), base[..., 1:7]]
+    torchfast.set_backend(backend)
+    for x in xs:
+        c = x.shape[1]
+        rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+        xr = x.detach().clone().requires_grad_()
+        xf = x.detach().clone().requires_grad_()
+        ref = F.relu(F.batch_norm(xr, rm.clone(), rv.clone(), training=True))
+        out = batch_norm_relu(xf, rm.clone(), rv.clone(), training=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        ref.backward(g)
+        out.backward(g)
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    # A genuinely strided view (not dense): slicing the channel dim.
+    x = base[:, 1::2, :, 1:]
+    assert not x.is_contiguous()
+    out = batch_norm_relu(x, None, None, training=True)
+    torch.testing.assert_close(out, F.relu(F.batch_norm(x, None, None, training=True)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_large_mean_is_stable(device, backend):
+    # Shifted sums: a mean of 1e4 with unit variance must not lose the variance in float32.
+    x = (torch.randn(8, 3, 32, 32, dtype=torch.float64) + 1e4).to(device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torchfast.set_backend(backend)
+    out = batch_norm_relu(x.float(), rm, rv, training=True, momentum=1.0)
+    ref = F.relu(F.batch_norm(x, None, None, training=True))
+    assert (out.double() - ref).abs().max().item() < 2e-3
+    torch.testing.assert_close(rv.double(), x.var(dim=(0, 2, 3)), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_module_options(device, backend):
+    """momentum=None (cumulative average), track_running_stats=False, affine=False."""
+    torchfast.set_backend(backend)
+    for kw in [dict(momentum=None), dict(track_running_stats=False), dict(affine=False),
+               dict(affine=False, track_running_stats=False), dict(eps=1e-3, momentum=0.3)]:
+        stock = nn.BatchNorm2d(5, **kw).to(device)
+        fused = BatchNormReLU2d(5, **kw).to(device)
+        fused.load_state_dict(stock.state_dict())
+        for step in range(3):
+            x = _make_input((4, 5, 3, 3), "contiguous", torch.float32, device, seed=step)
+            torch.testing.assert_close(fused(x), F.relu(stock(x)), rtol=1e-5, atol=1e-5)
+        for (k1, v1), (k2, v2) in zip(stock.state_dict().items(), fused.state_dict().items()):
+            assert k1 == k2
+            torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-6)
+        stock.eval()
+        fused.eval()
+        x = _make_input((4, 5, 3, 3), "contiguous", torch.float32, device, seed=9)
+        torch.testing.assert_close(fused(x), F.relu(stock(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip():
+    for kind in (1, 2, 3):
+        stock = STOCK[kind](6)
+        with torch.no_grad():
+            stock.weight.uniform_()
+            stock.running_mean.normal_()
+        stock.num_batches_tracked.fill_(7)
+        fused = FUSED[kind](6)
+        fused.load_state_dict(stock.state_dict())
+        assert isinstance(fused, STOCK[kind])
+        back = STOCK[kind](6)
+        back.load_state_dict(fused.state_dict())
+        for k, v in stock.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+        assert list(fused.state_dict().keys()) == list(stock.state_dict().keys())
+        converted = FUSED[kind].from_batchnorm(stock)
+        assert torch.equal(converted.running_mean, stock.running_mean)
+
+
+def test_convert_sequential():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(model)(x)
+    torchfast.nn.convert_batchnorm_relu(model)
+    assert isinstance(model[1], BatchNormReLU2d) and isinstance(model[2], nn.Identity)
+    assert type(model[4]) is nn.BatchNorm2d  # no ReLU after it: left alone
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_saves_only_input_and_channel_stats(device, backend):
+    torchfast.set_backend(backend)
+    x = _make_input((4, 8, 6, 6), "contiguous", torch.float32, device).requires_grad_()
+    layer = BatchNormReLU2d(8).to(device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    full = [t for t in saved if t.numel() == x.numel()]
+    assert len(full) == 1 and full[0].data_ptr() == x.data_ptr(), "only the input may be saved full-size"
+    assert all(t.numel() <= 8 for t in saved if t.numel() != x.numel())
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_errors(device, backend):
+    torchfast.set_backend(backend)
+    layer = BatchNormReLU2d(3).to(device)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(torch.randn(2, 3, 4, device=device))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        BatchNormReLU1d(3).to(device)(torch.randn(1, 3, device=device))
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+        layer(torch.randn(2, 4, 3, 3, device=device))
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        batch_norm_relu(torch.ones(2, 3, 2, 2, dtype=torch.int64, device=device), None, None, training=True)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        batch_norm_relu(torch.randn(5, device=device), None, None, training=True)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        batch_norm_relu(torch.randn(2, 3, device=device), None, None, training=False)
+    with pytest.raises(RuntimeError, match="weight is on meta but input is on"):
+        batch_norm_relu(torch.randn(2, 3, device=device), None, None, torch.ones(3, device="meta"), training=True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_empty_batch(device, backend):
+    torchfast.set_backend(backend)
+    layer = BatchNormReLU2d(3).to(device)
+    before = layer.running_mean.clone()
+    out = layer(torch.randn(0, 3, 4, 4, device=device))
+    assert out.shape == (0, 3, 4, 4)
+    assert torch.equal(layer.running_mean, before)
+
+
+def test_opcheck_compiled_and_reference():
+    x = torch.randn(3, 4, 5, 2, requires_grad=True)
+    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ops = [torch.ops.torchfast.bn_relu_fwd_reference]
+    if torchfast._ext._C is not None:
+        ops.append(torch.ops.torchfast.bn_relu_fwd)
+    for op in ops:
+        for training in (True, False):
+            for inp in (x, xcl):
+                torch.library.opcheck(op, (inp, w, b, rm, rv, training, 1e-5))
+            torch.library.opcheck(op, (x.detach().double(), None, None, rm.double(), rv.double(), training, 1e-3))
+    if torchfast._ext._C is not None:
+        out, mean, invstd, _ = torch.ops.torchfast.bn_relu_fwd(x.detach(), w, b, rm, rv, True, 1e-5)
+        torch.library.opcheck(torch.ops.torchfast.bn_relu_bwd,
+                              (torch.randn_like(out), x.detach(), w.detach(), b.detach(), mean, invstd, True))
+
+
+def test_torch_compile_module():
+    """The fused layer traces into a torch.compile graph (fake kernel + registered autograd)."""
+    layer = BatchNormReLU2d(4)
+    stock = nn.BatchNorm2d(4)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 5, 5)
+    xc, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc = compiled(xc)
+    ys = F.relu(stock(xs))
+    torch.testing.assert_close(yc, ys, rtol=1e-5, atol=1e-5)
+    yc.sum().backward()
+    ys.sum().backward()
+    torch.testing.assert_close(xc.grad, xs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.running_var, stock.running_var)
+
+
+@requires_cuda
+def test_cuda_autocast_and_graph():
+    layer = BatchNormReLU2d(8).cuda()
+    x = torch.randn(4, 8, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    layer.eval()
+    static_x = torch.randn(4, 8, 16, 16, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = layer(static_x)
+    static_x.copy_(x)
+    g.replay()
+    torch.testing.assert_close(static_y, F.relu(F.batch_norm(x, layer.running_mean, layer.running_var,
+                                                               layer.weight, layer.bias)))

@@ -1,0 +1,220 @@
+"""Fused clipping against torch.nn.utils on every backend."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch.nn import utils as tnu
+
+import torchfast
+
+from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda
+
+NORM_TYPES = [1.0, 2.0, 3.5, 0.5, math.inf]
+SHAPES = [(3, 4), (1,), (7, 7, 3), (1023,), (64, 65), (2, 1, 5)]
+
+
+def _params(dtype, device="cpu", seed=0, shapes=SHAPES, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device))
+        p.grad = (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+        ps.append(p)
+    return ps
+
+
+def _clone(ps, dtype=None):
+    out = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype))
+        q.grad = None if p.grad is None else p.grad.clone().to(dtype or p.dtype)
+        out.append(q)
+    return out
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("max_norm", [0.5, 1e9], ids=["clips", "no-clip"])
+def test_clip_grad_norm_matches_stock(device, backend, norm_type, dtype, max_norm):
+    ps = _params(dtype, device)
+    ref64, ref_lowp, fast = _clone(ps, torch.float64), _clone(ps), _clone(ps)
+    n64 = tnu.clip_grad_norm_(ref64, max_norm, norm_type)
+    nl = tnu.clip_grad_norm_(ref_lowp, max_norm, norm_type)
+    torchfast.set_backend(backend)
+    nf = torchfast.clip_grad_norm_(fast, max_norm, norm_type)
+    assert nf.dtype == nl.dtype and nf.shape == nl.shape and nf.device == nl.device
+    assert_close_to_oracle(nf, nl, n64, "total norm")
+    for a, b, c in zip(fast, ref_lowp, ref64):
+        assert_close_to_oracle(a.grad, b.grad, c.grad, "clipped grad")
+    if max_norm > 1e8 and torch.isfinite(nl):  # coefficient clamps to 1: grads untouched, bit for bit
+        for a, p in zip(fast, ps):
+            assert torch.equal(a.grad, p.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_mixed_dtypes_none_grads_and_single_tensor(device, backend):
+    torchfast.set_backend(backend)
+    ps = _params(torch.float32, device) + _params(torch.bfloat16, device, seed=1) + _params(torch.float64, device, 2)
+    ps[1].grad = None
+    ps.append(torch.nn.Parameter(torch.ones(3, device=device)))  # never had a grad
+    ref, fast = _clone(ps), _clone(ps)
+    n_ref = tnu.clip_grad_norm_(ref, 1.0)
+    n_fast = torchfast.clip_grad_norm_(fast, 1.0)
+    assert n_fast.dtype == n_ref.dtype == torch.float64
+    torch.testing.assert_close(n_fast, n_ref, rtol=4e-3, atol=0)
+    for a, b in zip(fast, ref):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-3)
+    # A single tensor, not a list.
+    p = _params(torch.float32, device, shapes=[(10, 10)], scale=5.0)[0]
+    q = _clone([p])[0]
+    torch.testing.assert_close(torchfast.clip_grad_norm_(p, 2.0), tnu.clip_grad_norm_(q, 2.0))
+    torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_empty_and_generator_warning():
+    assert torch.equal(torchfast.clip_grad_norm_([], 1.0), torch.tensor(0.0))
+    assert torch.equal(torchfast.get_total_norm([]), tnu.get_total_norm([]))
+    with pytest.warns(UserWarning, match="empty generator"):
+        torchfast.clip_grad_norm_((p for p in []), 1.0)
+    p = torch.nn.Parameter(torch.ones(3))
+    assert torchfast.clip_grad_norm_([p], 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_nonfinite(device, backend):
+    torchfast.set_backend(backend)
+    for bad in (float("nan"), float("inf")):
+        ps = _params(torch.float32, device)
+        ps[2].grad[1, 1, 1] = bad
+        with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+            torchfast.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+        ref = _clone(ps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n = torchfast.clip_grad_norm_(ps, 1.0)
+            nr = tnu.clip_grad_norm_(ref, 1.0)
+        assert torch.equal(n.isnan(), nr.isnan()) and torch.equal(n.isinf(), nr.isinf())
+        for a, b in zip(ps, ref):
+            torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+    # inf norm propagates NaN like torch.linalg.vector_norm
+    ps = _params(torch.float32, device)
+    ps[0].grad[0, 0] = float("nan")
+    assert torchfast.get_total_norm([p.grad for p in ps], math.inf).isnan()
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -math.inf, -1.0])
+def test_norm_types_without_kernels_follow_stock(norm_type):
+    grads = [p.grad for p in _params(torch.float32)]
+    grads[0][0, 0] = 0.0
+    torch.testing.assert_close(torchfast.get_total_norm(grads, norm_type), tnu.get_total_norm(grads, norm_type))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_get_total_norm_and_clip_with_norm(device, backend):
+    torchfast.set_backend(backend)
+    ps = _params(torch.float32, device, scale=3.0)
+    ref = _clone(ps)
+    grads = [p.grad for p in ps]
+    total = torchfast.get_total_norm(grads, 2.0)
+    torch.testing.assert_close(total, tnu.get_total_norm([p.grad for p in ref], 2.0))
+    torchfast.clip_grads_with_norm_(ps, 1.5, total)
+    tnu.clip_grads_with_norm_(ref, 1.5, total)
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    # Non-dense gradients (a transposed view with a gap) are handled too.
+    p = torch.nn.Parameter(torch.zeros(6, 8, device=device))
+    p.grad = torch.randn(8, 12, device=device)[:, ::2].t()
+    q = _clone([p])[0]
+    q.grad = p.grad.clone()
+    torch.testing.assert_close(torchfast.clip_grad_norm_([p], 0.1), tnu.clip_grad_norm_([q], 0.1))
+    torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_clip_grad_value_matches_stock():
+    ps = _params(torch.float32, scale=2.0) + _params(torch.bfloat16, seed=3)
+    ref = _clone(ps)
+    torchfast.clip_grad_value_(ps, 0.7)
+    tnu.clip_grad_value_(ref, 0.7)
+    for a, b in zip(ps, ref):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_bad_inputs():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    p.grad = torch.eye(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients are not supported"):
+        torchfast.clip_grad_norm_([p], 1.0)
+    with pytest.raises(TypeError, match="expected a Tensor"):
+        torchfast.get_total_norm([torch.ones(2), "x"])
+    with pytest.raises(TypeError, match="expected a floating-point tensor"):
+        torchfast.get_total_norm([torch.ones(2, dtype=torch.int32)])
+
+
+def test_thread_count_invariance(cpu_backend_built):
+    grads = [p.grad for p in _params(torch.float32, shapes=[(300, 700), (3,), (50000,), (64, 64)] * 3)]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torchfast.use_backend("cpu"):
+                results.append([torchfast.get_total_norm(grads, p) for p in (1.0, 2.0, 3.0, math.inf)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_many_small_tensors():
+    ps = _params(torch.float32, shapes=[(64,)] * 2000)
+    ref = _clone(ps)
+    torch.testing.assert_close(torchfast.clip_grad_norm_(ps, 1.0), tnu.clip_grad_norm_(ref, 1.0))
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_opcheck():
+    if torchfast._ext._C is None:
+        pytest.skip("compiled extension not built")
+    grads = [torch.randn(5, 3), torch.randn(17), torch.randn(2, 2, 2)]
+    for p in (1.0, 2.0, 3.0, math.inf):
+        torch.library.opcheck(torch.ops.torchfast.multi_tensor_norm, (grads, p))
+    torch.library.opcheck(torch.ops.torchfast.multi_tensor_clip_, ([g.clone() for g in grads], torch.tensor(10.0), 1.0))
+
+
+def test_torch_compile():
+    def step(ps):
+        return torchfast.clip_grad_norm_(ps, 1.0)
+
+    ps = _params(torch.float32)
+    ref = _clone(ps)
+    n = torch.compile(step, backend="aot_eager")(ps)
+    torch.testing.assert_close(n, tnu.clip_grad_norm_(ref, 1.0))
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@requires_cuda
+def test_cuda_no_host_sync_and_graph_capture():
+    ps = _params(torch.float32, "cuda", scale=3.0)
+    ref = _clone(ps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        n = torchfast.clip_grad_norm_(ps, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(n, tnu.clip_grad_norm_(ref, 1.0))
+    g = torch.cuda.CUDAGraph()
+    static = _params(torch.float32, "cuda", scale=3.0)
+    torchfast.clip_grad_norm_(static, 1.0)  # warm-up outside capture
+    with torch.cuda.graph(g):
+        out = torchfast.clip_grad_norm_(static, 1.0)
+    g.replay()
+    assert torch.isfinite(out)

@@ -1,0 +1,297 @@
+"""Batched Philox init: the stream's definition, distributions, formulas, reproducibility."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import torchfast
+from torchfast import init as tfi
+from torchfast.reference import philox
+
+from conftest import FLOAT_DTYPES, backend_params, requires_cuda
+
+
+def test_philox_known_answer():
+    # Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0.
+    words = philox.philox4x32(0, torch.zeros(1, dtype=torch.int64), 0)
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_unit_uniform_is_open_and_exact():
+    w = torch.tensor([0, 511, 512, 0xFFFFFFFF], dtype=torch.int64)
+    u = philox.word_to_unit(w)
+    assert u[0].item() == 2.0 ** -24 and u[1].item() == 2.0 ** -24
+    assert u[2].item() == 3 * 2.0 ** -24
+    assert u[3].item() == 1 - 2.0 ** -24
+
+
+SHAPES = [(13, 7), (5, 3, 3, 3), (1001,), (1,), (2, 3)]
+
+
+def _tensors(dtype, device):
+    return [torch.empty(s, dtype=dtype, device=device) for s in SHAPES]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_backend_matches_reference(device, backend, dtype):
+    for fn, kw, exact in [(tfi.uniform_, dict(a=-0.3, b=0.7), True),
+                          (tfi.normal_, dict(mean=0.5, std=2.0), False),
+                          (tfi.trunc_normal_, dict(mean=0.1, std=0.5, a=-0.4, b=0.9), False),
+                          (tfi.constant_, dict(val=0.25), True)]:
+        seed = {} if fn is tfi.constant_ else dict(seed=1234)
+        with torchfast.use_backend("reference"):
+            ref = fn(_tensors(dtype, device), **kw, **seed)
+        with torchfast.use_backend(backend):
+            out = fn(_tensors(dtype, device), **kw, **seed)
+        for a, b in zip(out, ref):
+            if exact or dtype in (torch.float16, torch.bfloat16):
+                # Half types: a few float32 ulps rarely change the rounded value; allow one ulp.
+                tol = 0 if exact else torch.finfo(dtype).eps * 4
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            else:
+                torch.testing.assert_close(a.float(), b.float(), rtol=4e-6, atol=4e-6)
+
+
+def test_uniform_bitwise_equal_across_backends(cpu_backend_built):
+    ts = [torch.empty(1 << 16), torch.empty(333, 3)]
+    with torchfast.use_backend("reference"):
+        ref = tfi.uniform_([t.clone() for t in ts], -2.0, 3.0, seed=99)
+    with torchfast.use_backend("cpu"):
+        out = tfi.uniform_([t.clone() for t in ts], -2.0, 3.0, seed=99)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+def test_position_in_batch_defines_stream():
+    a, b = torch.empty(100), torch.empty(37, 3)
+    tfi.normal_([a, b], seed=5)
+    # The same tensor b at position 1 of another batch (whatever tensor 0 is) gets the same values.
+    c = torch.empty(37, 3)
+    tfi.normal_([torch.empty(9999), c], seed=5)
+    assert torch.equal(b, c)
+    # A longer tensor's prefix equals the shorter one: element i depends only on (seed, k, i).
+    d = torch.empty(100 + 13)
+    tfi.normal_(d, seed=5)
+    assert torch.equal(d[:100], a)
+    # Different positions give independent streams.
+    e, f = torch.empty(20000), torch.empty(20000)
+    tfi.uniform_([e, f], seed=5)
+    assert abs(np.corrcoef(e.numpy(), f.numpy())[0, 1]) < 0.03
+
+
+def test_seed_generator_and_manual_seed():
+    a, b = torch.empty(1000), torch.empty(1000)
+    tfi.uniform_(a, seed=1)
+    tfi.uniform_(b, seed=1)
+    assert torch.equal(a, b)
+    tfi.uniform_(b, seed=2)
+    assert not torch.equal(a, b)
+    a, b = torch.empty(40, 25), torch.empty(40, 25)
+    torch.manual_seed(0)
+    tfi.kaiming_uniform_(a)
+    tfi.kaiming_uniform_(b)
+    assert not torch.equal(a, b), "successive calls draw fresh seeds"
+    torch.manual_seed(0)
+    c = tfi.kaiming_uniform_(torch.empty(40, 25))
+    assert torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(tfi.normal_(torch.empty(50), generator=g1), tfi.normal_(torch.empty(50), generator=g2))
+
+
+def test_layout_does_not_change_values():
+    w = torch.empty(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    ref = torch.empty(8, 4, 3, 3)
+    tfi.normal_(w, seed=7)
+    tfi.normal_(ref, seed=7)
+    assert torch.equal(w, ref)
+    t = torch.empty(6, 10).t()  # non-contiguous
+    r = torch.empty(10, 6)
+    tfi.uniform_(t, seed=7)
+    tfi.uniform_(r, seed=7)
+    assert torch.equal(t, r)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+def test_thread_count_invariance(device, backend):
+    if device != "cpu":
+        pytest.skip("thread count is a CPU notion")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torchfast.use_backend(backend):
+                outs.append(tfi.trunc_normal_([torch.empty(100003), torch.empty(77, 1000)], seed=11, std=0.02))
+    finally:
+        torch.set_num_threads(before)
+    for o in outs[1:]:
+        for a, b in zip(o, outs[0]):
+            assert torch.equal(a, b)
+
+
+def test_distributions_goodness_of_fit():
+    n = 200000
+    u = tfi.uniform_(torch.empty(n), -1.0, 3.0, seed=2024).double().numpy()
+    assert u.min() >= -1.0 and u.max() < 3.0
+    assert stats.kstest(u, stats.uniform(loc=-1.0, scale=4.0).cdf).pvalue > 1e-3
+    z = tfi.normal_(torch.empty(n), 1.5, 0.5, seed=2024).double().numpy()
+    assert stats.kstest(z, stats.norm(loc=1.5, scale=0.5).cdf).pvalue > 1e-3
+    t = tfi.trunc_normal_(torch.empty(n), mean=0.2, std=1.0, a=-1.0, b=0.5, seed=2024).double().numpy()
+    assert t.min() >= -1.0 and t.max() <= 0.5
+    dist = stats.truncnorm(a=(-1.0 - 0.2), b=(0.5 - 0.2), loc=0.2, scale=1.0)
+    assert stats.kstest(t, dist.cdf).pvalue > 1e-3
+    # A broken generator must fail these: a shifted normal is rejected.
+    assert stats.kstest(z + 0.01, stats.norm(loc=1.5, scale=0.5).cdf).pvalue < 1e-3
+
+
+def test_fan_formulas_match_torch_nn_init():
+    w = torch.empty(256, 128, 3, 3)
+    fan_in, fan_out = 128 * 9, 256 * 9
+    cases = [
+        (tfi.kaiming_uniform_, {}, "uniform", math.sqrt(3.0) * math.sqrt(2.0 / (1 + 0.0)) / math.sqrt(fan_in)),
+        (tfi.kaiming_uniform_, dict(a=math.sqrt(5)), "uniform", 1 / math.sqrt(fan_in)),
+        (tfi.kaiming_uniform_, dict(mode="fan_out", nonlinearity="relu"), "uniform", math.sqrt(6.0 / fan_out)),
+        (tfi.xavier_uniform_, dict(gain=2.0), "uniform", 2.0 * math.sqrt(6.0 / (fan_in + fan_out))),
+        (tfi.kaiming_normal_, dict(nonlinearity="relu"), "normal", math.sqrt(2.0 / fan_in)),
+        (tfi.xavier_normal_, {}, "normal", math.sqrt(2.0 / (fan_in + fan_out))),
+    ]
+    for fn, kw, kind, scale in cases:
+        v = fn(w, **kw, seed=1).double()
+        if kind == "uniform":
+            assert v.abs().max().item() <= scale * (1 + 1e-6)
+            assert v.abs().max().item() > scale * 0.999
+            assert abs(v.std().item() - scale / math.sqrt(3)) < 0.01 * scale
+        else:
+            assert abs(v.std().item() - scale) < 0.01 * scale
+            assert abs(v.mean().item()) < 0.01 * scale
+        # The same arguments through torch.nn.init give the same bounds and spread.
+        s = getattr(nn.init, fn.__name__)(torch.empty_like(w), **kw).double()
+        assert abs(s.std().item() - v.std().item()) < 0.01 * scale
+
+
+def test_constants_and_integer_tensors():
+    ts = [torch.empty(3, 4), torch.empty(5, dtype=torch.float16), torch.empty(2, dtype=torch.int64)]
+    assert all(torch.all(t == 1) for t in tfi.ones_(ts))
+    assert all(torch.all(t == 0) for t in tfi.zeros_(ts))
+    assert all(torch.all(t == 3) for t in tfi.constant_(ts, 3))
+    single = torch.empty(4)
+    assert tfi.zeros_(single) is single
+
+
+def test_gradients_untouched_and_leaf_params():
+    p = nn.Parameter(torch.empty(10, 10))
+    tfi.kaiming_uniform_([p], seed=1)
+    assert p.requires_grad and p.grad is None and p.grad_fn is None
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="floating-point"):
+        tfi.uniform_(torch.empty(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        tfi.uniform_(torch.empty(3), seed=-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        tfi.uniform_(torch.empty(3), seed=1.5)
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        tfi.uniform_(torch.empty(3), seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="expected a Tensor"):
+        tfi.normal_([torch.empty(3), [1, 2]])
+    with pytest.raises(ValueError, match="Fan in and fan out can not be computed"):
+        tfi.xavier_uniform_(torch.empty(5))
+    with pytest.warns(UserWarning, match="zero-element"):
+        tfi.kaiming_uniform_(torch.empty(0, 3))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, padding_idx=0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.lin = nn.Linear(16, 32)
+        self.ln = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(16, 2)
+        self.rnn = nn.GRU(16, 12)
+        self.head = nn.Linear(32, 50, bias=False)
+
+
+def test_reset_parameters_reproduces_default_distributions():
+    net = _Net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(7.0)
+        net.bn.running_mean.fill_(3.0)
+        net.bn.num_batches_tracked.fill_(5)
+    tfi.reset_parameters(net, seed=0)
+    assert torch.all(net.emb.weight[0] == 0)
+    assert abs(net.emb.weight[1:].std().item() - 1.0) < 0.05
+    for lin in (net.lin, net.head, net.conv):
+        bound = 1 / math.sqrt(lin.weight[0].numel())
+        assert lin.weight.abs().max().item() <= bound and lin.weight.abs().max().item() > 0.9 * bound
+    assert net.lin.bias.abs().max().item() <= 1 / math.sqrt(16)
+    assert torch.all(net.bn.weight == 1) and torch.all(net.bn.bias == 0)
+    assert torch.all(net.bn.running_mean == 0) and net.bn.num_batches_tracked.item() == 0
+    assert torch.all(net.ln.weight == 1) and torch.all(net.ln.bias == 0)
+    assert torch.all(net.attn.in_proj_bias == 0) and torch.all(net.attn.out_proj.bias == 0)
+    xb = math.sqrt(6.0 / (16 + 48))
+    assert net.attn.in_proj_weight.abs().max().item() <= xb
+    assert net.rnn.weight_hh_l0.abs().max().item() <= 1 / math.sqrt(12)
+    assert not any(torch.any(p == 7.0) for p in net.parameters())
+    # Same seed, same model: same values. Different seed: different values.
+    again = tfi.reset_parameters(_Net(), seed=0)
+    for a, b in zip(net.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_reset_parameters_calls_custom_reset():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.zeros(3))
+
+        def reset_parameters(self):
+            nn.init.constant_(self.scale, 2.0)
+
+    m = nn.Sequential(Custom(), nn.Linear(3, 3))
+    tfi.reset_parameters(m, seed=1)
+    assert torch.all(m[0].scale == 2.0)
+
+
+def test_opcheck():
+    if torchfast._ext._C is None:
+        pytest.skip("compiled extension not built")
+    ts = [torch.empty(5, 3), torch.empty(17, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.torchfast.philox_fill_, (ts, 3, [0, 1], [0, 1], [0.0, 1.0, 0, 0, 0, 0] * 2))
+
+
+def test_more_than_2_31_elements(cpu_backend_built):
+    """int64 indexing: a 2^31 + 12 element float16 tensor (4 GiB) filled in one call."""
+    n = (1 << 31) + 12
+    t = torch.empty(n, dtype=torch.float16)
+    with torchfast.use_backend("cpu"):
+        tfi.uniform_(t, -1.0, 1.0, seed=42)
+    tail_start = n - 1036  # a multiple of 4
+    ref = philox.values(42, 0, tail_start, n - tail_start, philox.UNIFORM, (-1.0, 1.0), "cpu").to(torch.float16)
+    assert torch.equal(t[tail_start:], ref)
+    ref_head = philox.values(42, 0, 0, 64, philox.UNIFORM, (-1.0, 1.0), "cpu").to(torch.float16)
+    assert torch.equal(t[:64], ref_head)
+    del t
+
+
+@requires_cuda
+def test_cuda_matches_cpu_and_no_sync():
+    ts_cpu = [torch.empty(s) for s in SHAPES]
+    ts_gpu = [torch.empty(s, device="cuda") for s in SHAPES]
+    tfi.uniform_(ts_cpu, seed=3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tfi.uniform_(ts_gpu, seed=3)
+        tfi.trunc_normal_(ts_gpu, seed=3, std=0.02)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tfi.uniform_(ts_gpu, seed=3)
+    for a, b in zip(ts_gpu, ts_cpu):
+        assert torch.equal(a.cpu(), b)
