@@ -84,15 +84,24 @@ def pip_cuda_include_dirs():
 
 
 def want_cuda(torch, cuda_home):
+    """(build the CUDA sources?, why). TORCHFAST_FORCE_CUDA=1 turns "cannot" into an error instead
+    of a CPU-only build, so a CI run that must prove the CUDA code compiles cannot quietly skip it."""
+    forced = os.environ.get("TORCHFAST_FORCE_CUDA", "0") == "1"
     if os.environ.get("TORCHFAST_SKIP_CUDA", "0") == "1":
+        if forced:
+            raise SystemExit("torchfast: TORCHFAST_FORCE_CUDA=1 and TORCHFAST_SKIP_CUDA=1 contradict each other")
         return False, "TORCHFAST_SKIP_CUDA=1"
+    reason = None
     if torch.version.cuda is None:
-        return False, "torch was built without CUDA"
-    if cuda_home is None:
-        return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
-    if os.environ.get("TORCHFAST_FORCE_CUDA", "0") == "1":
-        return True, "TORCHFAST_FORCE_CUDA=1"
-    return True, "torch has CUDA %s and nvcc was found in %s" % (torch.version.cuda, cuda_home)
+        reason = "torch %s was built without CUDA" % torch.__version__
+    elif cuda_home is None:
+        reason = "no CUDA toolkit found (no nvcc on the PATH, no CUDA_HOME, no /usr/local/cuda*)"
+    if reason:
+        if forced:
+            raise SystemExit("torchfast: TORCHFAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: " + reason)
+        return False, reason
+    return True, "torch has CUDA %s and nvcc was found in %s%s" % (
+        torch.version.cuda, cuda_home, " (TORCHFAST_FORCE_CUDA=1)" if forced else "")
 
 
 def main():

@@ -24,7 +24,6 @@
 namespace torchfast {
 namespace {
 
-constexpr int kLanes = 8;
 constexpr int64_t kRowsPerBlock = 64;  // channels_last rows folded per partial
 
 enum class Layout { kNCS, kNSC };
@@ -63,6 +62,13 @@ std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, ac
   return v;
 }
 
+// The ReLU-masked gradient. Both operands are evaluated before the select, so the gradient load is
+// unconditional and the loop vectorises into a blend instead of a branch on random data.
+template <typename acc_t>
+inline acc_t masked_grad(acc_t y, acc_t g) {
+  return y > acc_t(0) ? g : acc_t(0);
+}
+
 // y = x * scale + shift, the single formula used by the forward and by the backward's mask.
 template <typename acc_t>
 void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& w,
@@ -81,25 +87,15 @@ void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invst
 
 template <typename scalar_t, typename acc_t>
 void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
-  acc_t a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc_t d = static_cast<acc_t>(x[i + l]) - K;
-      a1[l] += d;
-      a2[l] += d * d;
-    }
+  acc_t a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - K;
+    a1 += d;
+    a2 += d * d;
   }
-  for (; i < n; ++i) {
-    acc_t d = static_cast<acc_t>(x[i]) - K;
-    a1[0] += d;
-    a2[0] += d * d;
-  }
-  s1 = s2 = acc_t(0);
-  for (int l = 0; l < kLanes; ++l) {
-    s1 += a1[l];
-    s2 += a2[l];
-  }
+  s1 = a1;
+  s2 = a2;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -135,6 +131,7 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
         const int64_t r_end = std::min(R, (blk + 1) * kRowsPerBlock);
         for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
           const scalar_t* row = x + r * C;
+          #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             acc_t d = static_cast<acc_t>(row[c]) - Kc[c];
             a1[c] += d;
@@ -174,6 +171,7 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
         const acc_t sc = scale[r % C], sh = shift[r % C];
         const scalar_t* xr = x + r * S;
         scalar_t* yr = y + r * S;
+#pragma omp simd
         for (int64_t i = 0; i < S; ++i) {
           acc_t v = static_cast<acc_t>(xr[i]) * sc + sh;
           yr[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
@@ -185,6 +183,7 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
       for (int64_t r = b; r < e; ++r) {
         const scalar_t* xr = x + r * C;
         scalar_t* yr = y + r * C;
+        #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           acc_t v = static_cast<acc_t>(xr[c]) * scale[c] + shift[c];
           yr[c] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
@@ -209,26 +208,13 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
         const acc_t sc = scale[c], sh = shift[c], mu = mean[c];
         const scalar_t* xr = x + r * S;
         const scalar_t* gr = dy + r * S;
-        acc_t a1[kLanes] = {}, a2[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= S; i += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            const acc_t xv = static_cast<acc_t>(xr[i + l]);
-            const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i + l]) : acc_t(0);
-            a1[l] += gm;
-            a2[l] += gm * (xv - mu);
-          }
-        }
-        for (; i < S; ++i) {
-          const acc_t xv = static_cast<acc_t>(xr[i]);
-          const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i]) : acc_t(0);
-          a1[0] += gm;
-          a2[0] += gm * (xv - mu);
-        }
         acc_t s1 = 0, s2 = 0;
-        for (int l = 0; l < kLanes; ++l) {
-          s1 += a1[l];
-          s2 += a2[l];
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t i = 0; i < S; ++i) {
+          const acc_t xv = static_cast<acc_t>(xr[i]);
+          const acc_t gm = masked_grad(xv * sc + sh, static_cast<acc_t>(gr[i]));
+          s1 += gm;
+          s2 += gm * (xv - mu);
         }
         r1[r] = s1;
         r2[r] = s2;
@@ -251,9 +237,10 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
         for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
           const scalar_t* xr = x + r * C;
           const scalar_t* gr = dy + r * C;
+          #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t gm = (xv * scale[c] + shift[c] > acc_t(0)) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+            const acc_t gm = masked_grad(xv * scale[c] + shift[c], static_cast<acc_t>(gr[c]));
             a1[c] += gm;
             a2[c] += gm * (xv - mean[c]);
           }
@@ -286,9 +273,10 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
         const scalar_t* xr = x + r * S;
         const scalar_t* gr = dy + r * S;
         scalar_t* dr = dx + r * S;
+#pragma omp simd
         for (int64_t i = 0; i < S; ++i) {
           const acc_t xv = static_cast<acc_t>(xr[i]);
-          const acc_t gm = (xv * sc + sh > acc_t(0)) ? static_cast<acc_t>(gr[i]) : acc_t(0);
+          const acc_t gm = masked_grad(xv * sc + sh, static_cast<acc_t>(gr[i]));
           dr[i] = static_cast<scalar_t>(gm * c0 - c1 - (xv - mu) * c2);
         }
       }
@@ -299,9 +287,10 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
         const scalar_t* xr = x + r * C;
         const scalar_t* gr = dy + r * C;
         scalar_t* dr = dx + r * C;
+        #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xv = static_cast<acc_t>(xr[c]);
-          const acc_t gm = (xv * scale[c] + shift[c] > acc_t(0)) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+          const acc_t gm = masked_grad(xv * scale[c] + shift[c], static_cast<acc_t>(gr[c]));
           dr[c] = static_cast<scalar_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
         }
       }

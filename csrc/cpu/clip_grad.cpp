@@ -21,45 +21,37 @@ namespace {
 
 enum class NormKind { kOne, kTwo, kInf, kP };
 
-constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the reduction
-
-// Partial of one chunk: sum |x|^p (or max |x| for inf) in acc_t, folded from kLanes lanes.
+// Partial of one chunk: sum |x|^p (or max |x| for inf, NaN if any element is NaN) in acc_t. The
+// simd reductions fix the summation order per build, independent of the thread count.
 template <typename scalar_t, typename acc_t, NormKind K>
 double chunk_partial(const scalar_t* x, int64_t n, acc_t p) {
-  acc_t lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = acc_t(0);
-  bool has_nan = false;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc_t a = std::abs(static_cast<acc_t>(x[i + l]));
-      if constexpr (K == NormKind::kOne) lane[l] += a;
-      else if constexpr (K == NormKind::kTwo) lane[l] += a * a;
-      else if constexpr (K == NormKind::kInf) {
-        has_nan |= (a != a);
-        lane[l] = a > lane[l] ? a : lane[l];
-      } else lane[l] += std::pow(a, p);
-    }
-  }
-  for (; i < n; ++i) {
-    acc_t a = std::abs(static_cast<acc_t>(x[i]));
-    if constexpr (K == NormKind::kOne) lane[0] += a;
-    else if constexpr (K == NormKind::kTwo) lane[0] += a * a;
-    else if constexpr (K == NormKind::kInf) {
-      has_nan |= (a != a);
-      lane[0] = a > lane[0] ? a : lane[0];
-    } else lane[0] += std::pow(a, p);
-  }
   if constexpr (K == NormKind::kInf) {
-    if (has_nan) return std::numeric_limits<double>::quiet_NaN();
     acc_t m = 0;
-    for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
-    return static_cast<double>(m);
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t a = std::abs(static_cast<acc_t>(x[i]));
+      nan |= (a != a);
+      m = a > m ? a : m;
+    }
+    return nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(m);
   } else {
-    double s = 0;
-    for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lane[l]);
-    return s;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t a = std::abs(static_cast<acc_t>(x[i]));
+      if constexpr (K == NormKind::kOne) s += a;
+      else if constexpr (K == NormKind::kTwo) s += a * a;
+      else s += std::pow(a, p);
+    }
+    return static_cast<double>(s);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void scale_range(scalar_t* x, int64_t n, acc_t coef) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
 }
 
 // The memory block of a dense tensor (any dimension order), or a contiguous copy of it.
@@ -148,7 +140,7 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
         const Chunk& ch = chunks[c];
         scalar_t* x = static_cast<scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
         const int64_t n = ch.end - ch.begin;
-        for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
+        scale_range<scalar_t, acc_t>(x, n, coef);
       }
     });
     for (auto& t : strided) t.mul_(static_cast<double>(coef));

@@ -1,0 +1,119 @@
+"""BatchNorm+ReLU: torchfast backends vs stock `relu(nn.BatchNorm2d(x))`, eager and torch.compile.
+
+Byte counts of the minimal algorithm (T = bytes of the activation): eval forward 2T (read x, write y),
+training forward 3T (statistics read, then read x / write y), training forward+backward 8T
+(3T forward + backward reduction reading x, dy and the elementwise pass reading x, dy, writing dx).
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfast
+from torchfast.nn import BatchNormReLU2d
+
+import common
+
+# ResNet-50's BatchNorm shapes at batch 256 (GPU); scaled to a 2-core CPU.
+GPU_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
+CPU_SHAPES = [(32, 64, 56, 56), (16, 256, 28, 28), (16, 1024, 7, 7)]
+CPU_QUICK = [(32, 64, 56, 56), (16, 256, 28, 28)]
+MODES = {"fwd-eval": 2, "fwd-train": 3, "fwd+bwd": 8}
+
+
+def _stock(c, device, dtype):
+    bn = nn.BatchNorm2d(c, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+
+    def f(x):
+        return F.relu(bn(x), inplace=True)
+    return bn, f
+
+
+def _step(mod_fn, mode, x, gy):
+    if mode == "fwd+bwd":
+        def run():
+            x.grad = None
+            y = mod_fn(x)
+            y.backward(gy)
+    else:
+        def run():
+            with torch.no_grad():
+                mod_fn(x)
+    return run
+
+
+def cases(device, quick, dtypes=None):
+    if device.type == "cuda":
+        shapes = GPU_SHAPES[:3] if quick else GPU_SHAPES
+        dtypes = dtypes or [torch.float32, torch.bfloat16]
+    else:
+        shapes = CPU_QUICK if quick else CPU_SHAPES
+        dtypes = dtypes or ([torch.float32] if quick else [torch.float32, torch.bfloat16])
+    modes = ["fwd-train", "fwd+bwd"] if quick else list(MODES)
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in ("contiguous", "channels_last"):
+                for mode in modes:
+                    yield shape, dtype, layout, mode
+
+
+def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None):
+    device = torch.device(device)
+    copy_bw = common.copy_bandwidth(device)
+    rows = []
+    backends = backends or [b for b in torchfast.available_backends(device) if b != "reference"]
+    all_cases = list(cases(device, quick, dtypes))
+    for shape, dtype, layout, mode in all_cases:
+        c = shape[1]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        training = mode != "fwd-eval"
+        x.requires_grad_(mode == "fwd+bwd")
+        gy = torch.randn_like(x) if mode == "fwd+bwd" else None
+        nbytes = MODES[mode] * x.numel() * x.element_size()
+        impls = []
+        bn, stock_fn = _stock(c, device, dtype)
+        bn.train(training)
+        impls.append(("stock eager", stock_fn))
+        if compile_stock:
+            compiled = common.try_compile(stock_fn)
+            if compiled is not None:
+                impls.append(("stock compile", compiled))
+        for b in backends:
+            layer = BatchNormReLU2d(c, device=device, dtype=bn.weight.dtype)
+            layer.train(training)
+
+            def fused(x, layer=layer, b=b):
+                with torchfast.use_backend(b):
+                    return layer(x)
+            impls.append(("torchfast " + b, fused))
+        shape_s = common.fmt_shape(shape)
+        for name, fn in impls:
+            step = _step(fn, mode, x, gy)
+            try:
+                t = common.bench(step, device)
+            except Exception as e:  # noqa: BLE001 - e.g. compile failing for one dtype
+                print("\n%s %s %s failed: %s" % (name, shape_s, mode, str(e).splitlines()[0][:200]))
+                continue
+            peak = common.peak_memory(step, device) if mode == "fwd+bwd" else None
+            rows.append(common.make_row(device, "bn_relu", mode, shape_s, dtype, layout, name, t, nbytes, copy_bw,
+                                        peak))
+        if progress:
+            progress.step("bn_relu %s %s" % (shape_s, mode))
+    return rows, len(all_cases)
+
+
+def count(device, quick, dtypes=None):
+    return len(list(cases(torch.device(device), quick, dtypes)))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rows, _ = run(args.device, args.quick)
+    common.print_table(common.add_ratios(rows))

@@ -1,0 +1,111 @@
+"""Batched init: one torchfast.init call over a whole parameter list vs a per-tensor torch.nn.init loop,
+and whole-model construction (stock constructor vs meta-device construction + torchfast reset).
+
+Bytes of the minimal algorithm: one write of every tensor (T). torch.compile is not compared: stock
+init is a loop of in-place RNG calls with nothing to fuse.
+"""
+import argparse
+import math
+
+import torch
+from torch import nn
+
+import torchfast
+
+import common
+import shapes as S
+
+
+class GPT2Small(nn.Module):
+    """GPT-2 small's parameter structure (embeddings, 12 blocks of LN/attention/MLP linears, LN)."""
+
+    def __init__(self, d=768, layers=12, vocab=50257, ctx=1024):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict(dict(
+                ln1=nn.LayerNorm(d), attn=nn.Linear(d, 3 * d), proj=nn.Linear(d, d),
+                ln2=nn.LayerNorm(d), fc=nn.Linear(d, 4 * d), out=nn.Linear(4 * d, d))))
+        self.ln_f = nn.LayerNorm(d)
+
+
+def _tensors(shape_list, device, dtype, min_dim=1):
+    return [torch.empty(s, device=device, dtype=dtype) for s in shape_list if len(s) >= min_dim]
+
+
+def cases(device, quick):
+    yield "kaiming_uniform", "gpt2-small weights"
+    yield "normal(0,0.02)", "gpt2-small (148)"
+    yield "trunc_normal(0.02)", "gpt2-small (148)"
+    if not quick:
+        yield "kaiming_normal", "resnet50 convs"
+    yield "construct model", "GPT2Small"
+
+
+def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None):
+    device = torch.device(device)
+    copy_bw = common.copy_bandwidth(device)
+    backends = backends or [b for b in torchfast.available_backends(device) if b != "reference"]
+    dtype = torch.float32
+    rows = []
+    all_cases = list(cases(device, quick))
+    for case, what in all_cases:
+        impls = []
+        if case == "construct model":
+            nbytes = 4 * sum(math.prod(s) for s in S.gpt2_small())
+            impls.append(("stock eager", lambda: GPT2Small().to(device) if device.type != "cpu" else GPT2Small()))
+            for b in backends:
+                def build(b=b):
+                    with torch.device("meta"):
+                        m = GPT2Small()
+                    m.to_empty(device=device)
+                    with torchfast.use_backend(b):
+                        torchfast.init.reset_parameters(m)
+                    return m
+                impls.append(("torchfast " + b, build))
+        else:
+            if case == "kaiming_normal":
+                ts = _tensors([s for s in S.resnet50() if len(s) == 4], device, dtype)
+            else:
+                ts = _tensors(S.gpt2_small(), device, dtype, min_dim=2 if case == "kaiming_uniform" else 1)
+            nbytes = common.nbytes_of(ts)
+            stock_fn, fast_fn = {
+                "kaiming_uniform": (lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)),
+                                    lambda l: torchfast.init.kaiming_uniform_(l, a=math.sqrt(5))),
+                "normal(0,0.02)": (lambda t: nn.init.normal_(t, 0.0, 0.02),
+                                   lambda l: torchfast.init.normal_(l, 0.0, 0.02)),
+                "trunc_normal(0.02)": (lambda t: nn.init.trunc_normal_(t, std=0.02),
+                                       lambda l: torchfast.init.trunc_normal_(l, std=0.02)),
+                "kaiming_normal": (lambda t: nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu"),
+                                   lambda l: torchfast.init.kaiming_normal_(l, mode="fan_out", nonlinearity="relu")),
+            }[case]
+
+            def stock(ts=ts, stock_fn=stock_fn):
+                for t in ts:
+                    stock_fn(t)
+            impls.append(("stock eager", stock))
+            for b in backends:
+                def fast(b=b, ts=ts, fast_fn=fast_fn):
+                    with torchfast.use_backend(b):
+                        fast_fn(ts)
+                impls.append(("torchfast " + b, fast))
+        for impl, fn in impls:
+            t = common.bench(fn, device, reps=5 if device.type == "cpu" else None, warmup=1)
+            rows.append(common.make_row(device, "init", case, what, dtype, "-", impl, t, nbytes, copy_bw))
+        if progress:
+            progress.step("init %s" % case)
+    return rows, len(all_cases)
+
+
+def count(device, quick, dtypes=None):
+    return len(list(cases(torch.device(device), quick)))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rows, _ = run(args.device, args.quick)
+    common.print_table(common.add_ratios(rows))
