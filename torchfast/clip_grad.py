@@ -26,6 +26,7 @@ def _as_list(tensors):
 
 
 def _check_dense(tensors, fname: str, what: str):
+    """Python-side validation, for the reference backend (the compiled ops check in C++)."""
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError("torchfast.%s: %s %d is a %s, expected a Tensor" % (fname, what, i, type(t).__name__))
@@ -37,16 +38,60 @@ def _check_dense(tensors, fname: str, what: str):
                             % (fname, what, i, t.dtype))
 
 
-def _group(tensors):
-    """{(device, dtype): [tensors]} in order of first appearance."""
-    groups = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+def _group(tensors, fname: str, what: str):
+    """[((device, dtype), [tensors])] in order of first appearance (grouped in C++: a Python loop
+    over thousands of small gradients would cost more than the kernels)."""
+    try:
+        grouped = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    except (TypeError, RuntimeError):
+        _check_dense(tensors, fname, what)  # names the offending entry
+        raise
+    return [(key, lists[0]) for key, (lists, _indices) in grouped.items()]
 
 
 def _grads(parameters):
     return [p.grad for p in parameters if p.grad is not None]
+
+
+def _backend_for(device, dtype, norm_type, tensors, fname, what):
+    backend = _backends.choose("clip_grad", device, dtype, norm_type)
+    if backend == "reference":
+        _check_dense(tensors, fname, what)
+    return backend
+
+
+def _total_norm(groups, norm_type: float, first_device, fname: str) -> Tensor:
+    norms = []
+    for (device, dtype), group in groups:
+        backend = _backend_for(device, dtype, norm_type, group, fname, "tensor")
+        try:
+            norm = IMPLS[backend].multi_tensor_norm(group, norm_type)
+        except NotImplementedError:  # no kernel for this layout: say which tensor, and why
+            _check_dense(group, fname, "tensor")
+            raise
+        norms.append(norm.to(dtype.to_real()))
+    if len(norms) == 1:
+        return norms[0].to(first_device)
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+
+
+def _check_nonfinite(total_norm, norm_type):
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`")
+
+
+def _clip(groups, max_norm: float, total_norm: Tensor, fname: str):
+    for (device, dtype), group in groups:
+        backend = _backend_for(device, dtype, 2.0, group, fname, "gradient")
+        try:
+            IMPLS[backend].multi_tensor_clip_(group, total_norm.to(device), max_norm)
+        except NotImplementedError:
+            _check_dense(group, fname, "gradient")
+            raise
 
 
 def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
@@ -59,46 +104,30 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     norm_type = float(norm_type)
     if len(tensors) == 0:
         return torch.tensor(0.0)
-    _check_dense(tensors, "get_total_norm", "tensor")
     if not norm_type > 0:
         # 0-norm (a count), negative and -inf norms: stock semantics combine per-tensor values in
         # ways no fused kernel reproduces; hand them to PyTorch itself.
+        _check_dense(tensors, "get_total_norm", "tensor")
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
-    first_device = tensors[0].device
     with torch.no_grad():
-        norms = []
-        for (device, dtype), group in _group(tensors).items():
-            backend = _backends.choose("clip_grad", device, dtype, norm_type)
-            norm = IMPLS[backend].multi_tensor_norm(group, norm_type)
-            norms.append(norm.to(dtype.to_real()))
-        if len(norms) == 1:
-            total_norm = norms[0].to(first_device)
-        else:
-            total_norm = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
-    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from "
-            "`parameters` is non-finite, so it cannot be clipped. To disable "
-            "this error and scale the gradients by the non-finite norm anyway, "
-            "set `error_if_nonfinite=False`")
+        total_norm = _total_norm(_group(tensors, "get_total_norm", "tensor"), norm_type, tensors[0].device,
+                                 "get_total_norm")
+    if error_if_nonfinite:
+        _check_nonfinite(total_norm, norm_type)
     return total_norm
 
 
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None) -> None:
     """Scale the gradients of `parameters` in place by ``min(max_norm / (total_norm + 1e-6), 1)``
     (``torch.nn.utils.clip_grads_with_norm_``). The coefficient is computed on the device."""
-    parameters = _as_list(parameters)
-    grads = _grads(parameters)
+    grads = _grads(_as_list(parameters))
     max_norm = float(max_norm)
     if len(grads) == 0:
         return
-    _check_dense(grads, "clip_grads_with_norm_", "gradient")
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     with torch.no_grad():
-        for (device, dtype), group in _group(grads).items():
-            backend = _backends.choose("clip_grad", device, dtype)
-            IMPLS[backend].multi_tensor_clip_(group, total_norm.to(device), max_norm)
+        _clip(_group(grads, "clip_grads_with_norm_", "gradient"), max_norm, total_norm, "clip_grads_with_norm_")
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -113,8 +142,17 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = _grads(parameters)
-    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
-    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    norm_type = float(norm_type)
+    if not grads or not norm_type > 0:
+        total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+        return total_norm
+    with torch.no_grad():
+        groups = _group(grads, "clip_grad_norm_", "gradient")  # grouped once for both passes
+        total_norm = _total_norm(groups, norm_type, grads[0].device, "clip_grad_norm_")
+        if error_if_nonfinite:
+            _check_nonfinite(total_norm, norm_type)
+        _clip(groups, float(max_norm), total_norm, "clip_grad_norm_")
     return total_norm
 
 
@@ -126,8 +164,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None) -> None:
     grads = _grads(parameters)
     if not grads:
         return
-    _check_dense(grads, "clip_grad_value_", "gradient")
     with torch.no_grad():
-        for (_device, _dtype), group in _group(grads).items():
+        for _key, group in _group(grads, "clip_grad_value_", "gradient"):
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)

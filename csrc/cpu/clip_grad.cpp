@@ -66,6 +66,8 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   std::vector<at::Tensor> dense;
   dense.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].layout() == at::kStrided, "multi_tensor_norm: tensor ", i, " has layout ",
+                tensors[i].layout(), "; sparse gradients are not supported, use torch.nn.utils.clip_grad_norm_");
     TORCH_CHECK(tensors[i].device().is_cpu(), "multi_tensor_norm: tensor ", i, " is on ", tensors[i].device());
     TORCH_CHECK(tensors[i].scalar_type() == dtype, "multi_tensor_norm: tensor ", i, " is ",
                 tensors[i].scalar_type(), " but tensor 0 is ", dtype, "; group tensors by dtype first");
@@ -121,6 +123,8 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
               " but the tensors are on cpu");
   const auto dtype = tensors[0].scalar_type();
   for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].layout() == at::kStrided, "multi_tensor_clip_: tensor ", i, " has layout ",
+                tensors[i].layout(), "; sparse gradients are not supported, use torch.nn.utils.clip_grad_norm_");
     TORCH_CHECK(tensors[i].device().is_cpu(), "multi_tensor_clip_: tensor ", i, " is on ", tensors[i].device());
     TORCH_CHECK(tensors[i].scalar_type() == dtype, "multi_tensor_clip_: tensor ", i, " is ",
                 tensors[i].scalar_type(), " but tensor 0 is ", dtype);

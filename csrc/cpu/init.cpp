@@ -5,10 +5,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
 #include "cpu/common.h"
+#include "cpu/philox_avx2.h"
 
 namespace torchfast {
 namespace {
@@ -16,8 +19,28 @@ namespace {
 template <typename scalar_t>
 void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64_t stream, const InitParams& prm) {
   // begin is a multiple of 4 (chunks are block aligned); the last block may be partial.
+  if (prm.kind == kConstant) {
+    std::fill(out + begin, out + end, static_cast<scalar_t>(prm.p0));
+    return;
+  }
+  int64_t i = begin;
+#ifdef TORCHFAST_HAVE_AVX2_PATH
+  if (avx2::cpu_has_avx2()) {
+    alignas(32) float buf[32];
+    for (; i + 32 <= end; i += 32) {
+      const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
+      if (static_cast<uint32_t>(blk0) > 0xFFFFFFF8u) break;  // 8 blocks would wrap the low counter word
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        avx2::values32(seed, stream, blk0, prm, out + i);
+      } else {
+        avx2::values32(seed, stream, blk0, prm, buf);
+        for (int r = 0; r < 32; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
+      }
+    }
+  }
+#endif
   float v[4];
-  for (int64_t i = begin; i < end; i += 4) {
+  for (; i < end; i += 4) {
     philox_values(seed, stream, static_cast<uint64_t>(i >> 2), prm, v);
     const int64_t n = std::min<int64_t>(4, end - i);
     for (int64_t r = 0; r < n; ++r) out[i + r] = static_cast<scalar_t>(v[r]);

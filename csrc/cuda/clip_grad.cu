@@ -80,6 +80,8 @@ void check_list(at::TensorList tensors, const char* op) {
   const auto& t0 = tensors[0];
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensor ", i, " has layout ", t.layout(),
+                "; sparse gradients are not supported, use torch.nn.utils.clip_grad_norm_");
     TORCH_CHECK(t.is_cuda() && t.device() == t0.device(), op, ": tensor ", i, " is on ", t.device(),
                 " but tensor 0 is on ", t0.device(), "; group tensors by device first");
     TORCH_CHECK(t.scalar_type() == t0.scalar_type(), op, ": tensor ", i, " is ", t.scalar_type(),
