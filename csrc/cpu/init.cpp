@@ -26,15 +26,15 @@ void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64
   int64_t i = begin;
 #ifdef TORCHFAST_HAVE_AVX2_PATH
   if (avx2::cpu_has_avx2()) {
-    alignas(32) float buf[32];
-    for (; i + 32 <= end; i += 32) {
+    alignas(32) float buf[64];
+    for (; i + 64 <= end; i += 64) {
       const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
-      if (static_cast<uint32_t>(blk0) > 0xFFFFFFF8u) break;  // 8 blocks would wrap the low counter word
+      if (static_cast<uint32_t>(blk0) > 0xFFFFFFF0u) break;  // 16 blocks would wrap the low counter word
       if constexpr (std::is_same_v<scalar_t, float>) {
-        avx2::values32(seed, stream, blk0, prm, out + i);
+        avx2::values64(seed, stream, blk0, prm, out + i);
       } else {
-        avx2::values32(seed, stream, blk0, prm, buf);
-        for (int r = 0; r < 32; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
+        avx2::values64(seed, stream, blk0, prm, buf);
+        for (int r = 0; r < 64; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
       }
     }
   }

@@ -1,4 +1,4 @@
-// AVX2 version of the Philox stream and its distributions: 8 Philox blocks (32 elements) per step.
+// AVX2 version of the Philox stream and its distributions: 16 Philox blocks (64 elements) per step.
 // Compiled with a per-function target attribute and chosen at run time (cpu_has_avx2), so the
 // extension still runs on x86-64 machines without AVX2 and builds on other architectures.
 //
@@ -34,34 +34,40 @@ TF_AVX2 inline void mulhilo8(__m256i c, __m256i m, __m256i& hi, __m256i& lo) {
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
 }
 
-// Words w[0..3] of blocks blk0 .. blk0+7 (lane l = block blk0 + l). Requires the low 32 bits of the
-// block index not to wrap inside the group (checked by the caller).
-TF_AVX2 inline void philox8(uint64_t seed, uint64_t blk0, uint64_t stream, __m256i w[4]) {
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(blk0))),
-                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(blk0 >> 32)));
-  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream)));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32)));
+// Words w[g][0..3] of blocks blk0 + 8 g + l (lane l) for the two groups g = 0, 1, computed together
+// so the two dependency chains of multiplies overlap. Requires the low 32 bits of the block index
+// not to wrap inside the 16 blocks (checked by the caller).
+TF_AVX2 inline void philox16(uint64_t seed, uint64_t blk0, uint64_t stream, __m256i w[2][4]) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(blk0)));
+  __m256i a0 = _mm256_add_epi32(base, lane);
+  __m256i b0 = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
+  __m256i a1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(blk0 >> 32))), b1 = a1;
+  __m256i a2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream))), b2 = a2;
+  __m256i a3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32))), b3 = a3;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(Philox4x32::M0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(Philox4x32::M1));
   for (int r = 0; r < 10; ++r) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, m0, hi0, lo0);
-    mulhilo8(c2, m1, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+    const __m256i kk0 = _mm256_set1_epi32(static_cast<int>(k0)), kk1 = _mm256_set1_epi32(static_cast<int>(k1));
+    __m256i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
+    mulhilo8(a0, m0, ahi0, alo0);
+    mulhilo8(b0, m0, bhi0, blo0);
+    mulhilo8(a2, m1, ahi1, alo1);
+    mulhilo8(b2, m1, bhi1, blo1);
+    a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), kk0);
+    b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), kk0);
+    a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), kk1);
+    b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), kk1);
+    a1 = alo1;
+    b1 = blo1;
+    a3 = alo0;
+    b3 = blo0;
     k0 += Philox4x32::W0;
     k1 += Philox4x32::W1;
   }
-  w[0] = c0;
-  w[1] = c1;
-  w[2] = c2;
-  w[3] = c3;
+  w[0][0] = a0; w[0][1] = a1; w[0][2] = a2; w[0][3] = a3;
+  w[1][0] = b0; w[1][1] = b1; w[1][2] = b2; w[1][3] = b3;
 }
 
 TF_AVX2 inline __m256 unit8(__m256i w) {
@@ -132,15 +138,14 @@ TF_AVX2 inline __m256 erfinv8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 w = _mm256_sub_ps(_mm256_setzero_ps(), log8(_mm256_mul_ps(_mm256_sub_ps(one, x), _mm256_add_ps(one, x))));
   const __m256 pc = poly(_mm256_sub_ps(w, _mm256_set1_ps(2.5f)), cc, 9);
-  const __m256 pt = poly(_mm256_sub_ps(_mm256_sqrt_ps(w), _mm256_set1_ps(3.0f)), ct, 9);
   const __m256 central = _mm256_cmp_ps(w, _mm256_set1_ps(5.0f), _CMP_LT_OQ);
+  if (_mm256_movemask_ps(central) == 0xFF) return _mm256_mul_ps(pc, x);  // |x| < 0.9966: the usual case
+  const __m256 pt = poly(_mm256_sub_ps(_mm256_sqrt_ps(w), _mm256_set1_ps(3.0f)), ct, 9);
   return _mm256_mul_ps(_mm256_blendv_ps(pt, pc, central), x);
 }
 
-// Values of 8 blocks = 32 consecutive elements starting at element 4 * blk0, in element order.
-TF_AVX2 inline void values32(uint64_t seed, uint64_t stream, uint64_t blk0, const InitParams& prm, float* out) {
-  __m256i w[4];
-  philox8(seed, blk0, stream, w);
+// Distribution values of one group of 8 blocks, transposed to element order (32 floats).
+TF_AVX2 inline void group_values(const __m256i w[4], const InitParams& prm, float* out) {
   __m256 v[4];
   if (prm.kind == kUniform) {
     const __m256 lo = _mm256_set1_ps(prm.p0), span = _mm256_set1_ps(prm.p1 - prm.p0);
@@ -173,6 +178,14 @@ TF_AVX2 inline void values32(uint64_t seed, uint64_t stream, uint64_t blk0, cons
   _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
   _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
   _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+}
+
+// Values of 16 blocks = 64 consecutive elements starting at element 4 * blk0, in element order.
+TF_AVX2 inline void values64(uint64_t seed, uint64_t stream, uint64_t blk0, const InitParams& prm, float* out) {
+  __m256i w[2][4];
+  philox16(seed, blk0, stream, w);
+  group_values(w[0], prm, out);
+  group_values(w[1], prm, out + 32);
 }
 
 #undef TF_AVX2
