@@ -4,8 +4,13 @@ import os
 import pytest
 import torch
 
-import torchfast
-from torchfast import _backends
+# Without a GPU the Triton kernels are tested on CPU tensors under the interpreter, which triton
+# reads when it is imported (`import torch` does not import it): set it before anything does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torchfast  # noqa: E402
+from torchfast import _backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (none visible)")
@@ -18,14 +23,24 @@ def devices():
 
 
 def backend_params(op):
-    """(device, backend) pairs to test: every backend that can serve `op` on each present device.
-    A compiled backend that should be there but is not shows up as a failing test, not a skip."""
+    """(device, backend) pairs to test: every backend that can serve `op` on each present device
+    (on the CPU that includes triton under TRITON_INTERPRET=1). A compiled backend that should be
+    there but is not shows up as a failing test in test_backends, not as a skip here."""
     out = []
     for dev in devices():
-        for name in _backends.AUTO_ORDER[dev]:
+        names = list(_backends.AUTO_ORDER[dev]) + (["triton"] if dev == "cpu" else [])
+        for name in names:
             if _backends.why_not(name, op, dev, torch.float32) is None:
                 out.append(pytest.param(dev, name, id="%s-%s" % (dev, name)))
     return out
+
+
+def skip_unsupported(backend, op, device, *dtypes):
+    """Skip (with the backend's own reason) a case whose dtype that backend does not serve."""
+    for dtype in dtypes:
+        reason = _backends.why_not(backend, op, device, dtype)
+        if reason is not None:
+            pytest.skip("%s backend: %s" % (backend, reason))
 
 
 @pytest.fixture(autouse=True)

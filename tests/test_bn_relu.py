@@ -10,7 +10,7 @@ import torchfast
 from torchfast.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from torchfast.nn.functional import batch_norm_relu
 
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda
+from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda, skip_unsupported
 
 STOCK = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 FUSED = {1: BatchNormReLU1d, 2: BatchNormReLU2d, 3: BatchNormReLU3d}
@@ -62,6 +62,7 @@ def _pair(kind, c, dtype, device, **kw):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_stock(device, backend, kind, shape, layout, dtype, training):
+    skip_unsupported(backend, "bn_relu", device, dtype)
     if training and shape[0] * (torch.Size(shape).numel() // shape[0] // shape[1]) == 1:
         pytest.skip("one value per channel is an error in training (tested separately)")
     c = shape[1]
@@ -100,6 +101,7 @@ def test_matches_stock(device, backend, kind, shape, layout, dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_float64(device, backend, training, layout):
+    skip_unsupported(backend, "bn_relu", device, torch.float64)
     x = _make_input((3, 4, 3, 5), layout, torch.float64, device).requires_grad_()
     w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     b = (torch.randn(4, dtype=torch.float64, device=device) * 0.2).requires_grad_()
@@ -282,6 +284,18 @@ def test_torch_compile_module():
     ys.sum().backward()
     torch.testing.assert_close(xc.grad, xs.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.running_var, stock.running_var)
+
+
+@requires_cuda
+def test_triton_compiles_fullgraph():
+    """The Triton forward/backward are triton_ops: torch.compile traces them without graph breaks."""
+    layer = BatchNormReLU2d(8).cuda()
+    x = torch.randn(4, 8, 16, 16, device="cuda", requires_grad=True)
+    with torchfast.use_backend("triton"):
+        y = torch.compile(layer, fullgraph=True)(x)
+        y.sum().backward()
+    ref = F.relu(F.batch_norm(x.detach(), None, None, layer.weight, layer.bias, training=True))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
 @requires_cuda

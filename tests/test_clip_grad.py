@@ -8,7 +8,7 @@ from torch.nn import utils as tnu
 
 import torchfast
 
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda
+from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda, skip_unsupported
 
 NORM_TYPES = [1.0, 2.0, 3.5, 0.5, math.inf]
 SHAPES = [(3, 4), (1,), (7, 7, 3), (1023,), (64, 65), (2, 1, 5)]
@@ -38,6 +38,7 @@ def _clone(ps, dtype=None):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("max_norm", [0.5, 1e9], ids=["clips", "no-clip"])
 def test_clip_grad_norm_matches_stock(device, backend, norm_type, dtype, max_norm):
+    skip_unsupported(backend, "clip_grad", device, dtype)
     ps = _params(dtype, device)
     ref64, ref_lowp, fast = _clone(ps, torch.float64), _clone(ps), _clone(ps)
     n64 = tnu.clip_grad_norm_(ref64, max_norm, norm_type)
@@ -55,6 +56,7 @@ def test_clip_grad_norm_matches_stock(device, backend, norm_type, dtype, max_nor
 
 @pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
 def test_mixed_dtypes_none_grads_and_single_tensor(device, backend):
+    skip_unsupported(backend, "clip_grad", device, torch.float32, torch.bfloat16, torch.float64)
     torchfast.set_backend(backend)
     ps = _params(torch.float32, device) + _params(torch.bfloat16, device, seed=1) + _params(torch.float64, device, 2)
     ps[1].grad = None

@@ -9,6 +9,7 @@ Everything a call consults is computed at import time (which kernels the extensi
 ``torch.compile`` traces the choice as plain Python without graph breaks.
 """
 import contextlib
+import importlib.util
 import os
 import warnings
 
@@ -22,6 +23,10 @@ OPS = ("bn_relu", "clip_grad", "init")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Under TRITON_INTERPRET=1 (read by triton when it is imported) Triton kernels run on CPU tensors.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The compiled ops behind each public op.
 _COMPILED_OPS = {
     "bn_relu": ("bn_relu_fwd", "bn_relu_bwd"),
@@ -68,7 +73,7 @@ def why_not(backend: str, op: str, device_type: str, dtype: torch.dtype, norm_ty
     if backend == "reference":
         return None
     if backend == "triton":
-        return "the Triton kernels are not part of this version of torchfast"
+        return _triton_why_not(op, device_type, dtype, norm_type)
     if device_type != backend:
         return "the %s backend serves %s tensors, got %s tensors" % (backend, backend, device_type)
     registered = _HAS_CPU_KERNEL if backend == "cpu" else _HAS_CUDA_KERNEL
@@ -76,6 +81,22 @@ def why_not(backend: str, op: str, device_type: str, dtype: torch.dtype, norm_ty
         return _not_built_reason(backend)
     if dtype not in _KERNEL_DTYPES:
         return "dtype %s is not supported (float16, bfloat16, float32, float64)" % (dtype,)
+    if op == "clip_grad" and not (norm_type > 0):
+        return "norm_type %r is not supported by the kernels (any p > 0 or inf)" % (norm_type,)
+    return None
+
+
+def _triton_why_not(op, device_type, dtype, norm_type):
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if device_type == "cpu" and not _TRITON_INTERPRET:
+        return "the triton backend serves cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got cpu tensors"
+    if device_type not in ("cuda", "cpu"):
+        return "the triton backend serves cuda tensors, got %s tensors" % device_type
+    if dtype not in _TRITON_DTYPES:
+        return "dtype %s is not supported by the Triton kernels (float16, bfloat16, float32)" % (dtype,)
+    if device_type == "cpu" and dtype == torch.bfloat16:
+        return "bfloat16 is not supported by the Triton interpreter"
     if op == "clip_grad" and not (norm_type > 0):
         return "norm_type %r is not supported by the kernels (any p > 0 or inf)" % (norm_type,)
     return None

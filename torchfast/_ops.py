@@ -61,9 +61,12 @@ def _no_double_backward(ctx, *grads):
     raise NotImplementedError("torchfast: double backward through batch_norm_relu is not supported")
 
 
-def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op):
-    torch.library.register_fake(fwd_name)(_fake_bn_relu_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bn_relu_bwd)
+def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
+    """Fake kernels (unless the op derives its own, as triton_op does) and autograd for a
+    forward/backward pair with the bn_relu_fwd / bn_relu_bwd contract."""
+    if fake:
+        torch.library.register_fake(fwd_name)(_fake_bn_relu_fwd)
+        torch.library.register_fake(bwd_name)(_fake_bn_relu_bwd)
     backward, setup_context = _make_autograd(bwd_op)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd_name, _no_double_backward)
@@ -129,3 +132,13 @@ IMPLS = {
 if _ext._C is not None:
     # The dispatcher routes torch.ops.torchfast.* by device, so "cpu" and "cuda" share one table.
     IMPLS["cpu"] = IMPLS["cuda"] = _compiled_impl()
+
+
+def impl(backend: str) -> _Impl:
+    """The implementations of `backend`; the Triton kernels are imported on first use, so that
+    `import torchfast` never imports triton (and TRITON_INTERPRET can still be set before it)."""
+    if backend == "triton" and "triton" not in IMPLS:
+        from torchfast.triton import bn_relu, clip_grad, init
+        IMPLS["triton"] = _Impl(bn_relu.bn_relu_fwd, clip_grad.multi_tensor_norm, clip_grad.multi_tensor_clip_,
+                                init.philox_fill_)
+    return IMPLS[backend]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _backends
-from torchfast._ops import IMPLS
+from torchfast._ops import impl
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm"]
 
@@ -65,7 +65,7 @@ def _total_norm(groups, norm_type: float, first_device, fname: str) -> Tensor:
     for (device, dtype), group in groups:
         backend = _backend_for(device, dtype, norm_type, group, fname, "tensor")
         try:
-            norm = IMPLS[backend].multi_tensor_norm(group, norm_type)
+            norm = impl(backend).multi_tensor_norm(group, norm_type)
         except NotImplementedError:  # no kernel for this layout: say which tensor, and why
             _check_dense(group, fname, "tensor")
             raise
@@ -88,7 +88,7 @@ def _clip(groups, max_norm: float, total_norm: Tensor, fname: str):
     for (device, dtype), group in groups:
         backend = _backend_for(device, dtype, 2.0, group, fname, "gradient")
         try:
-            IMPLS[backend].multi_tensor_clip_(group, total_norm.to(device), max_norm)
+            impl(backend).multi_tensor_clip_(group, total_norm.to(device), max_norm)
         except NotImplementedError:
             _check_dense(group, fname, "gradient")
             raise

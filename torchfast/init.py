@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out, calculate_gain
 
 from torchfast import _backends
-from torchfast._ops import IMPLS
+from torchfast._ops import impl
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
 
 __all__ = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
@@ -89,7 +89,7 @@ def _fill(tensors, specs, seed):
                     targets.append(buf)
                     copies.append((t, buf))
             params = [float(p) for k in ks for p in specs[k][1]]
-            IMPLS[backend].philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
+            impl(backend).philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
             for t, buf in copies:
                 t.copy_(buf)
 

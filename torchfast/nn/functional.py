@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _backends
-from torchfast._ops import IMPLS
+from torchfast._ops import impl
 
 __all__ = ["batch_norm_relu"]
 
@@ -52,7 +52,7 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
             raise ValueError("Expected more than 1 value per channel when training, got input size %s"
                              % (input.size(),))
     backend = _backends.choose("bn_relu", input.device, input.dtype)
-    out, mean, _invstd, var = IMPLS[backend].bn_relu_fwd(input, weight, bias, running_mean, running_var,
+    out, mean, _invstd, var = impl(backend).bn_relu_fwd(input, weight, bias, running_mean, running_var,
                                                          bool(training), float(eps))
     n = input.numel() // c if c > 0 else 0
     if training and n > 0 and (running_mean is not None or running_var is not None):

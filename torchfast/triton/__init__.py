@@ -1,0 +1,36 @@
+"""Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, which is how CI tests
+them). One file per op: bn_relu.py, clip_grad.py, init.py. Importing this package imports triton;
+torchfast does so only when the triton backend is first used.
+"""
+import os
+
+import torch
+
+# Under the interpreter (TRITON_INTERPRET=1, read by triton at import) kernels run on CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPES = None  # filled lazily: torch dtype -> tl dtype
+
+
+def tl_dtype(dtype: torch.dtype):
+    global TL_DTYPES
+    if TL_DTYPES is None:
+        import triton.language as tl
+        TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                     torch.float64: tl.float64}
+    return TL_DTYPES[dtype]
+
+
+def configs(gpu_configs, interpret_config):
+    """Autotune configurations: the GPU list, or one small configuration under the interpreter
+    (where every configuration would be run in Python)."""
+    return [interpret_config] if INTERPRET else gpu_configs
+
+
+def upload_table(rows, device):
+    """A host-built int64/float table moved to `device` without making the host wait (pinned memory,
+    non-blocking copy). Under the interpreter the table stays on the CPU."""
+    t = torch.tensor(rows, dtype=torch.int64) if rows and isinstance(rows[0], (list, tuple)) else torch.tensor(rows)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
