@@ -58,7 +58,7 @@ def cases(device, quick, dtypes=None):
                     yield shape, dtype, layout, mode
 
 
-def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None):
+def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None):
     device = torch.device(device)
     copy_bw = common.copy_bandwidth(device)
     rows = []

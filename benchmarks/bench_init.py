@@ -43,7 +43,7 @@ def cases(device, quick):
     yield "construct model", "GPT2Small"
 
 
-def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None):
+def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None, out_dir=None):
     device = torch.device(device)
     copy_bw = common.copy_bandwidth(device)
     backends = backends or [b for b in torchfast.available_backends(device) if b != "reference"]

@@ -55,7 +55,7 @@ def main(argv=None):
         rows = []
         for o in ops:
             r, _ = OPS[o].run(device, quick=args.quick, dtypes=dtypes, compile_stock=not args.no_compile,
-                              progress=progress)
+                              progress=progress, out_dir=args.out)
             rows += r
         common.add_ratios(rows)
         print("\n== %s: %s  (copy bandwidth %.1f GB/s, torch %s) ==" % (
