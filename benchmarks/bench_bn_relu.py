@@ -4,7 +4,6 @@ Byte counts of the minimal algorithm (T = bytes of the activation): eval forward
 training forward 3T (statistics read, then read x / write y), training forward+backward 8T
 (3T forward + backward reduction reading x, dy and the elementwise pass reading x, dy, writing dx).
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +110,4 @@ def count(device, quick, dtypes=None):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows, _ = run(args.device, args.quick)
-    common.print_table(common.add_ratios(rows))
+    common.standalone(run)

@@ -4,7 +4,6 @@ compiled, on real architectures' gradient lists.
 Bytes of the minimal algorithm (T = bytes of all gradients): the norm reads T, the scale reads and
 writes T: 3T per call (max_norm is set so every call clips).
 """
-import argparse
 import math
 
 import torch
@@ -79,9 +78,4 @@ def count(device, quick, dtypes=None):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows, _ = run(args.device, args.quick)
-    common.print_table(common.add_ratios(rows))
+    common.standalone(run)

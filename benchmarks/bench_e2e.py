@@ -6,7 +6,6 @@ The model is defined here rather than taken from torchvision: torchvision's bloc
 forward() through a shared module, so their BatchNorm+ReLU pairs cannot be swapped without
 rewriting the blocks. This ResNet-18-shaped net has the same structure with the pairs as modules.
 """
-import argparse
 import os
 import time
 
@@ -153,9 +152,4 @@ def count(device, quick, dtypes=None):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows, _ = run(args.device, args.quick)
-    common.print_table(common.add_ratios(rows))
+    common.standalone(run)

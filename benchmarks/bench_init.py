@@ -4,7 +4,6 @@ and whole-model construction (stock constructor vs meta-device construction + to
 Bytes of the minimal algorithm: one write of every tensor (T). torch.compile is not compared: stock
 init is a loop of in-place RNG calls with nothing to fuse.
 """
-import argparse
 import math
 
 import torch
@@ -103,9 +102,4 @@ def count(device, quick, dtypes=None):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows, _ = run(args.device, args.quick)
-    common.print_table(common.add_ratios(rows))
+    common.standalone(run)

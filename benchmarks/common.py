@@ -249,3 +249,14 @@ def nbytes_of(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+
+
+def standalone(run):
+    """`python benchmarks/bench_X.py [--device D] [--quick]`: one op's cases, printed as a table."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rows, _ = run(torch.device(args.device), args.quick)
+    print_table(add_ratios(rows))

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <vector>
 
+#include "layout.h"
+
 namespace torchfast {
 namespace {
 
@@ -47,13 +49,6 @@ Geometry geometry(const at::Tensor& x) {
   else if (x.is_contiguous()) g.layout = Layout::kNCS;
   else g.layout = Layout::kNSC;  // caller checked channels_last
   return g;
-}
-
-bool native_layout(const at::Tensor& x) {
-  if (x.is_contiguous()) return true;
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return false;
 }
 
 template <typename acc_t>

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "layout.h"
 
 namespace torchfast {
 namespace cuda {
@@ -188,13 +189,6 @@ __global__ void backward_kernel(const scalar_t* x, const scalar_t* dy, scalar_t*
 }
 
 // ---------------------------------------------------------------------------------------------
-
-bool native_layout(const at::Tensor& x) {
-  if (x.is_contiguous()) return true;
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return false;
-}
 
 Shape shape_of(const at::Tensor& x) {
   Shape sh;
