@@ -24,6 +24,9 @@ TORCH_LIBRARY(torchfast, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
   // tensors *= min(max_norm / (total_norm + 1e-6), 1), the coefficient computed on the device.
   m.def("multi_tensor_clip_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
+  // Both in one call (one crossing of the Python/C++ boundary for thousands of small gradients):
+  // returns the total norm (as multi_tensor_norm) and scales the tensors by the clip coefficient.
+  m.def("clip_grad_norm_fused_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
   // Fills each tensor with torchfast's Philox stream (csrc/philox.h). Per tensor i: streams[i]
   // is its counter stream, kinds[i] its distribution, params[6*i : 6*i+6] its parameters.
   m.def(

@@ -188,6 +188,8 @@ def test_opcheck():
     for p in (1.0, 2.0, 3.0, math.inf):
         torch.library.opcheck(torch.ops.torchfast.multi_tensor_norm, (grads, p))
     torch.library.opcheck(torch.ops.torchfast.multi_tensor_clip_, ([g.clone() for g in grads], torch.tensor(10.0), 1.0))
+    for p in (2.0, math.inf):
+        torch.library.opcheck(torch.ops.torchfast.clip_grad_norm_fused_, ([g.clone() for g in grads], 0.5, p))
 
 
 def test_torch_compile():

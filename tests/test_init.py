@@ -149,6 +149,20 @@ def test_distributions_goodness_of_fit():
     assert stats.kstest(z + 0.01, stats.norm(loc=1.5, scale=0.5).cdf).pvalue < 1e-3
 
 
+def test_wide_trunc_normal_is_the_normal_stream():
+    """Bounds beyond 6 std truncate nothing Box-Muller can produce (|z| <= 5.77): same values as normal_."""
+    t = tfi.trunc_normal_(torch.empty(100000), std=0.02, seed=9)  # a=-2, b=2: 100 std away
+    n = tfi.normal_(torch.empty(100000), 0.0, 0.02, seed=9)
+    assert torch.equal(t, n)
+    assert t.abs().max().item() <= philox_max_z() * 0.02 * (1 + 1e-6)
+    u = tfi.trunc_normal_(torch.empty(1000), std=1.0, seed=9)  # a=-2, b=2 at 2 std: inverse CDF
+    assert u.abs().max().item() <= 2.0 and not torch.equal(u, tfi.normal_(torch.empty(1000), seed=9))
+
+
+def philox_max_z():
+    return tfi.BOX_MULLER_MAX
+
+
 def test_fan_formulas_match_torch_nn_init():
     w = torch.empty(256, 128, 3, 3)
     fan_in, fan_out = 128 * 9, 256 * 9

@@ -30,7 +30,7 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The compiled ops behind each public op.
 _COMPILED_OPS = {
     "bn_relu": ("bn_relu_fwd", "bn_relu_bwd"),
-    "clip_grad": ("multi_tensor_norm", "multi_tensor_clip_"),
+    "clip_grad": ("multi_tensor_norm", "multi_tensor_clip_", "clip_grad_norm_fused_"),
     "init": ("philox_fill_",),
 }
 

@@ -105,6 +105,10 @@ if _ext._C is not None:
     def _fake_multi_tensor_clip_(tensors, total_norm, max_norm) -> None:
         return None
 
+    @torch.library.register_fake("torchfast::clip_grad_norm_fused_")
+    def _fake_clip_grad_norm_fused_(tensors, max_norm, norm_type):
+        return tensors[0].new_empty((), dtype=ref_clip_grad.acc_dtype(tensors[0].dtype))
+
     @torch.library.register_fake("torchfast::philox_fill_")
     def _fake_philox_fill_(tensors, seed, streams, kinds, params) -> None:
         return None

@@ -75,6 +75,33 @@ def _total_norm(groups, norm_type: float, first_device, fname: str) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
 
 
+def _single_group_norm(grads, norm_type: float):
+    """The usual case, all gradients on one device in one dtype and a compiled backend to serve them:
+    the kernel checks that itself, so no Python-side grouping pass over (possibly thousands of)
+    gradients. None when the kernel refuses the list (mixed devices or dtypes, sparse layouts); the
+    grouped path then handles it, or says precisely what is wrong."""
+    first = grads[0]
+    if _backends.choose("clip_grad", first.device, first.dtype, norm_type) not in ("cpu", "cuda"):
+        return None
+    try:
+        norm = impl(first.device.type).multi_tensor_norm(grads, norm_type)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return norm.to(first.dtype)
+
+
+def _single_group_clip(grads, max_norm: float, norm_type: float):
+    """Norm and clip of a single-group list in one compiled call; None as for _single_group_norm."""
+    first = grads[0]
+    if _backends.choose("clip_grad", first.device, first.dtype, norm_type) not in ("cpu", "cuda"):
+        return None
+    try:
+        norm = torch.ops.torchfast.clip_grad_norm_fused_(grads, max_norm, norm_type)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return norm.to(first.dtype)
+
+
 def _check_nonfinite(total_norm, norm_type):
     if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
@@ -148,6 +175,17 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return total_norm
     with torch.no_grad():
+        if not error_if_nonfinite:  # (which must look at the norm before touching any gradient)
+            total_norm = _single_group_clip(grads, float(max_norm), norm_type)
+            if total_norm is not None:
+                return total_norm
+        total_norm = _single_group_norm(grads, norm_type)
+        if total_norm is not None:
+            if error_if_nonfinite:
+                _check_nonfinite(total_norm, norm_type)
+            impl(_backends.choose("clip_grad", grads[0].device, grads[0].dtype)).multi_tensor_clip_(
+                grads, total_norm, float(max_norm))
+            return total_norm
         groups = _group(grads, "clip_grad_norm_", "gradient")  # grouped once for both passes
         total_norm = _total_norm(groups, norm_type, grads[0].device, "clip_grad_norm_")
         if error_if_nonfinite:

@@ -106,6 +106,10 @@ def _normal_spec(mean, std):
     return (NORMAL, _params(mean, std))
 
 
+# The largest |z| Box-Muller can produce from the stream: sqrt(-2 ln 2^-24) = 5.77 (u >= 2^-24).
+BOX_MULLER_MAX = math.sqrt(-2.0 * math.log(2.0 ** -24))
+
+
 def _trunc_normal_spec(mean, std, a, b):
     def norm_cdf(x):
         return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
@@ -113,6 +117,11 @@ def _trunc_normal_spec(mean, std, a, b):
     if (mean < a - 2 * std) or (mean > b + 2 * std):
         warnings.warn("mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
                       "The distribution of values may be incorrect.", stacklevel=3)
+    if std > 0 and (a - mean) / std <= -6.0 and (b - mean) / std >= 6.0:
+        # Bounds beyond 6 standard deviations (e.g. std=0.02 with the default a=-2, b=2) truncate
+        # nothing the stream can produce: the normal path never leaves +-5.77 std, and is cheaper
+        # than the inverse CDF.
+        return _normal_spec(mean, std)
     lo = 2 * norm_cdf((a - mean) / std) - 1
     hi = 2 * norm_cdf((b - mean) / std) - 1
     return (TRUNC_NORMAL, _params(lo, hi, a, b, mean, std * math.sqrt(2.0)))

@@ -151,11 +151,18 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
   });
 }
 
+at::Tensor clip_grad_norm_fused_cpu(at::TensorList tensors, double max_norm, double norm_type) {
+  at::Tensor total = multi_tensor_norm_cpu(tensors, norm_type);
+  multi_tensor_clip_cpu(tensors, total, max_norm);
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
   m.impl("multi_tensor_clip_", &multi_tensor_clip_cpu);
+  m.impl("clip_grad_norm_fused_", &clip_grad_norm_fused_cpu);
 }
 
 }  // namespace torchfast

@@ -148,12 +148,19 @@ void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm
   }
 }
 
+at::Tensor clip_grad_norm_fused_cuda(at::TensorList tensors, double max_norm, double norm_type) {
+  at::Tensor total = multi_tensor_norm_cuda(tensors, norm_type);
+  multi_tensor_clip_cuda(tensors, total, max_norm);
+  return total;
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
   m.impl("multi_tensor_norm", &cuda::multi_tensor_norm_cuda);
   m.impl("multi_tensor_clip_", &cuda::multi_tensor_clip_cuda);
+  m.impl("clip_grad_norm_fused_", &cuda::clip_grad_norm_fused_cuda);
 }
 
 }  // namespace torchfast

@@ -18,7 +18,8 @@ Distributions, each float32 operation rounded on its own (no fused multiply-add)
                              value = mean + std * z
 * trunc_normal:              v = lo + (hi - lo) * u with lo, hi = 2 Phi(alpha) - 1, 2 Phi(beta) - 1;
                              value = clamp(mean + std * sqrt(2) * erfinv(v), a, b), erfinv in float32
-                             by Giles' single-precision approximation (no rejection, no host sync)
+                             by Giles' single-precision approximation (no rejection, no host sync);
+                             bounds beyond 6 std use the normal stream instead (torchfast.init)
 """
 import torch
 
