@@ -27,10 +27,10 @@ def configs(gpu_configs, interpret_config):
     return [interpret_config] if INTERPRET else gpu_configs
 
 
-def upload_table(rows, device):
-    """A host-built int64/float table moved to `device` without making the host wait (pinned memory,
-    non-blocking copy). Under the interpreter the table stays on the CPU."""
-    t = torch.tensor(rows, dtype=torch.int64) if rows and isinstance(rows[0], (list, tuple)) else torch.tensor(rows)
+def upload_table(rows, device, dtype=torch.int64):
+    """A host-built table moved to `device` without making the host wait (pinned memory, non-blocking
+    copy). Under the interpreter the table stays on the CPU."""
+    t = torch.tensor(rows, dtype=dtype)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

@@ -17,6 +17,8 @@ one 16-byte load); the elementwise passes are autotuned over 1024-4096 elements 
 range where H100 bandwidth-bound kernels saturate HBM3. Channels_last reductions are strided and
 are the first thing to tune on a GPU (issue 4 / 5 GPU runs).
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -158,9 +160,9 @@ def _ew_grid(numel):
 
 
 @triton_op("torchfast::bn_relu_fwd_triton", mutates_args=())
-def bn_relu_fwd_triton(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     native = _native(input)
     x = input if native else input.contiguous()
     out = torch.empty_like(input)
@@ -195,9 +197,9 @@ def bn_relu_fwd_triton(input: torch.Tensor, weight: torch.Tensor | None, bias: t
 
 
 @triton_op("torchfast::bn_relu_bwd_triton", mutates_args=())
-def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
-                       training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                       training: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     native = _native(input) and grad_out.stride() == input.stride()
     x = input if native else input.contiguous()
     dy = grad_out if native else grad_out.contiguous()

@@ -122,8 +122,7 @@ def _fill_launch(tensors, seed, streams, kinds, params):
     if not addr:
         return
     tables = [upload_table(v, device) for v in (addr, numel, start, stream, kind)]
-    prm_t = torch.tensor(prm, dtype=torch.float32)
-    prm_t = prm_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else prm_t
+    prm_t = upload_table(prm, device, torch.float32)
     block_b = 64 if INTERPRET else 1024
     _philox_fill_kernel[(len(addr),)](*tables, prm_t, seed, OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
                                       BLOCK_B=block_b, num_warps=8,
