@@ -318,3 +318,38 @@ def test_cuda_autocast_and_graph():
     g.replay()
     torch.testing.assert_close(static_y, F.relu(F.batch_norm(x, layer.running_mean, layer.running_var,
                                                                layer.weight, layer.bias)))
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # hypothesis is in the test extras; without it these property tests are skipped
+    given = None
+
+if given is not None:
+    @settings(max_examples=40, deadline=None)
+    @given(n=st.integers(1, 5), c=st.integers(1, 9), h=st.integers(1, 7), w=st.integers(1, 7),
+           channels_last=st.booleans(), training=st.booleans(), affine=st.booleans(),
+           seed=st.integers(0, 2 ** 16))
+    def test_property_cpu_matches_reference(n, c, h, w, channels_last, training, affine, seed):
+        """Random shapes and layouts: the C++ kernels agree with the reference, forward and backward."""
+        if torchfast._backends.why_not("cpu", "bn_relu", "cpu", torch.float32) is not None:
+            pytest.skip("cpu backend not built")
+        if training and n * h * w == 1:
+            return
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 3 + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        wt = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5) if affine else None
+        bs = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+        rm, rv = torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+        gy = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+        outs = {}
+        for backend in ("reference", "cpu"):
+            xi = x.clone().requires_grad_()
+            with torchfast.use_backend(backend):
+                y = batch_norm_relu(xi, rm.clone(), rv.clone(), wt, bs, training, 0.1, 1e-5)
+                y.backward(gy)
+            outs[backend] = (y.detach(), xi.grad)
+        torch.testing.assert_close(outs["cpu"][0], outs["reference"][0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(outs["cpu"][1], outs["reference"][1], rtol=1e-8, atol=1e-9)

@@ -72,6 +72,8 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
     TORCH_CHECK(tensors[i].scalar_type() == dtype, "multi_tensor_norm: tensor ", i, " is ",
                 tensors[i].scalar_type(), " but tensor 0 is ", dtype, "; group tensors by dtype first");
     TORCH_CHECK(at::isFloatingType(dtype), "multi_tensor_norm: expected floating-point tensors, got ", dtype);
+    // torch.nn.utils.clip_grad_norm_ refuses this too, with this message.
+    TORCH_CHECK(!(std::isinf(norm_type) && tensors[i].numel() == 0), "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not have an identity");
     dense.push_back(dense_view(tensors[i]));
   }
   const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);

@@ -95,6 +95,8 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   TORCH_CHECK(!tensors.empty(), "multi_tensor_norm: expected at least one tensor");
   TORCH_CHECK(norm_type > 0, "multi_tensor_norm: norm_type must be > 0 or inf, got ", norm_type);
   check_list(tensors, "multi_tensor_norm");
+  for (const auto& t : tensors)  // torch.nn.utils.clip_grad_norm_ refuses this too, with this message
+    TORCH_CHECK(!(std::isinf(norm_type) && t.numel() == 0), "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not have an identity");
   c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<at::Tensor> dense;
   for (const auto& t : tensors) dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());

@@ -115,6 +115,9 @@ def _block():
 
 
 def _norm_launch(tensors, norm_type: float) -> torch.Tensor:
+    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
+        raise RuntimeError("_foreach_norm cannot compute the infinity norm on an empty tensor because the "
+                           "operation does not have an identity")
     dtype, device = tensors[0].dtype, tensors[0].device
     dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     addr, numel, start = _table(dense)
