@@ -6,9 +6,13 @@
 // forward's own formula x * scale + shift. Per-channel work goes through a [C, splits] partial
 // table folded by a second kernel in a fixed order (deterministic, no atomics).
 //
-// Layouts: contiguous (N, C, S) and channels_last (N, S, C), addressed by index arithmetic; other
-// stride patterns are made contiguous first. Not yet tuned (no vectorised loads, channels_last
-// reductions are strided): issue 5 tracks the H100/H200 tuning.
+// Layouts, each with its own access pattern (no per-element division or modulo):
+//   contiguous (N, C, S): reductions walk whole (n, c) rows in tiles of kTile elements; elementwise
+//     passes use a (N*C rows) x (tiles per row) grid, the channel's constants loaded once per block.
+//   channels_last (N, S, C): 32 x 8 thread blocks, threadIdx.x along channels (coalesced), .y along
+//     the N*S rows; reductions fold the 8 row-lanes of a channel in shared memory in a fixed order.
+// Other stride patterns are made contiguous first. Not yet tuned on a GPU (no 16-byte vector loads
+// yet): issue 5 tracks the H100/H200 measurements.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,7 +40,6 @@ struct Shape {
     const int64_t n = j / S;
     return (n * C + c) * S + (j - n * S);
   }
-  __device__ __forceinline__ int64_t channel(int64_t i) const { return channels_last ? i % C : (i / S) % C; }
 };
 
 // Per-channel table layout in `ch` (acc_t, 8 rows of C): 0 mean, 1 invstd, 2 var, 3 scale,
@@ -62,16 +65,54 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
 }
 
 
+constexpr int64_t kTile = 1024;  // elements of one (n, c) row per reduction/elementwise step (contiguous)
+constexpr int kLaneRows = 8;     // channels_last blocks: 32 channels x 8 rows
+
+// Per-channel reduction "ops": constants of channel c, then accumulation of one element.
 template <typename scalar_t, typename acc_t>
-__global__ void stats_partial_kernel(const scalar_t* x, Shape sh, int64_t splits, acc_t* ws) {
-  __shared__ acc_t shared[32];
-  const int64_t c = blockIdx.x, split = blockIdx.y, M = sh.N * sh.S;
-  const acc_t K = static_cast<acc_t>(x[sh.offset(c, 0)]);
-  acc_t s1 = 0, s2 = 0;
-  for (int64_t j = split * blockDim.x + threadIdx.x; j < M; j += splits * blockDim.x) {
-    const acc_t d = static_cast<acc_t>(x[sh.offset(c, j)]) - K;
+struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's first element
+  const scalar_t* x;
+  Shape sh;
+  static constexpr bool kNeedsDy = false;
+  struct Channel { acc_t K; };
+  __device__ Channel channel(int64_t c) const { return {static_cast<acc_t>(x[sh.offset(c, 0)])}; }
+  __device__ void add(const Channel& p, acc_t xv, acc_t, acc_t& s1, acc_t& s2) const {
+    const acc_t d = xv - p.K;
     s1 += d;
     s2 += d * d;
+  }
+};
+
+template <typename acc_t>
+struct BackwardSumsOp {  // sum(dy * mask), sum(dy * mask * (x - mean))
+  const acc_t* ch;
+  int64_t C;
+  static constexpr bool kNeedsDy = true;
+  struct Channel { acc_t sc, sf, mu; };
+  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c]}; }
+  __device__ void add(const Channel& p, acc_t xv, acc_t gv, acc_t& s1, acc_t& s2) const {
+    const acc_t gm = xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    s1 += gm;
+    s2 += gm * (xv - p.mu);
+  }
+};
+
+// Contiguous layout: grid (C, splits); split k takes tiles k, k + splits, ... of the channel's
+// N * tiles_per_row tiles. Writes the two sums of (c, split) to ws.
+template <typename scalar_t, typename acc_t, typename Op>
+__global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits, Op op, acc_t* ws) {
+  __shared__ acc_t shared[32];
+  const int64_t c = blockIdx.x, split = blockIdx.y, S = sh.S;
+  const auto p = op.channel(c);
+  const int64_t tiles_per_row = (S + kTile - 1) / kTile, tiles = sh.N * tiles_per_row;
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t t = split; t < tiles; t += splits) {
+    const int64_t n = t / tiles_per_row, s0 = (t - n * tiles_per_row) * kTile;
+    const int64_t base = (n * sh.C + c) * S, s_end = min(S, s0 + kTile);
+    for (int64_t s = s0 + threadIdx.x; s < s_end; s += blockDim.x) {
+      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[base + s]) : acc_t(0);
+      op.add(p, static_cast<acc_t>(x[base + s]), gv, s1, s2);
+    }
   }
   const Add<acc_t> add;
   s1 = block_reduce(s1, add, shared);
@@ -79,6 +120,35 @@ __global__ void stats_partial_kernel(const scalar_t* x, Shape sh, int64_t splits
   if (threadIdx.x == 0) {
     ws[(c * splits + split) * 2 + 0] = s1;
     ws[(c * splits + split) * 2 + 1] = s2;
+  }
+}
+
+// channels_last: grid (ceil(C / 32), splits), block (32, kLaneRows). Thread (tx, ty) of split k
+// takes channel 32 * blockIdx.x + tx over rows k * kLaneRows + ty + j * splits * kLaneRows.
+template <typename scalar_t, typename acc_t, typename Op>
+__global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits, Op op, acc_t* ws) {
+  __shared__ acc_t p1[kLaneRows][33], p2[kLaneRows][33];
+  const int64_t C = sh.C, R = sh.N * sh.S, split = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  acc_t s1 = 0, s2 = 0;
+  if (c < C) {
+    const auto p = op.channel(c);
+    for (int64_t r = split * kLaneRows + threadIdx.y; r < R; r += splits * kLaneRows) {
+      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[r * C + c]) : acc_t(0);
+      op.add(p, static_cast<acc_t>(x[r * C + c]), gv, s1, s2);
+    }
+  }
+  p1[threadIdx.y][threadIdx.x] = s1;
+  p2[threadIdx.y][threadIdx.x] = s2;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    acc_t t1 = 0, t2 = 0;
+    for (int k = 0; k < kLaneRows; ++k) {
+      t1 += p1[k][threadIdx.x];
+      t2 += p2[k][threadIdx.x];
+    }
+    ws[(c * splits + split) * 2 + 0] = t1;
+    ws[(c * splits + split) * 2 + 1] = t2;
   }
 }
 
@@ -119,39 +189,86 @@ __global__ void saved_prepare_kernel(int64_t C, const acc_t* mean, const acc_t* 
   set_channel(C, c, mean[c], invstd[c], acc_t(0), w, b, ch);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* x, scalar_t* y, Shape sh, int64_t numel, const acc_t* ch) {
-  const acc_t* scale = ch + kScale * sh.C;
-  const acc_t* shift = ch + kShift * sh.C;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = sh.channel(i);
-    const acc_t v = static_cast<acc_t>(x[i]) * scale[c] + shift[c];
-    y[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+// Elementwise "ops": constants of channel c, then one output element.
+template <typename acc_t>
+struct ForwardOp {  // y = relu(x * scale + shift)
+  const acc_t* ch;
+  int64_t C;
+  static constexpr bool kNeedsDy = false;
+  struct Channel { acc_t sc, sf; };
+  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c]}; }
+  __device__ acc_t apply(const Channel& p, acc_t xv, acc_t) const {
+    const acc_t v = xv * p.sc + p.sf;
+    return v > acc_t(0) ? v : acc_t(0);
+  }
+};
+
+template <typename acc_t>
+struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked gradient
+  const acc_t* ch;
+  int64_t C;
+  static constexpr bool kNeedsDy = true;
+  struct Channel { acc_t sc, sf, mu, k0, k1, k2; };
+  __device__ Channel channel(int64_t c) const {
+    return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c], ch[kK0 * C + c], ch[kK1 * C + c],
+            ch[kK2 * C + c]};
+  }
+  __device__ acc_t apply(const Channel& p, acc_t xv, acc_t gv) const {
+    const acc_t gm = xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    return gm * p.k0 - p.k1 - (xv - p.mu) * p.k2;
+  }
+};
+
+// Contiguous layout: grid (N * C rows, tiles per row); one channel per block.
+template <typename scalar_t, typename acc_t, typename Op>
+__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, Shape sh, Op op) {
+  const int64_t row = blockIdx.x, S = sh.S;
+  const auto p = op.channel(row % sh.C);
+  const int64_t base = row * S, s0 = static_cast<int64_t>(blockIdx.y) * kTile, s_end = min(S, s0 + kTile);
+  for (int64_t s = s0 + threadIdx.x; s < s_end; s += blockDim.x) {
+    const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[base + s]) : acc_t(0);
+    out[base + s] = static_cast<scalar_t>(op.apply(p, static_cast<acc_t>(x[base + s]), gv));
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void backward_partial_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits,
-                                        const acc_t* ch, acc_t* ws) {
-  __shared__ acc_t shared[32];
-  const int64_t c = blockIdx.x, split = blockIdx.y, M = sh.N * sh.S, C = sh.C;
-  const acc_t sc = ch[kScale * C + c], sf = ch[kShift * C + c], mu = ch[kMean * C + c];
-  acc_t s1 = 0, s2 = 0;
-  for (int64_t j = split * blockDim.x + threadIdx.x; j < M; j += splits * blockDim.x) {
-    const int64_t o = sh.offset(c, j);
-    const acc_t xv = static_cast<acc_t>(x[o]);
-    const acc_t gm = (xv * sc + sf > acc_t(0)) ? static_cast<acc_t>(dy[o]) : acc_t(0);
-    s1 += gm;
-    s2 += gm * (xv - mu);
+// channels_last: grid (ceil(N * S / kLaneRows)), block (32, kLaneRows); threads walk a row's channels.
+template <typename scalar_t, typename acc_t, typename Op>
+__global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, Shape sh, Op op) {
+  const int64_t C = sh.C, R = sh.N * sh.S;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kLaneRows + threadIdx.y;
+  if (r >= R) return;
+  for (int64_t c = threadIdx.x; c < C; c += 32) {
+    const int64_t i = r * C + c;
+    const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[i]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(op.apply(op.channel(c), static_cast<acc_t>(x[i]), gv));
   }
-  const Add<acc_t> add;
-  s1 = block_reduce(s1, add, shared);
-  s2 = block_reduce(s2, add, shared);
-  if (threadIdx.x == 0) {
-    ws[(c * splits + split) * 2 + 0] = s1;
-    ws[(c * splits + split) * 2 + 1] = s2;
+}
+
+// Launchers for both layouts.
+template <typename scalar_t, typename acc_t, typename Op>
+void launch_reduce(const scalar_t* x, const scalar_t* dy, const Shape& sh, int64_t splits, const Op& op, acc_t* ws,
+                   cudaStream_t stream) {
+  if (sh.channels_last) {
+    reduce_nsc_kernel<scalar_t, acc_t, Op><<<dim3((sh.C + 31) / 32, splits), dim3(32, kLaneRows), 0, stream>>>(
+        x, dy, sh, splits, op, ws);
+  } else {
+    reduce_ncs_kernel<scalar_t, acc_t, Op><<<dim3(sh.C, splits), kBnThreads, 0, stream>>>(x, dy, sh, splits, op, ws);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, typename Op>
+void launch_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
+                        cudaStream_t stream) {
+  if (sh.channels_last) {
+    const int64_t blocks = (sh.N * sh.S + kLaneRows - 1) / kLaneRows;
+    elementwise_nsc_kernel<scalar_t, acc_t, Op><<<blocks, dim3(32, kLaneRows), 0, stream>>>(x, dy, out, sh, op);
+  } else {
+    const int64_t tiles = (sh.S + kTile - 1) / kTile;
+    TORCH_CHECK(tiles <= 65535, "bn_relu: spatial size ", sh.S, " too large for one (n, c) row");
+    elementwise_ncs_kernel<scalar_t, acc_t, Op><<<dim3(sh.N * sh.C, tiles), kBnThreads, 0, stream>>>(x, dy, out, sh, op);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
@@ -175,19 +292,6 @@ __global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws
   ch[kK2 * C + c] = training && M > 0 ? static_cast<acc_t>(wc * inv * inv * inv * sum_dy_xmu / M) : acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, int64_t numel,
-                                const acc_t* ch) {
-  const int64_t C = sh.C;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = sh.channel(i);
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t gm = (xv * ch[kScale * C + c] + ch[kShift * C + c] > acc_t(0)) ? static_cast<acc_t>(dy[i]) : acc_t(0);
-    dx[i] = static_cast<scalar_t>(gm * ch[kK0 * C + c] - ch[kK1 * C + c] - (xv - ch[kMean * C + c]) * ch[kK2 * C + c]);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 
 Shape shape_of(const at::Tensor& x) {
@@ -199,15 +303,18 @@ Shape shape_of(const at::Tensor& x) {
   return sh;
 }
 
+// Reduction splits per channel: enough that each thread folds about kElemsPerThread elements, at most
+// kMaxSplits (and, for contiguous inputs, at most the number of row tiles).
 int64_t splits_for(const Shape& sh) {
   const int64_t M = sh.N * sh.S;
-  const int64_t want = (M + kBnThreads * kElemsPerThread - 1) / (kBnThreads * kElemsPerThread);
-  return std::max<int64_t>(1, std::min<int64_t>(want, std::min<int64_t>(kMaxSplits, 65535)));
-}
-
-int grid_for(int64_t numel) {
-  const int64_t blocks = (numel + kBnThreads - 1) / kBnThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535 * 8)));
+  int64_t want;
+  if (sh.channels_last) {
+    want = (M + kLaneRows * kElemsPerThread - 1) / (kLaneRows * kElemsPerThread);
+  } else {
+    want = (M + kBnThreads * kElemsPerThread - 1) / (kBnThreads * kElemsPerThread);
+    want = std::min<int64_t>(want, sh.N * ((sh.S + kTile - 1) / kTile));
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(want, kMaxSplits));
 }
 
 at::Tensor channel_vector(const c10::optional<at::Tensor>& t, at::ScalarType acc, const at::Tensor& input,
@@ -264,9 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
       }
       const int64_t splits = splits_for(sh);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
-      stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kBnThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, sh, splits,
+                                     StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
       stats_finish_kernel<scalar_t, acc_t><<<cblocks, 128, 0, stream>>>(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
           chp);
@@ -277,9 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (numel == 0) return;
-    forward_kernel<scalar_t, acc_t><<<grid_for(numel), kBnThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, numel, chp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), sh,
+                                        ForwardOp<acc_t>{chp, C}, stream);
   });
   if (!native) out.copy_(y);
   return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};
@@ -323,18 +428,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
     const int64_t splits = numel > 0 ? splits_for(sh) : 1;
     at::Tensor ws = at::zeros({C * splits * 2}, input.options().dtype(acc_type));
     if (numel > 0) {
-      backward_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kBnThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, splits, chp, ws.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, splits,
+                                     BackwardSumsOp<acc_t>{chp, C}, ws.data_ptr<acc_t>(), stream);
     }
     backward_finish_kernel<acc_t><<<cblocks, 128, 0, stream>>>(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
                                                                training, chp, grad_w.data_ptr<acc_t>(),
                                                                grad_b.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (numel > 0) {
-      backward_kernel<scalar_t, acc_t><<<grid_for(numel), kBnThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), sh, numel, chp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), sh,
+                                          BackwardOp<acc_t>{chp, C}, stream);
     }
   });
   if (!native) grad_in.copy_(dx);
