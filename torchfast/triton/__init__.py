@@ -23,8 +23,13 @@ def tl_dtype(dtype: torch.dtype):
 
 def configs(gpu_configs, interpret_config):
     """Autotune configurations: the GPU list, or one small configuration under the interpreter
-    (where every configuration would be run in Python)."""
-    return [interpret_config] if INTERPRET else gpu_configs
+    (where every configuration would be run in Python). TORCHFAST_TRITON_AUTOTUNE=0 keeps only the
+    first GPU configuration (the GPU check's test phase uses it to save compile time)."""
+    if INTERPRET:
+        return [interpret_config]
+    if os.environ.get("TORCHFAST_TRITON_AUTOTUNE", "1") == "0":
+        return gpu_configs[:1]
+    return gpu_configs
 
 
 def upload_table(rows, device, dtype=torch.int64):
