@@ -310,3 +310,34 @@ def test_cuda_matches_cpu_and_no_sync():
     tfi.uniform_(ts_gpu, seed=3)
     for a, b in zip(ts_gpu, ts_cpu):
         assert torch.equal(a.cpu(), b)
+
+
+def test_cpu_vector_paths_agree(cpu_backend_built, tmp_path):
+    """The AVX-512, AVX2 and portable scalar paths (whichever this CPU has) give bitwise-equal uniform
+    values and normal / truncated-normal values within a few float32 ulp."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch, torchfast\n"
+        "from torchfast import init\n"
+        "ts = [torch.empty(100003), torch.empty(64, 129), torch.empty(7)]\n"
+        "out = {}\n"
+        "out['u'] = [t.clone() for t in init.uniform_([t.clone() for t in ts], -1.5, 2.5, seed=3)]\n"
+        "out['n'] = [t.clone() for t in init.normal_([t.clone() for t in ts], 0.5, 2.0, seed=3)]\n"
+        "out['t'] = [t.clone() for t in init.trunc_normal_([t.clone() for t in ts], 0.1, 1.0, -1.5, 2.0, seed=3)]\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = {}
+    for name, env in [("default", {}), ("avx2", {"TORCHFAST_NO_AVX512": "1"}),
+                      ("scalar", {"TORCHFAST_NO_AVX512": "1", "TORCHFAST_NO_AVX2": "1"})]:
+        path = str(tmp_path / (name + ".pt"))
+        r = subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results[name] = torch.load(path)
+    for name in ("avx2", "scalar"):
+        for a, b in zip(results[name]["u"], results["default"]["u"]):
+            assert torch.equal(a, b), name
+        for kind in ("n", "t"):
+            for a, b in zip(results[name][kind], results["default"][kind]):
+                torch.testing.assert_close(a, b, rtol=4e-6, atol=4e-6)

@@ -12,6 +12,7 @@
 #include "philox.h"
 #include "cpu/common.h"
 #include "cpu/philox_avx2.h"
+#include "cpu/philox_avx512.h"
 
 namespace torchfast {
 namespace {
@@ -25,6 +26,19 @@ void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64
   }
   int64_t i = begin;
 #ifdef TORCHFAST_HAVE_AVX2_PATH
+  if (avx512::cpu_has_avx512() && avx2::cpu_has_avx2()) {
+    alignas(64) float buf[128];
+    for (; i + 128 <= end; i += 128) {
+      const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
+      if (static_cast<uint32_t>(blk0) > 0xFFFFFFE0u) break;  // 32 blocks would wrap the low counter word
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        avx512::values128(seed, stream, blk0, prm, out + i);
+      } else {
+        avx512::values128(seed, stream, blk0, prm, buf);
+        for (int r = 0; r < 128; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
+      }
+    }
+  }
   if (avx2::cpu_has_avx2()) {
     alignas(32) float buf[64];
     for (; i + 64 <= end; i += 64) {

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "philox.h"
 
@@ -23,8 +24,10 @@ namespace avx2 {
 #define TF_AVX2 __attribute__((target("avx2,fma")))
 
 // AVX2 and FMA3 (every AVX2 processor from Intel and AMD has both; checked anyway).
+// TORCHFAST_NO_AVX2=1 turns the path off (tests use it to check the portable path).
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !std::getenv("TORCHFAST_NO_AVX2");
   return has;
 }
 
