@@ -46,6 +46,8 @@ def main(argv=None):
 
     import torchfast.info
     print(torchfast.info.report().split("\n\nwhy")[0])
+    if "cpu" in devices and common.steady_cpu_allocator():
+        print("\n(glibc malloc: large blocks kept in the heap between iterations; see common.steady_cpu_allocator)")
     print()
     started = time.time()
     for dev in devices:
