@@ -6,7 +6,6 @@ are noise; the ratios to stock PyTorch measured in the same run are the figures 
 """
 import csv
 import datetime
-import math
 import os
 import platform
 import statistics

@@ -4,7 +4,6 @@
 buffers, ``state_dict`` and train/eval behaviour) whose forward returns ``relu(bn(x))`` computed by
 one fused op. A stock BatchNorm checkpoint loads into it and back.
 """
-import torch
 from torch import nn
 
 from torchfast.nn.functional import batch_norm_relu
