@@ -353,3 +353,34 @@ if given is not None:
             outs[backend] = (y.detach(), xi.grad)
         torch.testing.assert_close(outs["cpu"][0], outs["reference"][0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(outs["cpu"][1], outs["reference"][1], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_conversions_exhaustive(device, backend, dtype):
+    """Eval with mean 0, var 1, eps 0, weight 1, bias 0 is relu(x * 1 + 0) exactly: every one of the
+    65536 half/bfloat16 bit patterns must come back bit for bit (negative and -0 -> +0, NaN stays NaN)."""
+    skip_unsupported(backend, "bn_relu", device, dtype)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).to(device)
+    expected = torch.where(x <= 0, torch.zeros((), dtype=dtype, device=device), x)
+    torchfast.set_backend(backend)
+    for shaped in (x.view(1, 1, 256, 256), x.view(65536, 1), x.view(256, 1, 256)):
+        c = shaped.shape[1]
+        ones = torch.ones(c, device=device)
+        y = batch_norm_relu(shaped, torch.zeros(c, device=device), ones, ones, torch.zeros(c, device=device),
+                            training=False, eps=0.0).reshape(-1)
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(y), nan)
+        assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_nan_propagates_like_stock(device, backend):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torchfast.set_backend(backend)
+    y = batch_norm_relu(x, rm, rv, training=False)
+    ref = F.relu(F.batch_norm(x, rm, rv, training=False))
+    torch.testing.assert_close(y, ref, equal_nan=True)

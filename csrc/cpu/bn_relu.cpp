@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -69,6 +70,77 @@ std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, ac
   return v;
 }
 
+// Element conversions. bfloat16/float16 <-> float are written as branch-free bit operations with
+// exactly c10's results (round-to-nearest-even; NaN -> 0x7FC0 / 0x7E00) so the loops around them
+// vectorise; through c10's conversion operators the half-precision kernels ran 10-14x slower than
+// stock PyTorch.
+template <typename acc_t, typename T>
+inline acc_t to_acc(T v) {
+  return static_cast<acc_t>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// float16 -> float, branch-free: the float multiply rebiases normal and subnormal halves exactly;
+// infinities and NaNs keep their payload.
+template <>
+inline float to_acc<float, c10::Half>(c10::Half v) {
+  const uint32_t h = v.x;
+  const uint32_t em = (h & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &em, sizeof(f));
+  f *= 5.192296858534828e+33f;  // 2^112
+  uint32_t r;
+  std::memcpy(&r, &f, sizeof(r));
+  r = em >= (0x7C00u << 13) ? (em | 0x7F800000u) : r;
+  r |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &r, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t from_acc(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t rounded = static_cast<uint16_t>((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+  return c10::BFloat16(v != v ? static_cast<uint16_t>(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+// float -> float16 with round-to-nearest-even, branch-free (all three cases computed, one selected):
+// overflow/inf -> inf, NaN -> 0x7E00, subnormal results through a float add, normals by rounding the
+// mantissa; the same results as c10::Half's conversion.
+template <>
+inline c10::Half from_acc<c10::Half, float>(float v) {
+  uint32_t f;
+  std::memcpy(&f, &v, sizeof(f));
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint16_t big = f > 0x7F800000u ? 0x7E00 : 0x7C00;
+  float a;
+  std::memcpy(&a, &f, sizeof(a));
+  a += 0.5f;  // denormal magic: (127 - 15 + 23 - 10 + 1) << 23
+  uint32_t ab;
+  std::memcpy(&ab, &a, sizeof(ab));
+  const uint16_t sub = static_cast<uint16_t>(ab - 0x3F000000u);
+  const uint16_t norm = static_cast<uint16_t>((f + 0xC8000FFFu + ((f >> 13) & 1u)) >> 13);
+  const uint16_t mag = f >= (143u << 23) ? big : (f < (113u << 23) ? sub : norm);
+  return c10::Half(static_cast<uint16_t>(mag | (sign >> 16)), c10::Half::from_bits());
+}
+
+// ReLU that propagates NaN like torch.relu (v < 0 is false for NaN).
+template <typename acc_t>
+inline acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
 // The ReLU-masked gradient. Both operands are evaluated before the select, so the gradient load is
 // unconditional and the loop vectorises into a blend instead of a branch on random data.
 template <typename acc_t>
@@ -97,7 +169,7 @@ void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
   acc_t a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - K;
+    const acc_t d = to_acc<acc_t>(x[i]) - K;
     a1 += d;
     a2 += d * d;
   }
@@ -109,8 +181,8 @@ template <typename scalar_t, typename acc_t>
 void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t sc, acc_t sh) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]) * sc + sh;
-    y[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+    const acc_t v = to_acc<acc_t>(x[i]) * sc + sh;
+    y[i] = from_acc<scalar_t, acc_t>(relu(v));
   }
 }
 
@@ -121,8 +193,8 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, int64_t n, acc_t s
   acc_t a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t gm = masked_grad(xv * sc + sh, static_cast<acc_t>(dy[i]));
+    const acc_t xv = to_acc<acc_t>(x[i]);
+    const acc_t gm = masked_grad(xv * sc + sh, to_acc<acc_t>(dy[i]));
     a1 += gm;
     a2 += gm * (xv - mu);
   }
@@ -136,9 +208,9 @@ void backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n
                   acc_t k0, acc_t k1, acc_t k2) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t gm = masked_grad(xv * sc + sh, static_cast<acc_t>(dy[i]));
-    dx[i] = static_cast<scalar_t>(gm * k0 - k1 - (xv - mu) * k2);
+    const acc_t xv = to_acc<acc_t>(x[i]);
+    const acc_t gm = masked_grad(xv * sc + sh, to_acc<acc_t>(dy[i]));
+    dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
   }
 }
 
@@ -146,20 +218,20 @@ void backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n
 // float32 rows of the whole-channel paths, written with non-temporal stores: the output of a large
 // activation leaves the cache before anyone reads it, so skipping the read-for-ownership saves a
 // third of the elementwise pass's memory traffic. Same operations, same order, same results as
-// normalize_row / backward_row (SSE2 is baseline x86-64; maxps and the compare-and-mask turn NaN
-// into 0 exactly like the scalar selects).
+// normalize_row / backward_row (SSE2 is baseline x86-64; maxps(0, v) returns v when v is NaN, as
+// relu() does, and the compare-and-mask zeroes the gradient there like masked_grad).
 inline void normalize_row_stream(const float* x, float* y, int64_t n, float sc, float sh) {
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) {
     const float v = x[i] * sc + sh;
-    y[i] = v > 0.0f ? v : 0.0f;
+    y[i] = relu(v);
   }
   const __m128 vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
   for (; i + 4 <= n; i += 4)
-    _mm_stream_ps(y + i, _mm_max_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh), zero));
+    _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh)));
   for (; i < n; ++i) {
     const float v = x[i] * sc + sh;
-    y[i] = v > 0.0f ? v : 0.0f;
+    y[i] = relu(v);
   }
 }
 
@@ -186,8 +258,8 @@ inline void backward_row_stream(const float* x, const float* dy, float* dx, int6
 inline void normalize_cl_row_stream(const float* x, float* y, int64_t C, const float* scale, const float* shift) {
   const __m128 zero = _mm_setzero_ps();
   for (int64_t c = 0; c < C; c += 4)
-    _mm_stream_ps(y + c, _mm_max_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(scale + c)),
-                                               _mm_loadu_ps(shift + c)), zero));
+    _mm_stream_ps(y + c, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(scale + c)),
+                                                     _mm_loadu_ps(shift + c))));
 }
 
 inline void backward_cl_row_stream(const float* x, const float* dy, float* dx, int64_t C, const float* scale,
@@ -214,9 +286,9 @@ template <typename acc_t>
 void finish_stats(double S1, double S2, double K, double M, double eps, acc_t& mean, acc_t& var, acc_t& invstd) {
   const double m1 = S1 / M;
   const double v = std::max(0.0, S2 / M - m1 * m1);
-  mean = static_cast<acc_t>(K + m1);
-  var = static_cast<acc_t>(v);
-  invstd = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
+  mean = to_acc<acc_t>(K + m1);
+  var = to_acc<acc_t>(v);
+  invstd = to_acc<acc_t>(1.0 / std::sqrt(v + eps));
 }
 
 // Per-channel backward coefficients: dx = w*invstd * (gm - sum_dy/M - (x-mean) * invstd^2 * sum_dy_xmu/M)
@@ -225,12 +297,12 @@ template <typename acc_t>
 void backward_coeffs(double sum_dy, double sum_dy_xmu, acc_t w, acc_t invstd, double M, bool training, acc_t& gw,
                      acc_t& gb, acc_t& k0, acc_t& k1, acc_t& k2) {
   const double inv = static_cast<double>(invstd), wd = static_cast<double>(w);
-  gb = static_cast<acc_t>(sum_dy);
-  gw = static_cast<acc_t>(sum_dy_xmu * inv);
-  k0 = static_cast<acc_t>(wd * inv);
+  gb = to_acc<acc_t>(sum_dy);
+  gw = to_acc<acc_t>(sum_dy_xmu * inv);
+  k0 = to_acc<acc_t>(wd * inv);
   const bool full = training && M > 0;
-  k1 = full ? static_cast<acc_t>(wd * inv * sum_dy / M) : acc_t(0);
-  k2 = full ? static_cast<acc_t>(wd * inv * inv * inv * sum_dy_xmu / M) : acc_t(0);
+  k1 = full ? to_acc<acc_t>(wd * inv * sum_dy / M) : acc_t(0);
+  k2 = full ? to_acc<acc_t>(wd * inv * inv * inv * sum_dy_xmu / M) : acc_t(0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,7 +315,7 @@ void train_forward_by_channel(const scalar_t* x, scalar_t* y, const Geometry& g,
   const double M = static_cast<double>(N * S);
   at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      const acc_t K = static_cast<acc_t>(x[c * S]);
+      const acc_t K = to_acc<acc_t>(x[c * S]);
       double S1 = 0, S2 = 0;
       for (int64_t n = 0; n < N; ++n) {
         acc_t s1, s2;
@@ -315,12 +387,12 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
   const double M = static_cast<double>(N * S);
   std::vector<double> S1(C, 0.0), S2(C, 0.0), K(C, 0.0);
   if (g.layout == Layout::kNCS) {
-    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(static_cast<acc_t>(x[c * S]));
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c * S]));
     std::vector<acc_t> r1(N * C), r2(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        row_moments<scalar_t, acc_t>(x + r * S, S, static_cast<acc_t>(K[c]), r1[r], r2[r]);
+        row_moments<scalar_t, acc_t>(x + r * S, S, to_acc<acc_t>(K[c]), r1[r], r2[r]);
       }
     });
     for (int64_t r = 0; r < N * C; ++r) {
@@ -329,9 +401,9 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
     }
   } else {
     const int64_t R = N * S;
-    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(static_cast<acc_t>(x[c]));
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c]));
     std::vector<acc_t> Kc(C);
-    for (int64_t c = 0; c < C; ++c) Kc[c] = static_cast<acc_t>(K[c]);
+    for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
@@ -344,7 +416,7 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
           const scalar_t* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            acc_t d = static_cast<acc_t>(row[c]) - Kc[c];
+            acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
             a1[c] += d;
             a2[c] += d * d;
           }
@@ -390,8 +462,8 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
         scalar_t* yr = y + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          acc_t v = static_cast<acc_t>(xr[c]) * scale[c] + shift[c];
-          yr[c] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+          acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
+          yr[c] = from_acc<scalar_t, acc_t>(relu(v));
         }
       }
     });
@@ -432,8 +504,8 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
           const scalar_t* gr = dy + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t gm = masked_grad(xv * scale[c] + shift[c], static_cast<acc_t>(gr[c]));
+            const acc_t xv = to_acc<acc_t>(xr[c]);
+            const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
             a1[c] += gm;
             a2[c] += gm * (xv - mean[c]);
           }
@@ -485,9 +557,9 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
         scalar_t* dr = dx + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = static_cast<acc_t>(xr[c]);
-          const acc_t gm = masked_grad(xv * scale[c] + shift[c], static_cast<acc_t>(gr[c]));
-          dr[c] = static_cast<scalar_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+          const acc_t xv = to_acc<acc_t>(xr[c]);
+          const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
+          dr[c] = from_acc<scalar_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
         }
       }
     });
@@ -558,7 +630,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
       for (int64_t c = 0; c < C; ++c) {
         mp[c] = rm[c];
         vp[c] = rv[c];
-        ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+        ip[c] = to_acc<acc_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
       }
     }
     if (numel == 0) return;

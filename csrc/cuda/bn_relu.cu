@@ -199,7 +199,7 @@ struct ForwardOp {  // y = relu(x * scale + shift)
   __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c]}; }
   __device__ acc_t apply(const Channel& p, acc_t xv, acc_t) const {
     const acc_t v = xv * p.sc + p.sf;
-    return v > acc_t(0) ? v : acc_t(0);
+    return v < acc_t(0) ? acc_t(0) : v;  // NaN propagates, as in torch.relu
   }
 };
 

@@ -78,7 +78,8 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, numel, C, S, CHANNELS_LA
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + c, mask=mask, other=0.0)
     sh = tl.load(shift_ptr + c, mask=mask, other=0.0)
-    y = tl.maximum(x * sc + sh, 0.0)
+    v = x * sc + sh
+    y = tl.where(v < 0.0, 0.0, v)  # NaN propagates, as in torch.relu
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
