@@ -17,6 +17,25 @@
 namespace torchfast {
 namespace {
 
+// Fills whole steps of STEP elements from `values(blk0, float* dst)` (a vector path) starting at i,
+// stopping before a step whose STEP / 4 blocks would wrap the low 32-bit counter word; returns where
+// it stopped. Non-float tensors go through a float buffer.
+template <int STEP, typename scalar_t, typename Values>
+int64_t fill_steps(scalar_t* out, int64_t i, int64_t end, Values&& values) {
+  alignas(64) float buf[STEP];
+  for (; i + STEP <= end; i += STEP) {
+    const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
+    if (static_cast<uint32_t>(blk0) > 0xFFFFFFFFu - (STEP / 4 - 1)) break;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      values(blk0, out + i);
+    } else {
+      values(blk0, buf);
+      for (int r = 0; r < STEP; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
+    }
+  }
+  return i;
+}
+
 template <typename scalar_t>
 void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64_t stream, const InitParams& prm) {
   // begin is a multiple of 4 (chunks are block aligned); the last block may be partial.
@@ -26,32 +45,10 @@ void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64
   }
   int64_t i = begin;
 #ifdef TORCHFAST_HAVE_AVX2_PATH
-  if (avx512::cpu_has_avx512() && avx2::cpu_has_avx2()) {
-    alignas(64) float buf[128];
-    for (; i + 128 <= end; i += 128) {
-      const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
-      if (static_cast<uint32_t>(blk0) > 0xFFFFFFE0u) break;  // 32 blocks would wrap the low counter word
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        avx512::values128(seed, stream, blk0, prm, out + i);
-      } else {
-        avx512::values128(seed, stream, blk0, prm, buf);
-        for (int r = 0; r < 128; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
-      }
-    }
-  }
-  if (avx2::cpu_has_avx2()) {
-    alignas(32) float buf[64];
-    for (; i + 64 <= end; i += 64) {
-      const uint64_t blk0 = static_cast<uint64_t>(i >> 2);
-      if (static_cast<uint32_t>(blk0) > 0xFFFFFFF0u) break;  // 16 blocks would wrap the low counter word
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        avx2::values64(seed, stream, blk0, prm, out + i);
-      } else {
-        avx2::values64(seed, stream, blk0, prm, buf);
-        for (int r = 0; r < 64; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
-      }
-    }
-  }
+  if (avx512::cpu_has_avx512() && avx2::cpu_has_avx2())
+    i = fill_steps<128>(out, i, end, [&](uint64_t blk0, float* dst) { avx512::values128(seed, stream, blk0, prm, dst); });
+  if (avx2::cpu_has_avx2())
+    i = fill_steps<64>(out, i, end, [&](uint64_t blk0, float* dst) { avx2::values64(seed, stream, blk0, prm, dst); });
 #endif
   float v[4];
   for (; i < end; i += 4) {
