@@ -661,10 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor&
   const char* op = "bn_relu_bwd";
   check_input(input, op);
   const int64_t C = input.size(1);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(), " but input has ",
-              input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out is ", grad_out.scalar_type(),
-              " but input is ", input.scalar_type());
+  check_grad_out(grad_out, input, op);
   if (is_half_precision(input)) {  // as in the forward
     auto [grad_in, grad_w, grad_b] =
         bn_relu_bwd_cpu(grad_out.to(at::kFloat), input.to(at::kFloat), weight, bias, mean, invstd, training);

@@ -152,17 +152,25 @@ __global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape s
   }
 }
 
+// The two sums of channel c, folded over its splits in split order, in double.
+template <typename acc_t>
+__device__ __forceinline__ void fold_partials(const acc_t* ws, int64_t c, int64_t splits, double& a, double& b) {
+  a = 0;
+  b = 0;
+  for (int64_t s = 0; s < splits; ++s) {
+    a += static_cast<double>(ws[(c * splits + s) * 2 + 0]);
+    b += static_cast<double>(ws[(c * splits + s) * 2 + 1]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits, const acc_t* ws, const acc_t* w,
                                     const acc_t* b, double eps, acc_t* ch) {
   const int64_t C = sh.C;
   const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double S1 = 0, S2 = 0;
-  for (int64_t s = 0; s < splits; ++s) {
-    S1 += static_cast<double>(ws[(c * splits + s) * 2 + 0]);
-    S2 += static_cast<double>(ws[(c * splits + s) * 2 + 1]);
-  }
+  double S1, S2;
+  fold_partials(ws, c, splits, S1, S2);
   const double M = static_cast<double>(sh.N * sh.S);
   const double K = static_cast<double>(static_cast<acc_t>(x[sh.offset(c, 0)]));
   const double m1 = S1 / M;
@@ -277,11 +285,8 @@ __global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws
   const int64_t C = sh.C;
   const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double sum_dy = 0, sum_dy_xmu = 0;
-  for (int64_t s = 0; s < splits; ++s) {
-    sum_dy += static_cast<double>(ws[(c * splits + s) * 2 + 0]);
-    sum_dy_xmu += static_cast<double>(ws[(c * splits + s) * 2 + 1]);
-  }
+  double sum_dy, sum_dy_xmu;
+  fold_partials(ws, c, splits, sum_dy, sum_dy_xmu);
   const double inv = static_cast<double>(ch[kInvstd * C + c]);
   const double wc = w ? static_cast<double>(w[c]) : 1.0;
   const double M = static_cast<double>(sh.N * sh.S);
@@ -397,10 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
                                                                 bool training) {
   const char* op = "bn_relu_bwd";
   check_input(input, op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(), " but input has ",
-              input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out is ", grad_out.scalar_type(),
-              " but input is ", input.scalar_type());
+  check_grad_out(grad_out, input, op);
   c10::cuda::CUDAGuard guard(input.device());
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor w = channel_vector(weight, acc_type, input, op, "weight");
