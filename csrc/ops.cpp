@@ -1,37 +1,14 @@
-// Every compiled torchfast op is declared here, once. The kernel files only register
-// implementations (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
+// Every compiled torchfast op is declared here, once (the schemas are in schemas.h). The kernel
+// files only register implementations (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
 // formulas are registered in Python (torchfast/_ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "schemas.h"
+
 #include <string>
 
-TORCH_LIBRARY(torchfast, m) {
-  // Fused BatchNorm + ReLU, forward. Returns (out, mean, invstd, var): in training the batch mean,
-  // 1/sqrt(var + eps) and the biased batch variance; in eval the running statistics they were
-  // computed from. Statistics are float32 (float64 for float64 input). The running statistics are
-  // not touched here: the Python wrapper folds (mean, var) into them.
-  m.def(
-      "bn_relu_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Backward of bn_relu_fwd, recomputing the ReLU mask from the saved input. Returns
-  // (grad_input, grad_weight, grad_bias); the last two are per-channel, in the statistics dtype.
-  m.def(
-      "bn_relu_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)");
-  // The p-norm of all tensors of the list taken together (one device, one dtype). A 0-dim tensor
-  // in float32 (float64 for float64 tensors). norm_type is any p > 0 or inf.
-  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
-  // tensors *= min(max_norm / (total_norm + 1e-6), 1), the coefficient computed on the device.
-  m.def("multi_tensor_clip_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
-  // Both in one call (one crossing of the Python/C++ boundary for thousands of small gradients):
-  // returns the total norm (as multi_tensor_norm) and scales the tensors by the clip coefficient.
-  m.def("clip_grad_norm_fused_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
-  // Fills each tensor with torchfast's Philox stream (csrc/philox.h). Per tensor i: streams[i]
-  // is its counter stream, kinds[i] its distribution, params[6*i : 6*i+6] its parameters.
-  m.def(
-      "philox_fill_(Tensor(a!)[] tensors, int seed, int[] streams, int[] kinds, float[] params) -> ()");
-}
+TORCH_LIBRARY(torchfast, m) { torchfast::define_ops(m); }
 
 namespace {
 

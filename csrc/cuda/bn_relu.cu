@@ -1,27 +1,31 @@
-// Fused BatchNorm + ReLU on CUDA: the straightforward, verifiable version.
+// Fused BatchNorm + ReLU on CUDA.
 //
 // Memory passes (T = tensor bytes): training forward = statistics (read x) + normalise+ReLU (read x,
 // write y): 2T read, 1T write; eval forward: 1T read, 1T write; backward = reduction (read x, dy)
 // + elementwise (read x, dy, write dx): 4T read, 1T write, the ReLU mask recomputed from x with the
 // forward's own formula x * scale + shift. Per-channel work goes through a [C, splits] partial
-// table folded by a second kernel in a fixed order (deterministic, no atomics).
+// table folded by a second kernel in split order, in double (deterministic, no atomics).
 //
-// Layouts, each with its own access pattern (no per-element division or modulo):
-//   contiguous (N, C, S): reductions walk whole (n, c) rows in tiles of kTile elements; elementwise
-//     passes use a (N*C rows) x (tiles per row) grid, the channel's constants loaded once per block.
-//   channels_last (N, S, C): 32 x 8 thread blocks, threadIdx.x along channels (coalesced), .y along
-//     the N*S rows; reductions fold the 8 row-lanes of a channel in shared memory in a fixed order.
-// Other stride patterns are made contiguous first. Not yet tuned on a GPU (no 16-byte vector loads
-// yet): issue 5 tracks the H100/H200 measurements.
+// Every pass reads and writes 16-byte vectors (4 fp32, 8 fp16/bf16) when the pointers are 16-byte
+// aligned and the layout allows it, and one element at a time otherwise (same kernels, V = 1):
+//   contiguous (N, C, S):
+//     reductions: grid (C, splits); a block walks its channel's N rows of S as one flat sequence of
+//       vectors (needs S % V == 0), one multiply-high division per vector to find the row;
+//     elementwise: the tensor as one flat sequence of vectors, grid-stride; the channel of a vector
+//       comes from two multiply-high divisions; a vector that straddles two (n, c) rows (S % V != 0,
+//       e.g. 7x7 maps) takes each element's constants from the right one, so odd spatial sizes keep
+//       full-width accesses (needs S >= V).
+//   channels_last (N, S, C), and contiguous (N, C) which is the same memory:
+//     threadIdx.x walks channel vectors (coalesced, constants hoisted out of the row loop), .y rows;
+//     reductions fold the row lanes of a block in shared memory in a fixed order (needs C % V == 0).
+// Other stride patterns are made contiguous first. fp64 is correct but not tuned (V = 1).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "cuda/runtime.cuh"
 #include "layout.h"
 
 namespace torchfast {
@@ -29,17 +33,21 @@ namespace cuda {
 namespace {
 
 constexpr int kBnThreads = 256;
-constexpr int64_t kElemsPerThread = 16;  // target work per thread of a reduction split
+constexpr int64_t kVecsPerThread = 8;  // target vectors per thread of a contiguous-layout reduction split
+constexpr int64_t kRowsPerThread = 16;  // target rows per thread of a channels_last reduction split
 constexpr int64_t kMaxSplits = 1024;
+constexpr int64_t kBlocksPerSM = 16;  // grid cap of the grid-stride elementwise kernels
+
+// The widest vector for a dtype: 16 bytes, except fp64 (not tuned: one element).
+template <typename scalar_t>
+constexpr int max_vec() {
+  return sizeof(scalar_t) >= 8 ? 1 : static_cast<int>(16 / sizeof(scalar_t));
+}
 
 struct Shape {
   int64_t N, C, S;
   bool channels_last;  // memory order (N, S, C)
-  __device__ __forceinline__ int64_t offset(int64_t c, int64_t j) const {  // j-th element of channel c
-    if (channels_last) return j * C + c;
-    const int64_t n = j / S;
-    return (n * C + c) * S + (j - n * S);
-  }
+  __device__ __forceinline__ int64_t first(int64_t c) const { return channels_last ? c : c * S; }
 };
 
 // Per-channel table layout in `ch` (acc_t, 8 rows of C): 0 mean, 1 invstd, 2 var, 3 scale,
@@ -64,9 +72,15 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
   ch[kShift * C + c] = (b ? b[c] : acc_t(0)) - mean * scale;
 }
 
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
 
-constexpr int64_t kTile = 1024;  // elements of one (n, c) row per reduction/elementwise step (contiguous)
-constexpr int kLaneRows = 8;     // channels_last blocks: 32 channels x 8 rows
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
 
 // Per-channel reduction "ops": constants of channel c, then accumulation of one element.
 template <typename scalar_t, typename acc_t>
@@ -75,7 +89,7 @@ struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's 
   Shape sh;
   static constexpr bool kNeedsDy = false;
   struct Channel { acc_t K; };
-  __device__ Channel channel(int64_t c) const { return {static_cast<acc_t>(x[sh.offset(c, 0)])}; }
+  __device__ Channel channel(int64_t c) const { return {static_cast<acc_t>(x[sh.first(c)])}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t, acc_t& s1, acc_t& s2) const {
     const acc_t d = xv - p.K;
     s1 += d;
@@ -97,22 +111,27 @@ struct BackwardSumsOp {  // sum(dy * mask), sum(dy * mask * (x - mean))
   }
 };
 
-// Contiguous layout: grid (C, splits); split k takes tiles k, k + splits, ... of the channel's
-// N * tiles_per_row tiles. Writes the two sums of (c, split) to ws.
-template <typename scalar_t, typename acc_t, typename Op>
-__global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits, Op op, acc_t* ws) {
+// Contiguous layout: grid (C, splits). Channel c is N rows of S elements, walked as one sequence
+// of N * S / V vectors (S % V == 0); split k takes vectors k * blockDim + t, stepping by
+// splits * blockDim. Writes the two sums of (c, split) to ws.
+template <typename scalar_t, typename acc_t, typename Op, int V>
+__global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, FastDivmod rows, int64_t splits,
+                                  Op op, acc_t* ws) {
   __shared__ acc_t shared[32];
-  const int64_t c = blockIdx.x, split = blockIdx.y, S = sh.S;
+  const int64_t c = blockIdx.x, split = blockIdx.y;
+  const int64_t total = sh.N * (sh.S / V);
   const auto p = op.channel(c);
-  const int64_t tiles_per_row = (S + kTile - 1) / kTile, tiles = sh.N * tiles_per_row;
   acc_t s1 = 0, s2 = 0;
-  for (int64_t t = split; t < tiles; t += splits) {
-    const int64_t n = t / tiles_per_row, s0 = (t - n * tiles_per_row) * kTile;
-    const int64_t base = (n * sh.C + c) * S, s_end = min(S, s0 + kTile);
-    for (int64_t s = s0 + threadIdx.x; s < s_end; s += blockDim.x) {
-      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[base + s]) : acc_t(0);
-      op.add(p, static_cast<acc_t>(x[base + s]), gv, s1, s2);
-    }
+  for (int64_t j = split * blockDim.x + threadIdx.x; j < total; j += splits * blockDim.x) {
+    uint64_t n, v;
+    rows.divmod(static_cast<uint64_t>(j), n, v);  // rows divides by S / V
+    const int64_t off = (static_cast<int64_t>(n) * sh.C + c) * sh.S + static_cast<int64_t>(v) * V;
+    const Vec<scalar_t, V> xv = load_vec<V>(x + off);
+    Vec<scalar_t, V> gv;
+    if (Op::kNeedsDy) gv = load_vec<V>(dy + off);
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      op.add(p, static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1, s2);
   }
   const Add<acc_t> add;
   s1 = block_reduce(s1, add, shared);
@@ -123,32 +142,54 @@ __global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape s
   }
 }
 
-// channels_last: grid (ceil(C / 32), splits), block (32, kLaneRows). Thread (tx, ty) of split k
-// takes channel 32 * blockIdx.x + tx over rows k * kLaneRows + ty + j * splits * kLaneRows.
-template <typename scalar_t, typename acc_t, typename Op>
+// channels_last: grid (splits), block (bx, by) with bx = min(C / V, 256). Thread (tx, ty) of split
+// k takes channel vectors tx, tx + bx, ... over rows k * by + ty, stepping by splits * by; the by
+// row lanes of each channel are then folded in shared memory in lane order.
+template <typename scalar_t, typename acc_t, typename Op, int V>
 __global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits, Op op, acc_t* ws) {
-  __shared__ acc_t p1[kLaneRows][33], p2[kLaneRows][33];
-  const int64_t C = sh.C, R = sh.N * sh.S, split = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  acc_t s1 = 0, s2 = 0;
-  if (c < C) {
-    const auto p = op.channel(c);
-    for (int64_t r = split * kLaneRows + threadIdx.y; r < R; r += splits * kLaneRows) {
-      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[r * C + c]) : acc_t(0);
-      op.add(p, static_cast<acc_t>(x[r * C + c]), gv, s1, s2);
+  __shared__ acc_t p1[kBnThreads * V], p2[kBnThreads * V];
+  const int64_t C = sh.C, CV = C / V, R = sh.N * sh.S, split = blockIdx.x;
+  const int bx = blockDim.x, by = blockDim.y, tid = threadIdx.y * bx + threadIdx.x;
+  for (int64_t cv0 = 0; cv0 < CV; cv0 += bx) {  // the same trip count in every thread: barriers inside
+    const int64_t cv = cv0 + threadIdx.x;
+    acc_t s1[V], s2[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) s1[k] = s2[k] = acc_t(0);
+    if (cv < CV) {
+      typename Op::Channel p[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
+      for (int64_t r = split * by + threadIdx.y; r < R; r += splits * by) {
+        const int64_t off = r * C + cv * V;
+        const Vec<scalar_t, V> xv = load_vec<V>(x + off);
+        Vec<scalar_t, V> gv;
+        if (Op::kNeedsDy) gv = load_vec<V>(dy + off);
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          op.add(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1[k],
+                 s2[k]);
+      }
     }
-  }
-  p1[threadIdx.y][threadIdx.x] = s1;
-  p2[threadIdx.y][threadIdx.x] = s2;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    acc_t t1 = 0, t2 = 0;
-    for (int k = 0; k < kLaneRows; ++k) {
-      t1 += p1[k][threadIdx.x];
-      t2 += p2[k][threadIdx.x];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      p1[tid * V + k] = s1[k];
+      p2[tid * V + k] = s2[k];
     }
-    ws[(c * splits + split) * 2 + 0] = t1;
-    ws[(c * splits + split) * 2 + 1] = t2;
+    __syncthreads();
+    if (threadIdx.y == 0 && cv < CV) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t t1 = 0, t2 = 0;
+        for (int y = 0; y < by; ++y) {
+          t1 += p1[(y * bx + threadIdx.x) * V + k];
+          t2 += p2[(y * bx + threadIdx.x) * V + k];
+        }
+        const int64_t c = cv * V + k;
+        ws[(c * splits + split) * 2 + 0] = t1;
+        ws[(c * splits + split) * 2 + 1] = t2;
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -167,12 +208,12 @@ template <typename scalar_t, typename acc_t>
 __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits, const acc_t* ws, const acc_t* w,
                                     const acc_t* b, double eps, acc_t* ch) {
   const int64_t C = sh.C;
-  const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double S1, S2;
   fold_partials(ws, c, splits, S1, S2);
   const double M = static_cast<double>(sh.N * sh.S);
-  const double K = static_cast<double>(static_cast<acc_t>(x[sh.offset(c, 0)]));
+  const double K = static_cast<double>(static_cast<acc_t>(x[sh.first(c)]));
   const double m1 = S1 / M;
   const double var = fmax(0.0, S2 / M - m1 * m1);
   set_channel(C, c, static_cast<acc_t>(K + m1), static_cast<acc_t>(1.0 / sqrt(var + eps)), static_cast<acc_t>(var),
@@ -183,7 +224,7 @@ __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits,
 template <typename acc_t>
 __global__ void eval_prepare_kernel(int64_t C, const acc_t* rm, const acc_t* rv, const acc_t* w, const acc_t* b,
                                     double eps, acc_t* ch) {
-  const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   set_channel(C, c, rm[c], static_cast<acc_t>(1.0 / sqrt(static_cast<double>(rv[c]) + eps)), rv[c], w, b, ch);
 }
@@ -192,7 +233,7 @@ __global__ void eval_prepare_kernel(int64_t C, const acc_t* rm, const acc_t* rv,
 template <typename acc_t>
 __global__ void saved_prepare_kernel(int64_t C, const acc_t* mean, const acc_t* invstd, const acc_t* w,
                                      const acc_t* b, acc_t* ch) {
-  const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   set_channel(C, c, mean[c], invstd[c], acc_t(0), w, b, ch);
 }
@@ -227,63 +268,163 @@ struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked 
   }
 };
 
-// Contiguous layout: grid (N * C rows, tiles per row); one channel per block.
-template <typename scalar_t, typename acc_t, typename Op>
-__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, Shape sh, Op op) {
-  const int64_t row = blockIdx.x, S = sh.S;
-  const auto p = op.channel(row % sh.C);
-  const int64_t base = row * S, s0 = static_cast<int64_t>(blockIdx.y) * kTile, s_end = min(S, s0 + kTile);
-  for (int64_t s = s0 + threadIdx.x; s < s_end; s += blockDim.x) {
-    const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[base + s]) : acc_t(0);
-    out[base + s] = static_cast<scalar_t>(op.apply(p, static_cast<acc_t>(x[base + s]), gv));
+// Contiguous layout: the tensor as numel / V vectors, grid-stride. Element i is in row i / S, whose
+// channel is row % C. A vector that runs past the end of its row (S % V != 0; S >= V, so it reaches
+// at most the next row) takes the next channel's constants for its last elements. The numel % V
+// tail elements go to the first threads of block 0, one each.
+template <typename scalar_t, typename acc_t, typename Op, int V>
+__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t numel,
+                                       Shape sh, FastDivmod div_s, FastDivmod div_c, Op op) {
+  const int64_t nvec = numel / V;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nvec; q += step) {
+    const int64_t i = q * V;
+    uint64_t row, pos, n, c;
+    div_s.divmod(static_cast<uint64_t>(i), row, pos);
+    div_c.divmod(row, n, c);
+    const auto p = op.channel(static_cast<int64_t>(c));
+    const Vec<scalar_t, V> xv = load_vec<V>(x + i);
+    Vec<scalar_t, V> gv, o;
+    if (Op::kNeedsDy) gv = load_vec<V>(dy + i);
+    const int64_t in_row = sh.S - static_cast<int64_t>(pos);  // elements of this vector still in row `row`
+    if (V == 1 || in_row >= V) {
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        o.v[k] = static_cast<scalar_t>(
+            op.apply(p, static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+    } else {
+      const auto p_next = op.channel(static_cast<int64_t>(c) + 1 == sh.C ? 0 : static_cast<int64_t>(c) + 1);
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        o.v[k] = static_cast<scalar_t>(op.apply(k < in_row ? p : p_next, static_cast<acc_t>(xv.v[k]),
+                                                Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+    }
+    store_vec<V>(out + i, o);
+  }
+  if (V > 1 && blockIdx.x == 0) {
+    const int64_t i = nvec * V + threadIdx.x;
+    if (i < numel) {
+      uint64_t row, pos, n, c;
+      div_s.divmod(static_cast<uint64_t>(i), row, pos);
+      div_c.divmod(row, n, c);
+      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[i]) : acc_t(0);
+      out[i] = static_cast<scalar_t>(op.apply(op.channel(static_cast<int64_t>(c)), static_cast<acc_t>(x[i]), gv));
+    }
   }
 }
 
-// channels_last: grid (ceil(N * S / kLaneRows)), block (32, kLaneRows); threads walk a row's channels.
-template <typename scalar_t, typename acc_t, typename Op>
+// channels_last: block (bx, by) with bx = min(C / V, 256); thread (tx, ty) loads the constants of
+// channel vectors tx, tx + bx, ... once, then walks rows blockIdx.x * by + ty, grid-stride.
+template <typename scalar_t, typename acc_t, typename Op, int V>
 __global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, Shape sh, Op op) {
-  const int64_t C = sh.C, R = sh.N * sh.S;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kLaneRows + threadIdx.y;
-  if (r >= R) return;
-  for (int64_t c = threadIdx.x; c < C; c += 32) {
-    const int64_t i = r * C + c;
-    const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(op.apply(op.channel(c), static_cast<acc_t>(x[i]), gv));
+  const int64_t C = sh.C, CV = C / V, R = sh.N * sh.S;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
+    typename Op::Channel p[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < R; r += step) {
+      const int64_t i = r * C + cv * V;
+      const Vec<scalar_t, V> xv = load_vec<V>(x + i);
+      Vec<scalar_t, V> gv, o;
+      if (Op::kNeedsDy) gv = load_vec<V>(dy + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        o.v[k] = static_cast<scalar_t>(
+            op.apply(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+      store_vec<V>(out + i, o);
+    }
   }
 }
 
-// Launchers for both layouts.
-template <typename scalar_t, typename acc_t, typename Op>
-void launch_reduce(const scalar_t* x, const scalar_t* dy, const Shape& sh, int64_t splits, const Op& op, acc_t* ws,
-                   cudaStream_t stream) {
+// Block shape of the channels_last kernels: bx threads along C / V channel vectors, by along rows.
+dim3 nsc_block(int64_t CV) {
+  const int64_t bx = std::min<int64_t>(std::max<int64_t>(CV, 1), kBnThreads);
+  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(kBnThreads / bx));
+}
+
+// Reduction splits per channel: enough that each thread folds about kVecsPerThread vectors
+// (contiguous) or kRowsPerThread rows (channels_last), at most kMaxSplits.
+int64_t splits_for(const Shape& sh, int V) {
+  int64_t want;
   if (sh.channels_last) {
-    reduce_nsc_kernel<scalar_t, acc_t, Op><<<dim3((sh.C + 31) / 32, splits), dim3(32, kLaneRows), 0, stream>>>(
-        x, dy, sh, splits, op, ws);
+    const int64_t by = nsc_block(sh.C / V).y;
+    want = (sh.N * sh.S + by * kRowsPerThread - 1) / (by * kRowsPerThread);
   } else {
-    reduce_ncs_kernel<scalar_t, acc_t, Op><<<dim3(sh.C, splits), kBnThreads, 0, stream>>>(x, dy, sh, splits, op, ws);
+    const int64_t vecs = sh.N * (sh.S / V);
+    want = (vecs + kBnThreads * kVecsPerThread - 1) / (kBnThreads * kVecsPerThread);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return std::max<int64_t>(1, std::min<int64_t>(want, kMaxSplits));
+}
+
+// The vector width a pass can use: max_vec<scalar_t>() if the layout and every pointer allow it, else 1.
+template <typename scalar_t>
+int reduce_vec(const Shape& sh, const void* a, const void* b) {
+  constexpr int V = max_vec<scalar_t>();
+  const int64_t extent = sh.channels_last ? sh.C : sh.S;
+  return V > 1 && extent % V == 0 && aligned16(a) && (!b || aligned16(b)) ? V : 1;
+}
+
+template <typename scalar_t>
+int elementwise_vec(const Shape& sh, const void* a, const void* b, const void* out) {
+  constexpr int V = max_vec<scalar_t>();
+  const bool layout_ok = sh.channels_last ? sh.C % V == 0 : sh.S >= V;
+  return V > 1 && layout_ok && aligned16(a) && (!b || aligned16(b)) && aligned16(out) ? V : 1;
+}
+
+template <typename scalar_t, typename acc_t, typename Op, int V>
+void launch_reduce_v(const scalar_t* x, const scalar_t* dy, const Shape& sh, int64_t splits, const Op& op, acc_t* ws,
+                     Stream stream) {
+  if (sh.channels_last) {
+    TF_LAUNCH(static_cast<unsigned>(splits), nsc_block(sh.C / V), 0, stream,
+              reduce_nsc_kernel<scalar_t, acc_t, Op, V>)(x, dy, sh, splits, op, ws);
+  } else {
+    TF_LAUNCH(dim3(static_cast<unsigned>(sh.C), static_cast<unsigned>(splits)), kBnThreads, 0, stream,
+              reduce_ncs_kernel<scalar_t, acc_t, Op, V>)(x, dy, sh, FastDivmod(sh.S / V), splits, op, ws);
+  }
+  TF_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, typename Op>
+void launch_reduce(const scalar_t* x, const scalar_t* dy, const Shape& sh, int V, int64_t splits, const Op& op,
+                   acc_t* ws, Stream stream) {
+  constexpr int kV = max_vec<scalar_t>();
+  if (V == kV) launch_reduce_v<scalar_t, acc_t, Op, kV>(x, dy, sh, splits, op, ws, stream);
+  else launch_reduce_v<scalar_t, acc_t, Op, 1>(x, dy, sh, splits, op, ws, stream);
+}
+
+template <typename scalar_t, typename acc_t, typename Op, int V>
+void launch_elementwise_v(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
+                          Stream stream) {
+  const int64_t cap = multiprocessor_count() * kBlocksPerSM;
+  if (sh.channels_last) {
+    const dim3 block = nsc_block(sh.C / V);
+    const int64_t blocks = std::min<int64_t>(cap, (sh.N * sh.S + block.y - 1) / block.y);
+    TF_LAUNCH(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), block, 0, stream,
+              elementwise_nsc_kernel<scalar_t, acc_t, Op, V>)(x, dy, out, sh, op);
+  } else {
+    const int64_t numel = sh.N * sh.C * sh.S;
+    const int64_t blocks = std::min<int64_t>(cap, (numel / V + kBnThreads - 1) / kBnThreads);
+    TF_LAUNCH(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBnThreads, 0, stream,
+              elementwise_ncs_kernel<scalar_t, acc_t, Op, V>)(x, dy, out, numel, sh, FastDivmod(sh.S),
+                                                              FastDivmod(sh.C), op);
+  }
+  TF_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t, typename Op>
 void launch_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
-                        cudaStream_t stream) {
-  if (sh.channels_last) {
-    const int64_t blocks = (sh.N * sh.S + kLaneRows - 1) / kLaneRows;
-    elementwise_nsc_kernel<scalar_t, acc_t, Op><<<blocks, dim3(32, kLaneRows), 0, stream>>>(x, dy, out, sh, op);
-  } else {
-    const int64_t tiles = (sh.S + kTile - 1) / kTile;
-    TORCH_CHECK(tiles <= 65535, "bn_relu: spatial size ", sh.S, " too large for one (n, c) row");
-    elementwise_ncs_kernel<scalar_t, acc_t, Op><<<dim3(sh.N * sh.C, tiles), kBnThreads, 0, stream>>>(x, dy, out, sh, op);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                        Stream stream) {
+  constexpr int kV = max_vec<scalar_t>();
+  if (elementwise_vec<scalar_t>(sh, x, dy, out) == kV) launch_elementwise_v<scalar_t, acc_t, Op, kV>(x, dy, out, sh, op, stream);
+  else launch_elementwise_v<scalar_t, acc_t, Op, 1>(x, dy, out, sh, op, stream);
 }
 
 template <typename acc_t>
 __global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws, const acc_t* w, bool training,
                                        acc_t* ch, acc_t* grad_w, acc_t* grad_b) {
   const int64_t C = sh.C;
-  const int64_t c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double sum_dy, sum_dy_xmu;
   fold_partials(ws, c, splits, sum_dy, sum_dy_xmu);
@@ -304,22 +445,10 @@ Shape shape_of(const at::Tensor& x) {
   sh.N = x.size(0);
   sh.C = x.size(1);
   sh.S = x.numel() / std::max<int64_t>(1, sh.N * sh.C);
-  sh.channels_last = !x.is_contiguous();  // native_layout() held, so this means channels_last
+  // native_layout() held, so "not contiguous" means channels_last; a contiguous (N, C) tensor (or
+  // S == 1) has the same memory as channels_last and takes its kernels, vectorised along C.
+  sh.channels_last = !x.is_contiguous() || sh.S == 1;
   return sh;
-}
-
-// Reduction splits per channel: enough that each thread folds about kElemsPerThread elements, at most
-// kMaxSplits (and, for contiguous inputs, at most the number of row tiles).
-int64_t splits_for(const Shape& sh) {
-  const int64_t M = sh.N * sh.S;
-  int64_t want;
-  if (sh.channels_last) {
-    want = (M + kLaneRows * kElemsPerThread - 1) / (kLaneRows * kElemsPerThread);
-  } else {
-    want = (M + kBnThreads * kElemsPerThread - 1) / (kBnThreads * kElemsPerThread);
-    want = std::min<int64_t>(want, sh.N * ((sh.S + kTile - 1) / kTile));
-  }
-  return std::max<int64_t>(1, std::min<int64_t>(want, kMaxSplits));
 }
 
 at::Tensor channel_vector(const c10::optional<at::Tensor>& t, at::ScalarType acc, const at::Tensor& input,
@@ -338,7 +467,7 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
 }
 
 void check_input(const at::Tensor& input, const char* op) {
-  TORCH_CHECK(input.is_cuda(), op, ": input is on ", input.device(), ", expected a CUDA device");
+  TORCH_CHECK(on_device(input), op, ": input is on ", input.device(), ", expected a CUDA device");
   TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions (N, C, ...), got ", input.dim());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": input must be floating point, got ",
               input.scalar_type());
@@ -350,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
     double eps) {
   const char* op = "bn_relu_fwd";
   check_input(input, op);
-  c10::cuda::CUDAGuard guard(input.device());
+  TF_DEVICE_GUARD(guard, input.device());
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor w = channel_vector(weight, acc_type, input, op, "weight");
   const at::Tensor b = channel_vector(bias, acc_type, input, op, "bias");
@@ -363,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
   at::Tensor y = native ? out : at::empty_like(x);
   const int64_t C = input.size(1), numel = x.numel();
   at::Tensor ch = at::empty({kRows, C}, input.options().dtype(acc_type));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
@@ -374,18 +503,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
         ch.fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
-      const int64_t splits = splits_for(sh);
+      const int V = reduce_vec<scalar_t>(sh, x.data_ptr(), nullptr);
+      const int64_t splits = splits_for(sh, V);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
-      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, sh, splits,
+      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, sh, V, splits,
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
-      stats_finish_kernel<scalar_t, acc_t><<<cblocks, 128, 0, stream>>>(
+      TF_LAUNCH(cblocks, 128, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
           chp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TF_LAUNCH_CHECK();
     } else {
-      eval_prepare_kernel<acc_t><<<cblocks, 128, 0, stream>>>(C, rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(),
+      TF_LAUNCH(cblocks, 128, 0, stream, eval_prepare_kernel<acc_t>)(C, rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(),
                                                               ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps, chp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TF_LAUNCH_CHECK();
     }
     if (numel == 0) return;
     launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), sh,
@@ -403,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
   const char* op = "bn_relu_bwd";
   check_input(input, op);
   check_grad_out(grad_out, input, op);
-  c10::cuda::CUDAGuard guard(input.device());
+  TF_DEVICE_GUARD(guard, input.device());
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor w = channel_vector(weight, acc_type, input, op, "weight");
   const at::Tensor b = channel_vector(bias, acc_type, input, op, "bias");
@@ -418,25 +548,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
   at::Tensor ch = at::zeros({kRows, C}, input.options().dtype(acc_type));
   at::Tensor grad_w = at::empty({C}, input.options().dtype(acc_type));
   at::Tensor grad_b = at::empty({C}, input.options().dtype(acc_type));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
     const int cblocks = static_cast<int>((C + 127) / 128);
-    saved_prepare_kernel<acc_t><<<cblocks, 128, 0, stream>>>(C, m.data_ptr<acc_t>(), is.data_ptr<acc_t>(),
+    TF_LAUNCH(cblocks, 128, 0, stream, saved_prepare_kernel<acc_t>)(C, m.data_ptr<acc_t>(), is.data_ptr<acc_t>(),
                                                              ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), chp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t splits = numel > 0 ? splits_for(sh) : 1;
+    TF_LAUNCH_CHECK();
+    const int V = reduce_vec<scalar_t>(sh, x.data_ptr(), dy.data_ptr());
+    const int64_t splits = numel > 0 ? splits_for(sh, V) : 1;
     at::Tensor ws = at::zeros({C * splits * 2}, input.options().dtype(acc_type));
     if (numel > 0) {
-      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, splits,
+      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, V, splits,
                                      BackwardSumsOp<acc_t>{chp, C}, ws.data_ptr<acc_t>(), stream);
     }
-    backward_finish_kernel<acc_t><<<cblocks, 128, 0, stream>>>(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
+    TF_LAUNCH(cblocks, 128, 0, stream, backward_finish_kernel<acc_t>)(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
                                                                training, chp, grad_w.data_ptr<acc_t>(),
                                                                grad_b.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TF_LAUNCH_CHECK();
     if (numel > 0) {
       launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), sh,
                                           BackwardOp<acc_t>{chp, C}, stream);
@@ -449,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+TF_REGISTER_KERNELS(m) {
   m.impl("bn_relu_fwd", &cuda::bn_relu_fwd_cuda);
   m.impl("bn_relu_bwd", &cuda::bn_relu_bwd_cuda);
 }

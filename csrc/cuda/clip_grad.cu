@@ -82,7 +82,7 @@ void check_list(at::TensorList tensors, const char* op) {
     const auto& t = tensors[i];
     TORCH_CHECK(t.layout() == at::kStrided, op, ": tensor ", i, " has layout ", t.layout(),
                 "; sparse gradients are not supported, use torch.nn.utils.clip_grad_norm_");
-    TORCH_CHECK(t.is_cuda() && t.device() == t0.device(), op, ": tensor ", i, " is on ", t.device(),
+    TORCH_CHECK(on_device(t) && t.device() == t0.device(), op, ": tensor ", i, " is on ", t.device(),
                 " but tensor 0 is on ", t0.device(), "; group tensors by device first");
     TORCH_CHECK(t.scalar_type() == t0.scalar_type(), op, ": tensor ", i, " is ", t.scalar_type(),
                 " but tensor 0 is ", t0.scalar_type(), "; group tensors by dtype first");
@@ -97,7 +97,7 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   check_list(tensors, "multi_tensor_norm");
   for (const auto& t : tensors)  // torch.nn.utils.clip_grad_norm_ refuses this too, with this message
     TORCH_CHECK(!(std::isinf(norm_type) && t.numel() == 0), "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not have an identity");
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  TF_DEVICE_GUARD(guard, tensors[0].device());
   std::vector<at::Tensor> dense;
   for (const auto& t : tensors) dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
   const int kind = std::isinf(norm_type) ? kInf : norm_type == 1.0 ? kOne : norm_type == 2.0 ? kTwo : kP;
@@ -106,17 +106,17 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   const int64_t nchunks = total_chunks(dense);
   at::Tensor partial = at::zeros({std::max<int64_t>(nchunks, 1)}, tensors[0].options().dtype(acc_type));
   at::Tensor out = at::empty({}, tensors[0].options().dtype(acc_type));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* pp = partial.data_ptr<acc_t>();
     for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
-      norm_chunks_kernel<scalar_t, acc_t><<<nb, kThreads, 0, stream>>>(table, kind, static_cast<acc_t>(norm_type), pp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t>)(table, kind, static_cast<acc_t>(norm_type), pp);
+      TF_LAUNCH_CHECK();
     });
-    norm_finish_kernel<acc_t><<<1, 1024, 0, stream>>>(pp, nchunks, kind, static_cast<acc_t>(norm_type),
+    TF_LAUNCH(1, 1024, 0, stream, norm_finish_kernel<acc_t>)(pp, nchunks, kind, static_cast<acc_t>(norm_type),
                                                       out.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TF_LAUNCH_CHECK();
   });
   return out;
 }
@@ -128,19 +128,19 @@ void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm
               total_norm.numel());
   TORCH_CHECK(total_norm.device() == tensors[0].device(), "multi_tensor_clip_: total_norm is on ",
               total_norm.device(), " but the tensors are on ", tensors[0].device());
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  TF_DEVICE_GUARD(guard, tensors[0].device());
   std::vector<at::Tensor> dense, strided;
   for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
   const auto dtype = tensors[0].scalar_type();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor total = total_norm.reshape({}).to(acc_type);  // device-side cast, no sync
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_clip_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* tp = total.data_ptr<acc_t>();
     for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
-      clip_chunks_kernel<scalar_t, acc_t><<<nb, kThreads, 0, stream>>>(table, tp, static_cast<acc_t>(max_norm));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TF_LAUNCH(nb, kThreads, 0, stream, clip_chunks_kernel<scalar_t, acc_t>)(table, tp, static_cast<acc_t>(max_norm));
+      TF_LAUNCH_CHECK();
     });
   });
   if (!strided.empty()) {
@@ -159,7 +159,7 @@ at::Tensor clip_grad_norm_fused_cuda(at::TensorList tensors, double max_norm, do
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+TF_REGISTER_KERNELS(m) {
   m.impl("multi_tensor_norm", &cuda::multi_tensor_norm_cuda);
   m.impl("multi_tensor_clip_", &cuda::multi_tensor_clip_cuda);
   m.impl("clip_grad_norm_fused_", &cuda::clip_grad_norm_fused_cuda);

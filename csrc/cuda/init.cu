@@ -47,7 +47,7 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
   const auto dtype = tensors[0].scalar_type();
   for (int64_t i = 0; i < n; ++i) {
     const auto& t = tensors[i];
-    TORCH_CHECK(t.is_cuda() && t.device() == tensors[0].device(), "philox_fill_: tensor ", i, " is on ",
+    TORCH_CHECK(on_device(t) && t.device() == tensors[0].device(), "philox_fill_: tensor ", i, " is on ",
                 t.device(), " but tensor 0 is on ", tensors[0].device());
     TORCH_CHECK(t.scalar_type() == dtype, "philox_fill_: tensor ", i, " is ", t.scalar_type(), " but tensor 0 is ",
                 dtype, "; group tensors by dtype first");
@@ -55,8 +55,8 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
     TORCH_CHECK(kinds[i] >= kUniform && kinds[i] <= kConstant, "philox_fill_: unknown kind ", kinds[i]);
   }
   TORCH_CHECK(at::isFloatingType(dtype), "philox_fill_: expected floating-point tensors, got ", dtype);
-  c10::cuda::CUDAGuard guard(tensors[0].device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  TF_DEVICE_GUARD(guard, tensors[0].device());
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "philox_fill_cuda", [&] {
     for_each_table(tensors, [&](const ChunkTable& table, int nslots, int nb) {
       InitTable init;  // per-slot parameters, from the slot's position in the caller's list
@@ -66,8 +66,8 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
         init.kind[s] = static_cast<int32_t>(kinds[li]);
         for (int k = 0; k < 6; ++k) init.param[s][k] = static_cast<float>(params[6 * li + k]);
       }
-      philox_fill_kernel<scalar_t><<<nb, 256, 0, stream>>>(table, init, static_cast<uint64_t>(seed));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TF_LAUNCH(nb, 256, 0, stream, philox_fill_kernel<scalar_t>)(table, init, static_cast<uint64_t>(seed));
+      TF_LAUNCH_CHECK();
     });
   });
 }
@@ -75,6 +75,6 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) { m.impl("philox_fill_", &cuda::philox_fill_cuda); }
+TF_REGISTER_KERNELS(m) { m.impl("philox_fill_", &cuda::philox_fill_cuda); }
 
 }  // namespace torchfast

@@ -9,9 +9,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/runtime.cuh"
 
 #include <cstdint>
 #include <vector>
@@ -19,14 +18,22 @@
 namespace torchfast {
 namespace cuda {
 
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+#if defined(TORCHFAST_CUDA_EMULATION)
+// Small tables and chunks, so that the emulator tests reach table flushes, tensors split across
+// launches and multi-chunk tensors with small inputs. The logic is the same for any values.
+constexpr int kMaxTensors = 5;
+constexpr int kMaxBlocks = 7;
+constexpr int64_t kChunk = 1028;
+#elif defined(CUDART_VERSION) && CUDART_VERSION >= 12010
 constexpr int kMaxTensors = 320;
 constexpr int kMaxBlocks = 1024;
+constexpr int64_t kChunk = 65536;  // elements per block; a multiple of 4 (Philox blocks)
 #else  // the classic 4 KB parameter limit
 constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 96;
+constexpr int64_t kChunk = 65536;
 #endif
-constexpr int64_t kChunk = 65536;  // elements per block; a multiple of 4 (Philox blocks)
+static_assert(kChunk % 4 == 0, "a chunk must hold whole Philox blocks");
 constexpr int kThreads = 512;
 
 struct ChunkTable {

@@ -1,0 +1,281 @@
+// A small CPU emulator for torchfast's CUDA kernels (tests only; see csrc/cuda/runtime.cuh).
+//
+// Each CUDA thread of a block runs as a fiber (ucontext) on the calling OS thread; blocks run one
+// after another. A fiber runs until it reaches a barrier (__syncthreads, or the warp exchange of a
+// shuffle) and then yields, so threads interleave only at barriers, the order a real GPU may also
+// choose. What it checks that a compile cannot:
+//   - indexing, grid-stride loops, tails, vector paths: results are compared with the reference;
+//   - __syncthreads reached by some threads of a block and not others: reported as a deadlock;
+//   - a missing __syncthreads between shared-memory writes and reads by other threads: fiber 0 runs
+//     to its barrier before fiber 1 starts, so such a read sees stale data and the test fails;
+//   - a shuffle reading a lane that did not take part: reported;
+//   - launch configurations CUDA would refuse (block > 1024 threads, grid.y/z > 65535, empty grid).
+// Not modelled: memory coalescing, timing, warp-synchronous code without barriers (there is none).
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+
+inline uint3 threadIdx{0, 0, 0};
+inline uint3 blockIdx{0, 0, 0};
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+
+namespace tfemu {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+  uint3 idx;
+  int warp;
+  uint64_t slot;      // this thread's value offered to a shuffle
+  uint64_t slot_gen;  // the warp barrier generation it was offered in
+};
+
+struct BlockRun {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = 0;
+  int live = 0;
+  int block_arrived = 0;
+  std::vector<int> warp_live, warp_arrived;
+  std::vector<uint64_t> warp_gen;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  std::exception_ptr error;
+};
+
+inline BlockRun* g_run = nullptr;
+
+inline std::vector<char*>& stacks() {
+  static std::vector<char*> s;
+  return s;
+}
+
+inline void release_block_barrier(BlockRun& r) {
+  for (auto& f : r.fibers)
+    if (f.state == State::kBlockBarrier) f.state = State::kRunnable;
+  r.block_arrived = 0;
+}
+
+inline void release_warp_barrier(BlockRun& r, int w) {
+  for (auto& f : r.fibers)
+    if (f.warp == w && f.state == State::kWarpBarrier) f.state = State::kRunnable;
+  r.warp_arrived[w] = 0;
+  r.warp_gen[w] += 1;
+}
+
+inline void yield_to_scheduler() {
+  BlockRun& r = *g_run;
+  swapcontext(&r.fibers[r.current].ctx, &r.scheduler);
+}
+
+inline void block_barrier() {
+  BlockRun& r = *g_run;
+  r.fibers[r.current].state = State::kBlockBarrier;
+  if (++r.block_arrived == r.live) release_block_barrier(r);
+  yield_to_scheduler();
+}
+
+inline void warp_barrier() {
+  BlockRun& r = *g_run;
+  Fiber& f = r.fibers[r.current];
+  f.state = State::kWarpBarrier;
+  if (++r.warp_arrived[f.warp] == r.warp_live[f.warp]) release_warp_barrier(r, f.warp);
+  yield_to_scheduler();
+}
+
+inline void fiber_entry() {
+  BlockRun& r = *g_run;
+  try {
+    r.body(r.body_arg);
+  } catch (...) {
+    if (!r.error) r.error = std::current_exception();
+  }
+  Fiber& f = r.fibers[r.current];
+  f.state = State::kDone;
+  r.live -= 1;
+  r.warp_live[f.warp] -= 1;
+  // A thread that exits no longer holds up a barrier (as on a GPU since Volta).
+  if (r.block_arrived > 0 && r.block_arrived == r.live) release_block_barrier(r);
+  if (r.warp_arrived[f.warp] > 0 && r.warp_arrived[f.warp] == r.warp_live[f.warp]) release_warp_barrier(r, f.warp);
+  // returning resumes uc_link, the scheduler
+}
+
+inline std::string dims(const dim3& d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+// Runs body(arg) as every thread of every block of the grid.
+inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64)
+    throw std::runtime_error("emulated launch: invalid block " + dims(block) + " (CUDA allows 1..1024 threads)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u)
+    throw std::runtime_error("emulated launch: invalid grid " + dims(grid));
+  if (g_run != nullptr) throw std::runtime_error("emulated launch: nested launches are not supported");
+  auto& st = stacks();
+  while (st.size() < nthreads) {
+    char* p = static_cast<char*>(std::malloc(kStackBytes));
+    if (!p) throw std::bad_alloc();
+    st.push_back(p);
+  }
+  const int nwarps = static_cast<int>((nthreads + 31) / 32);
+  BlockRun r;
+  r.body = body;
+  r.body_arg = arg;
+  r.fibers.resize(nthreads);
+  g_run = &r;
+  blockDim = block;
+  gridDim = grid;
+  try {
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          blockIdx = uint3{bx, by, bz};
+          r.live = static_cast<int>(nthreads);
+          r.block_arrived = 0;
+          r.warp_live.assign(nwarps, 0);
+          r.warp_arrived.assign(nwarps, 0);
+          r.warp_gen.assign(nwarps, 0);
+          for (uint64_t t = 0; t < nthreads; ++t) {
+            Fiber& f = r.fibers[t];
+            f.idx = uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>((t / block.x) % block.y),
+                          static_cast<unsigned>(t / (uint64_t(block.x) * block.y))};
+            f.warp = static_cast<int>(t / 32);
+            f.state = State::kRunnable;
+            f.slot_gen = ~uint64_t(0);
+            r.warp_live[f.warp] += 1;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = st[t];
+            f.ctx.uc_stack.ss_size = kStackBytes;
+            f.ctx.uc_link = &r.scheduler;
+            makecontext(&f.ctx, fiber_entry, 0);
+          }
+          while (r.live > 0) {
+            bool progressed = false;
+            for (uint64_t t = 0; t < nthreads; ++t) {
+              if (r.fibers[t].state != State::kRunnable) continue;
+              r.current = static_cast<int>(t);
+              threadIdx = r.fibers[t].idx;
+              swapcontext(&r.scheduler, &r.fibers[t].ctx);
+              progressed = true;
+              if (r.error) std::rethrow_exception(r.error);
+            }
+            if (!progressed) {
+              int at_block = 0, at_warp = 0;
+              for (auto& f : r.fibers) {
+                at_block += f.state == State::kBlockBarrier;
+                at_warp += f.state == State::kWarpBarrier;
+              }
+              throw std::runtime_error(
+                  "emulated kernel deadlock in block " + dims(dim3(bx, by, bz)) + ": " + std::to_string(at_block) +
+                  " threads wait at __syncthreads and " + std::to_string(at_warp) +
+                  " at a warp shuffle that the other threads never reach");
+            }
+          }
+        }
+  } catch (...) {
+    g_run = nullptr;
+    throw;
+  }
+  g_run = nullptr;
+}
+
+// Launch(grid, block, kernel)(args...): converts the arguments to the kernel's parameter types once
+// (as a real launch copies them into the parameter buffer) and runs the grid.
+template <typename... P>
+struct Launch {
+  dim3 grid, block;
+  void (*kernel)(P...);
+  Launch(dim3 g, dim3 b, void (*k)(P...)) : grid(g), block(b), kernel(k) {}
+  template <typename... A>
+  void operator()(A&&... args) const {
+    struct Call {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...> params;
+    } call{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
+    run_grid(
+        grid, block,
+        [](void* p) {
+          auto* c = static_cast<Call*>(p);
+          std::apply(c->kernel, c->params);
+        },
+        &call);
+  }
+};
+template <typename... P>
+Launch(dim3, dim3, void (*)(P...)) -> Launch<P...>;
+
+}  // namespace tfemu
+
+inline void __syncthreads() { tfemu::block_barrier(); }
+
+// __shfl_down_sync over a full warp: lane l receives lane l + delta's value (its own when
+// l + delta >= 32). Every lane named by the mask must call it; reading a lane that did not is an
+// error here (undefined on a GPU).
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "emulated shuffle of a type wider than 8 bytes");
+  if (mask != 0xffffffffu || width != 32) throw std::runtime_error("emulated shuffle: only full-warp shuffles");
+  tfemu::BlockRun& r = *tfemu::g_run;
+  const int t = r.current;
+  tfemu::Fiber& me = r.fibers[t];
+  const int lane = t % 32;
+  std::memcpy(&me.slot, &v, sizeof(T));
+  me.slot_gen = r.warp_gen[me.warp];
+  tfemu::warp_barrier();
+  T out = v;
+  const int src = lane + static_cast<int>(delta);
+  if (src < 32) {
+    const int st = t - lane + src;
+    if (st >= static_cast<int>(r.fibers.size()) || r.fibers[st].slot_gen != r.warp_gen[me.warp] - 1)
+      throw std::runtime_error("emulated shuffle: lane " + std::to_string(lane) + " reads lane " +
+                               std::to_string(src) + ", which did not take part");
+    std::memcpy(&out, &r.fibers[st].slot, sizeof(T));
+  }
+  tfemu::warp_barrier();  // nobody offers the next value before every lane has read this one
+  return out;
+}

@@ -1,0 +1,279 @@
+"""The CUDA kernels of csrc/cuda/, executed on the CPU.
+
+CI has no GPU, so csrc/cuda/*.cu are compiled a second time with g++ against the fiber emulator in
+csrc/cuda_emu/emulator.h (every CUDA thread a fiber, barriers and shuffles emulated) into a test
+module whose ops take CPU tensors (torch.ops.torchfast_emu.*). The same kernel source, launch
+configuration and host logic run here as on a GPU; only the memory system and timing differ. Shapes
+are chosen to reach every path: 16-byte vectors and scalar fallbacks (misaligned pointers, sizes not
+divisible by the vector width), vectors straddling two rows, grid-stride wrap-around, several
+channel vectors per thread, multi-table and multi-chunk clipping and init.
+
+On a machine with a GPU the real kernels are tested by the other test files as well.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from torchfast import reference
+
+from conftest import assert_close_to_oracle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fiber emulator uses glibc's ucontext"),
+    pytest.mark.skipif(torch.cuda.is_available(),
+                       reason="a GPU is present: the other test files run the real CUDA kernels"),
+]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """Build (or reuse) the emulation module. A build failure is a test failure, not a skip."""
+    from torch.utils.cpp_extension import load
+
+    build_dir = os.path.join(ROOT, "build", "cuda_emu")
+    os.makedirs(build_dir, exist_ok=True)
+    module = load(
+        name="torchfast_cuda_emu",
+        sources=[os.path.join(ROOT, "csrc", "cuda_emu", "module.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=["-O1", "-ffp-contract=off", "-DTORCHFAST_CUDA_EMULATION"],
+        build_directory=build_dir,
+        verbose=False,
+    )
+    return module
+
+
+def ops():
+    return torch.ops.torchfast_emu
+
+
+# --------------------------------------------------------------------------------------------- emulator
+
+def test_emulator_shuffle_semantics(emu):
+    out = emu.emulator_self_test("shuffle")  # lane l gets lane l + 3's value, its own past lane 31
+    want = [10 * (t + 3) if t % 32 + 3 < 32 else 10 * t for t in range(64)]
+    assert out == want
+
+
+@pytest.mark.parametrize("case,message", [
+    ("deadlock", "deadlock"),
+    ("half_warp", "did not take part"),
+    ("bad_block", "invalid block"),
+    ("bad_grid", "invalid grid"),
+])
+def test_emulator_reports_broken_kernels(emu, case, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.emulator_self_test(case)
+
+
+# --------------------------------------------------------------------------------------------- divmod
+
+def test_fast_divmod_exact(emu):
+    g = torch.Generator().manual_seed(0)
+    big = (1 << 63) - 1
+    divisors = [1, 2, 3, 4, 7, 49, 196, 3136, 12544, 65535, 65537, (1 << 31) - 1, (1 << 31) + 11,
+                (1 << 32) + 1, (1 << 40) + 3, 10 ** 15 + 37, (1 << 62) + 1, big]
+    divisors += torch.randint(1, 1 << 62, (20,), generator=g).tolist()
+    for d in divisors:
+        nums = [0, 1, d - 1, d, d + 1, 2 * d - 1, big, big - 1, big - d]
+        nums += torch.randint(0, big, (200,), generator=g).tolist()
+        nums = [n for n in nums if 0 <= n <= big]
+        got = emu.fast_divmod(d, nums)
+        want = [v for n in nums for v in divmod(n, d)]
+        assert got == want, "divisor %d" % d
+
+
+# --------------------------------------------------------------------------------------------- BN+ReLU
+
+def _input(shape, layout, dtype, seed, offset=False):
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    if offset:  # a view one element into its storage: not 16-byte aligned, the scalar paths
+        x = (torch.randn(n + 1, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)[1:].view(shape)
+    else:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "permuted":  # neither layout: made contiguous by the op
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x
+
+
+def _params(c, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    b = (torch.randn(c, generator=g, dtype=torch.float64) * 0.3).to(acc)
+    rm = (torch.randn(c, generator=g, dtype=torch.float64) * 0.1).to(acc)
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    return w, b, rm, rv
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+# (shape, layout): S = 1 (the (N, C) case), S < vector width, S = 7x7 (vectors straddle rows),
+# S % 8 == 4 (fp16 straddles, fp32 does not), C not a multiple of the vector width, C / V > 256
+# (several channel vectors per thread in channels_last), enough rows that grid-stride loops wrap.
+BN_CASES = [
+    ((37, 12), "contiguous"),
+    ((5, 6, 3), "contiguous"),
+    ((6, 5, 7, 7), "contiguous"),
+    ((3, 4, 14, 14), "contiguous"),
+    ((4, 3, 4, 2), "contiguous"),
+    ((2, 3, 5, 7, 3), "contiguous"),
+    ((6, 16, 7, 7), "channels_last"),
+    ((3, 12, 5, 3), "channels_last"),
+    ((2, 20, 3, 3), "channels_last"),
+    ((2, 1032, 1, 3), "channels_last"),
+    ((2, 3, 5, 4, 4), "channels_last"),
+    ((3, 5, 7, 9), "permuted"),
+    ((70, 64, 4, 4), "contiguous"),
+    ((70, 64, 4, 4), "channels_last"),
+]
+
+BN_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _check_bn(shape, layout, dtype, training, affine, offset, seed):
+    x = _input(shape, layout, dtype, seed, offset)
+    c = shape[1]
+    w, b, rm, rv = _params(c, dtype, seed)
+    if not affine:
+        w = b = None
+    eps = 1e-5
+    out, mean, invstd, var = ops().bn_relu_fwd(x, w, b, rm, rv, training, eps)
+    r_out, r_mean, r_invstd, r_var = reference.bn_relu.bn_relu_fwd(x, w, b, rm, rv, training, eps)
+    o_out, o_mean, o_invstd, o_var = reference.bn_relu.bn_relu_fwd(x.double(), _d(w), _d(b), _d(rm), _d(rv),
+                                                                    training, eps)
+    name = "%s %s %s training=%s" % (shape, layout, dtype, training)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.stride() == x.stride(), name
+    assert_close_to_oracle(out, r_out, o_out, name + " out")
+    assert_close_to_oracle(mean, r_mean, o_mean, name + " mean")
+    assert_close_to_oracle(invstd, r_invstd, o_invstd, name + " invstd")
+    assert_close_to_oracle(var, r_var, o_var, name + " var")
+
+    g = _input(shape, layout, dtype, seed + 7, offset)
+    gi, gw, gb = ops().bn_relu_bwd(g, x, w, b, mean, invstd, training)
+    r_gi, r_gw, r_gb = reference.bn_relu.bn_relu_bwd(g, x, w, b, mean, invstd, training)
+    o_gi, o_gw, o_gb = reference.bn_relu.bn_relu_bwd(g.double(), x.double(), _d(w), _d(b), mean.double(),
+                                                     invstd.double(), training)
+    assert gi.stride() == x.stride(), name
+    assert_close_to_oracle(gi, r_gi, o_gi, name + " grad_input")
+    assert_close_to_oracle(gw, r_gw, o_gw, name + " grad_weight")
+    assert_close_to_oracle(gb, r_gb, o_gb, name + " grad_bias")
+
+
+@pytest.mark.parametrize("dtype", BN_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", BN_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_bn_relu_matches_reference(emu, shape, layout, dtype):
+    _check_bn(shape, layout, dtype, training=True, affine=True, offset=False, seed=len(shape) + shape[1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bn_relu_eval_unaligned_no_affine(emu, layout, dtype):
+    shape = (3, 16, 6, 6)
+    _check_bn(shape, layout, dtype, training=False, affine=True, offset=False, seed=1)
+    _check_bn(shape, layout, dtype, training=True, affine=False, offset=True, seed=2)
+    _check_bn(shape, layout, dtype, training=False, affine=False, offset=True, seed=3)
+
+
+def test_bn_relu_nan_and_empty(emu):
+    x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
+    x[1, 2, 0, 1] = float("nan")
+    out, mean, _, _ = ops().bn_relu_fwd(x, None, None, None, None, True, 1e-5)
+    assert torch.isnan(out[:, 2]).all() and torch.isnan(mean[2])
+    assert not torch.isnan(out[:, [0, 1, 3]]).any()
+    empty = torch.empty(0, 8, 3, 3)
+    out, mean, invstd, var = ops().bn_relu_fwd(empty, None, None, None, None, True, 1e-5)
+    assert out.shape == empty.shape and torch.isnan(mean).all()
+
+
+def test_bn_relu_argument_errors(emu):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        ops().bn_relu_fwd(x, torch.ones(4), None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        ops().bn_relu_bwd(torch.randn(2, 3, 5), x, None, None, torch.zeros(3), torch.ones(3), True)
+
+
+# --------------------------------------------------------------------------------------------- clipping
+
+def _grads(sizes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g, dtype=torch.float64) * 0.1).to(dtype) for n in sizes]
+
+
+# The emulated build uses 5 tensors and 7 blocks of 1028 elements per launch: these lists need
+# several launches, split tensors across launches and hold empty tensors.
+CLIP_SIZES = [
+    [1],
+    [3000, 5, 0, 2057, 1028, 7, 9, 4100, 11, 13],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("sizes", CLIP_SIZES, ids=["one", "mixed", "many"])
+def test_multi_tensor_norm_and_clip(emu, sizes, dtype, norm_type):
+    if norm_type == float("inf") and 0 in sizes:
+        sizes = [n for n in sizes if n]
+    grads = _grads(sizes, dtype, len(sizes))
+    total = ops().multi_tensor_norm(grads, norm_type)
+    want = reference.clip_grad.multi_tensor_norm(grads, norm_type)
+    oracle = reference.clip_grad.multi_tensor_norm([t.double() for t in grads], norm_type)
+    assert_close_to_oracle(total.reshape(1), want.reshape(1), oracle.reshape(1), "norm")
+    for max_norm in (float(want) * 0.3, float(want) * 2.0):
+        got = [t.clone() for t in grads]
+        ref = [t.clone() for t in grads]
+        ops().multi_tensor_clip_(got, want.clone(), max_norm)
+        reference.clip_grad.multi_tensor_clip_(ref, want.clone(), max_norm)
+        for a, r, orig in zip(got, ref, grads):
+            if max_norm > float(want):
+                assert torch.equal(a, orig)  # coefficient 1: nothing written
+            else:
+                torch.testing.assert_close(a, r, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    got = [t.clone() for t in grads]
+    fused_total = ops().clip_grad_norm_fused_(got, float(want) * 0.5, norm_type)
+    assert torch.equal(fused_total, total)
+
+
+# --------------------------------------------------------------------------------------------- init
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_philox_fill_matches_reference(emu, dtype):
+    sizes = [5000, 3, 0, 1029, 4, 7, 2100, 1, 9, 17]
+    kinds = [0, 1, 0, 2, 3, 0, 1, 2, 0, 1]  # uniform, normal, trunc_normal, constant
+    params = []
+    for k in kinds:
+        params += {0: [-0.5, 1.5, 0, 0, 0, 0], 1: [0.1, 2.0, 0, 0, 0, 0],
+                   2: [-0.9, 0.95, -2.0, 2.0, 0.1, 1.4], 3: [0.25, 0, 0, 0, 0, 0]}[k]
+    streams = [11 * i + 3 for i in range(len(sizes))]
+    got = [torch.full((n,), 7.0, dtype=dtype) for n in sizes]
+    want = [torch.full((n,), 7.0, dtype=dtype) for n in sizes]
+    ops().philox_fill_(got, 1234, streams, kinds, params)
+    reference.philox.philox_fill_(want, 1234, streams, kinds, params)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if kinds[i] in (0, 3):
+            assert torch.equal(a, b), "tensor %d (kind %d)" % (i, kinds[i])
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=4e-6, atol=4e-6, msg="tensor %d" % i)
+
+
+def test_philox_fill_is_the_cpu_backend_stream(emu, cpu_backend_built):
+    sizes = [4097, 13]
+    got = [torch.empty(n) for n in sizes]
+    want = [torch.empty(n) for n in sizes]
+    args = (99, [5, 6], [0, 0], [0.0, 1.0, 0, 0, 0, 0] * 2)
+    ops().philox_fill_(got, *args)
+    torch.ops.torchfast.philox_fill_(want, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
