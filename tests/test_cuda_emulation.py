@@ -207,9 +207,18 @@ def test_bn_relu_argument_errors(emu):
 
 # --------------------------------------------------------------------------------------------- clipping
 
+def _offset_view(t):
+    """The same values in a view one element into a larger buffer: not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def _grads(sizes, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, generator=g, dtype=torch.float64) * 0.1).to(dtype) for n in sizes]
+    out = [(torch.randn(n, generator=g, dtype=torch.float64) * 0.1).to(dtype) for n in sizes]
+    return [_offset_view(t) if i % 3 == 1 else t for i, t in enumerate(out)]  # aligned and unaligned
 
 
 # The emulated build uses 5 tensors and 7 blocks of 1028 elements per launch: these lists need
@@ -242,9 +251,11 @@ def test_multi_tensor_norm_and_clip(emu, sizes, dtype, norm_type):
                 assert torch.equal(a, orig)  # coefficient 1: nothing written
             else:
                 torch.testing.assert_close(a, r, rtol=2 * torch.finfo(dtype).eps, atol=0)
-    got = [t.clone() for t in grads]
+                assert not torch.equal(a, orig) or not orig.any()
+    got = [t.clone() for t in grads]  # (clones are aligned: the vector paths, another summation order)
+    same_list_total = ops().multi_tensor_norm(got, norm_type)
     fused_total = ops().clip_grad_norm_fused_(got, float(want) * 0.5, norm_type)
-    assert torch.equal(fused_total, total)
+    assert torch.equal(fused_total, same_list_total)
 
 
 # --------------------------------------------------------------------------------------------- init
@@ -259,6 +270,7 @@ def test_philox_fill_matches_reference(emu, dtype):
                    2: [-0.9, 0.95, -2.0, 2.0, 0.1, 1.4], 3: [0.25, 0, 0, 0, 0, 0]}[k]
     streams = [11 * i + 3 for i in range(len(sizes))]
     got = [torch.full((n,), 7.0, dtype=dtype) for n in sizes]
+    got = [_offset_view(t) if i % 4 == 1 else t for i, t in enumerate(got)]  # vector and scalar stores
     want = [torch.full((n,), 7.0, dtype=dtype) for n in sizes]
     ops().philox_fill_(got, 1234, streams, kinds, params)
     reference.philox.philox_fill_(want, 1234, streams, kinds, params)

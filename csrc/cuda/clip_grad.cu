@@ -1,4 +1,5 @@
 // Multi-tensor gradient clipping on CUDA.
+// Both read and write 16-byte vectors wherever a chunk starts 16-byte aligned.
 //   multi_tensor_norm:  chunk kernel(s) writing one partial per chunk (1 read of every tensor),
 //                       then one single-block kernel folding the partials in chunk order: no
 //                       atomics, so the result is deterministic; nothing is read by the host.
@@ -14,6 +15,7 @@
 #include <cmath>
 
 #include "cuda/multi_tensor.cuh"
+#include "cuda/runtime.cuh"
 
 namespace torchfast {
 namespace cuda {
@@ -30,8 +32,21 @@ struct Combine {
   }
 };
 
+template <typename acc_t>
+__device__ __forceinline__ void norm_add(int kind, acc_t p, const Combine<acc_t>& op, acc_t v, acc_t& acc) {
+  const acc_t a = ::abs(v);
+  if (kind == kOne) acc += a;
+  else if (kind == kTwo) acc += a * a;
+  else if (kind == kInf) acc = op(acc, a);
+  else acc += ::pow(a, p);
+}
+
+// One block per chunk. The chunk is read in 16-byte vectors when its start is 16-byte aligned (every
+// chunk of an aligned tensor: kChunk is a multiple of the vector width), its last numel % V elements
+// one at a time.
 template <typename scalar_t, typename acc_t>
 __global__ void norm_chunks_kernel(ChunkTable table, int kind, acc_t p, acc_t* partial) {
+  constexpr int V = 16 / sizeof(scalar_t);
   __shared__ acc_t shared[32];
   const int slot = table.tensor_of_block[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
@@ -39,13 +54,17 @@ __global__ void norm_chunks_kernel(ChunkTable table, int kind, acc_t p, acc_t* p
   const scalar_t* x = static_cast<const scalar_t*>(table.ptr[slot]);
   Combine<acc_t> op{kind};
   acc_t acc = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const acc_t a = ::abs(static_cast<acc_t>(x[i]));
-    if (kind == kOne) acc += a;
-    else if (kind == kTwo) acc += a * a;
-    else if (kind == kInf) acc = op(acc, a);
-    else acc += ::pow(a, p);
+  int64_t i = begin + threadIdx.x;
+  if (aligned16(x + begin)) {
+    const int64_t nvec = (end - begin) / V;
+    for (int64_t q = threadIdx.x; q < nvec; q += blockDim.x) {
+      const Vec<scalar_t, V> v = *reinterpret_cast<const Vec<scalar_t, V>*>(x + begin + q * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) norm_add(kind, p, op, static_cast<acc_t>(v.v[k]), acc);
+    }
+    i = begin + nvec * V + threadIdx.x;
   }
+  for (; i < end; i += blockDim.x) norm_add(kind, p, op, static_cast<acc_t>(x[i]), acc);
   acc = block_reduce(acc, op, shared);
   if (threadIdx.x == 0) partial[table.first_block + blockIdx.x] = acc;
 }
@@ -66,14 +85,26 @@ __global__ void norm_finish_kernel(const acc_t* partial, int64_t n, int kind, ac
 
 template <typename scalar_t, typename acc_t>
 __global__ void clip_chunks_kernel(ChunkTable table, const acc_t* total_norm, acc_t max_norm) {
+  constexpr int V = 16 / sizeof(scalar_t);
   const acc_t coef = max_norm / (*total_norm + acc_t(1e-6));
   if (coef >= acc_t(1)) return;  // clamp(coef, max=1) == 1: nothing changes
   const int slot = table.tensor_of_block[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
   const int64_t end = min(table.numel[slot], begin + kChunk);
   scalar_t* x = static_cast<scalar_t*>(table.ptr[slot]);
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-    x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
+  int64_t i = begin + threadIdx.x;
+  if (aligned16(x + begin)) {
+    const int64_t nvec = (end - begin) / V;
+    for (int64_t q = threadIdx.x; q < nvec; q += blockDim.x) {
+      auto* vp = reinterpret_cast<Vec<scalar_t, V>*>(x + begin + q * V);
+      Vec<scalar_t, V> v = *vp;
+#pragma unroll
+      for (int k = 0; k < V; ++k) v.v[k] = static_cast<scalar_t>(static_cast<acc_t>(v.v[k]) * coef);
+      *vp = v;
+    }
+    i = begin + nvec * V + threadIdx.x;
+  }
+  for (; i < end; i += blockDim.x) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
 }
 
 void check_list(at::TensorList tensors, const char* op) {

@@ -86,7 +86,7 @@ struct FastDivmod {
 };
 
 // Whether a pointer can be read and written in 16-byte vectors.
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // V elements of T read or written as one aligned 16-byte (or smaller) access.
 template <typename T, int V>
