@@ -111,3 +111,82 @@ def test_info_command():
     assert r.returncode == 0, r.stderr
     assert "torch " in r.stdout and "bn_relu" in r.stdout
     assert "compiled extension torchfast._C: built" in r.stdout or _ext._C is None
+
+
+# ------------------------------------------------------------------ measured choice between cuda and triton
+
+def _gpu_backends_servable():
+    return all(_backends.why_not(n, "bn_relu", "cuda", torch.float32) is None for n in _backends.GPU_BACKENDS)
+
+
+def test_gpu_choice_orders_the_two_gpu_backends():
+    previous = _backends.set_gpu_choice({})
+    try:
+        assert _backends.auto_order("bn_relu", "cuda") == ("cuda", "triton", "reference")
+        _backends.set_gpu_choice({"bn_relu": "triton", "init": "cuda"})
+        assert _backends.auto_order("bn_relu", "cuda") == ("triton", "cuda", "reference")
+        assert _backends.auto_order("init", "cuda") == ("cuda", "triton", "reference")
+        assert _backends.auto_order("clip_grad", "cuda") == ("cuda", "triton", "reference")
+        assert _backends.auto_order("bn_relu", "cpu") == ("cpu", "reference")  # CPU tensors unaffected
+        if _gpu_backends_servable():  # both are built here even without a GPU: choose() needs no device
+            assert _backends.choose("bn_relu", torch.device("cuda"), torch.float32) == "triton"
+            assert _backends.choose("init", torch.device("cuda"), torch.float32) == "cuda"
+            with torchfast.use_backend("cuda"):  # an explicit choice still wins
+                assert _backends.choose("bn_relu", torch.device("cuda"), torch.float32) == "cuda"
+        # float64 is not served by Triton: the next backend in the order takes it
+        if _backends.why_not("cuda", "bn_relu", "cuda", torch.float64) is None:
+            assert _backends.choose("bn_relu", torch.device("cuda"), torch.float64) == "cuda"
+    finally:
+        _backends.set_gpu_choice(previous)
+
+
+def test_gpu_choice_rejects_bad_values():
+    with pytest.raises(ValueError, match="must be 'cuda' or 'triton'"):
+        _backends.set_gpu_choice({"bn_relu": "cpu"})
+    with pytest.raises(ValueError, match="unknown op 'conv'"):
+        _backends.set_gpu_choice({"conv": "cuda"})
+    assert _backends.get_gpu_choice() == {}
+
+
+def test_gpu_choice_file_from_environment(tmp_path):
+    good = tmp_path / "choice.json"
+    good.write_text('{"device": "NVIDIA H200", "ops": {"bn_relu": {"cuda": 1.0, "triton": 0.9, '
+                    '"choice": "triton"}, "init": {"cuda": 1.0, "triton": 2.0, "choice": "cuda"}}}')
+    code = "import torchfast; from torchfast import _backends; print(sorted(_backends.get_gpu_choice().items()))"
+    r = _run(code, {"TORCHFAST_BACKEND_CHOICE": str(good)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[('bn_relu', 'triton'), ('init', 'cuda')]"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"ops": {"bn_relu": {"choice": "cpu"}}}')
+    r = _run(code, {"TORCHFAST_BACKEND_CHOICE": str(bad)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]" and "keeping the default order" in r.stderr
+    r = _run(code, {"TORCHFAST_BACKEND_CHOICE": str(tmp_path / "missing.json")})
+    assert r.stdout.strip() == "[]" and "cannot be used" in r.stderr
+
+
+def test_autotune_needs_a_gpu():
+    from torchfast import tuning
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present (test_autotune_on_gpu covers it)")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        tuning.autotune_backends()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (none visible)")
+def test_autotune_on_gpu(tmp_path):
+    from torchfast import tuning
+
+    previous = _backends.get_gpu_choice()
+    try:
+        path = tmp_path / "choice.json"
+        result = tuning.autotune_backends(scale=0.1, reps=2, save=str(path))
+        assert set(result["ops"]) == set(_backends.OPS)
+        for op, e in result["ops"].items():
+            assert e["choice"] in _backends.GPU_BACKENDS
+            assert e[e["choice"]] is not None, (op, e)
+            assert _backends.get_gpu_choice()[op] == e["choice"]
+        assert _backends.read_choice_file(str(path)) == {op: e["choice"] for op, e in result["ops"].items()}
+    finally:
+        _backends.set_gpu_choice(previous)

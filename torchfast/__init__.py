@@ -14,9 +14,9 @@ from torchfast import _ext  # noqa: F401  (loads torchfast._C when it was built)
 from torchfast._backends import (BackendUnavailable, available_backends, get_backend,  # noqa: F401
                                  set_backend, use_backend)
 from torchfast import _ops  # noqa: F401  (fake kernels, autograd)
-from torchfast import init, nn  # noqa: F401
+from torchfast import init, nn, tuning  # noqa: F401
 from torchfast.clip_grad import (clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,  # noqa: F401
                                  get_total_norm)
 
-__all__ = ["nn", "init", "clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm",
+__all__ = ["nn", "init", "tuning", "clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm",
            "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailable"]

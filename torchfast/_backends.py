@@ -5,7 +5,12 @@ it can. Automatic choice takes the first backend of the device's preference list
 an explicit choice (``set_backend``, ``use_backend`` or the environment variable
 ``TORCHFAST_BACKEND``) that cannot serve raises :class:`BackendUnavailable` with the reason.
 
-Everything a call consults is computed at import time (which kernels the extension registered), so
+On CUDA tensors the automatic order between the two GPU backends can be set per op from
+measurements: :func:`torchfast.tuning.autotune_backends` times both on the GPU at hand, and a JSON
+file it saved can be named in ``TORCHFAST_BACKEND_CHOICE`` to apply it at import. Without one, the
+CUDA C++ kernels come first.
+
+Everything a call consults is computed at import time (or set explicitly) (which kernels the extension registered), so
 ``torch.compile`` traces the choice as plain Python without graph breaks.
 """
 import contextlib
@@ -147,6 +152,66 @@ def use_backend(name):
         _forced = previous
 
 
+# Measured preference between the GPU backends, per op ({"bn_relu": "triton", ...}); ops not in it
+# use AUTO_ORDER["cuda"]. A plain global dict, so torch.compile guards on it.
+_gpu_choice = {}
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def set_gpu_choice(choice):
+    """Prefer choice[op] ("cuda" or "triton") for op on CUDA tensors under automatic choice; an op
+    missing from `choice` goes back to the default order. Returns the previous mapping."""
+    global _gpu_choice
+    new = {}
+    for op, name in dict(choice or {}).items():
+        if op not in OPS:
+            raise ValueError("torchfast: unknown op %r in a backend choice; expected one of %s" % (op, ", ".join(OPS)))
+        if name not in GPU_BACKENDS:
+            raise ValueError("torchfast: the GPU backend choice for %s must be 'cuda' or 'triton', got %r" % (op, name))
+        new[op] = name
+    previous, _gpu_choice = _gpu_choice, new
+    return previous
+
+
+def get_gpu_choice():
+    """The measured per-op preference in force on CUDA tensors ({} means the default order)."""
+    return dict(_gpu_choice)
+
+
+def read_choice_file(path):
+    """{op: backend} from a JSON file written by torchfast.tuning.autotune_backends(save=path)."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    ops = data.get("ops") if isinstance(data, dict) else None
+    if not isinstance(ops, dict):
+        raise ValueError("%s is not a torchfast backend-choice file (no 'ops' mapping)" % path)
+    return {op: entry["choice"] if isinstance(entry, dict) else entry for op, entry in ops.items()}
+
+
+def _load_env_choice():
+    path = os.environ.get("TORCHFAST_BACKEND_CHOICE", "").strip()
+    if not path:
+        return
+    try:
+        set_gpu_choice(read_choice_file(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn("TORCHFAST_BACKEND_CHOICE=%r cannot be used (%s); keeping the default order" % (path, e),
+                      RuntimeWarning, stacklevel=3)
+
+
+_load_env_choice()
+
+
+def auto_order(op: str, device_type: str):
+    """Backends tried in order under automatic choice for op on device_type."""
+    if device_type == "cuda" and op in _gpu_choice:
+        first = _gpu_choice[op]
+        return (first,) + tuple(name for name in AUTO_ORDER["cuda"] if name != first)
+    return AUTO_ORDER.get(device_type, ("reference",))
+
+
 def choose(op: str, device: torch.device, dtype: torch.dtype, norm_type: float = 2.0) -> str:
     """The backend that serves this call."""
     if _forced is not None:
@@ -155,7 +220,7 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, norm_type: float =
             raise BackendUnavailable("torchfast: backend %r cannot serve %s for %s %s tensors: %s"
                                      % (_forced, op, device.type, dtype, reason))
         return _forced
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
+    for name in auto_order(op, device.type):
         if why_not(name, op, device.type, dtype, norm_type) is None:
             return name
     return "reference"

@@ -36,7 +36,10 @@ def report() -> str:
         lines.append("  CPU kernels : yes (%s)" % build.get("compiler", ""))
         lines.append("  CUDA kernels: %s" % ("yes, archs %s" % build["cuda_archs"] if build["cuda"] else "no"))
     forced = _backends.get_backend()
-    lines += ["", "backend choice: %s" % ("forced to %r" % forced if forced else "automatic"), ""]
+    lines += ["", "backend choice: %s" % ("forced to %r" % forced if forced else "automatic")]
+    gpu_choice = _backends.get_gpu_choice()
+    lines += ["measured GPU choice: %s" % (", ".join("%s=%s" % kv for kv in sorted(gpu_choice.items()))
+                                           if gpu_choice else "none (cuda before triton; see torchfast.tuning)"), ""]
     header = "%-10s %-10s %-10s %-10s %s" % ("device", "bn_relu", "clip_grad", "init", "available")
     lines.append(header)
     lines.append("-" * len(header))
