@@ -5,7 +5,9 @@
 #    for the architecture of the visible GPU;
 # 2. runs the whole test suite, CUDA tests included;
 # 3. runs the quick GPU benchmarks (every backend vs stock eager and torch.compile);
-# 4. prints a short summary table last.
+# 4. measures which GPU backend (cuda or triton) is faster per op (torchfast.tuning), saved as
+#    OUT_DIR/backend_choice.json for TORCHFAST_BACKEND_CHOICE;
+# 5. prints a short summary table last.
 # Budget: under 8 minutes on one H100/H200, build included. Full logs and CSV go to OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ $PY -m torchfast.info 2>&1 | tee "$OUT/info.txt"
 
 stamp "tests"
 # One Triton config per kernel while testing (correctness, not tuning): fewer JIT compiles.
-TORCHFAST_TRITON_AUTOTUNE=0 timeout 210 $PY -m pytest tests -q -ra -p no:cacheprovider \
+TORCHFAST_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest tests -q -ra -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -25 "$OUT/tests.log"
@@ -39,15 +41,22 @@ tail -25 "$OUT/tests.log"
 stamp "benchmarks"
 # BatchNorm+ReLU against stock eager and torch.compile; the multi-tensor ops against eager only
 # (compiling stock clipping over ~150 gradients takes longer than the whole budget allows).
-timeout 130 $PY benchmarks/run.py --device cuda --quick --ops bn_relu --out "$OUT" > "$OUT/bench.log" 2>&1
+timeout 120 $PY benchmarks/run.py --device cuda --quick --ops bn_relu --out "$OUT" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 timeout 60 $PY benchmarks/run.py --device cuda --quick --ops clip_grad,init,e2e --no-compile --out "$OUT" \
   >> "$OUT/bench.log" 2>&1
 bench_rc=$(( bench_rc | $? ))
 tail -5 "$OUT/bench.log"
 
+stamp "backend choice"
+timeout 60 $PY -m torchfast.tuning --scale 0.5 --reps 5 --save "$OUT/backend_choice.json" > "$OUT/tuning.log" 2>&1
+tune_rc=$?
+tail -6 "$OUT/tuning.log"
+
 stamp "summary"
 {
+  echo "backend choice: exit code $tune_rc"
+  grep -A4 "^op " "$OUT/tuning.log"
   echo "tests: exit code $test_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|error)[a-z]*' "$OUT/tests.log" | tr '\n' ' '))"
   echo "benchmarks: exit code $bench_rc"
   $PY - "$OUT" <<'EOF'

@@ -190,3 +190,11 @@ def test_autotune_on_gpu(tmp_path):
         assert _backends.read_choice_file(str(path)) == {op: e["choice"] for op, e in result["ops"].items()}
     finally:
         _backends.set_gpu_choice(previous)
+
+
+def test_autotune_workloads_run():
+    """The timed workloads themselves, run once on the CPU at a small scale (the timing needs a GPU)."""
+    from torchfast import tuning
+
+    for fn in tuning._workloads(torch.device("cpu"), torch.float32, 0.05).values():
+        fn()

@@ -40,8 +40,10 @@ def _time_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _gpt2_like_shapes(layers: int):
-    d, v = 768, 50257
+def _gpt2_like_shapes(scale: float):
+    """GPT-2 small's parameter shapes (148 tensors, 124M elements at scale 1); the layer count and
+    vocabulary shrink with scale."""
+    d, v, layers = 768, max(1024, int(50257 * scale)), max(1, int(12 * scale))
     shapes = [(v, d), (1024, d)]
     for _ in range(layers):
         shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
@@ -61,8 +63,7 @@ def _workloads(device, dtype, scale: float):
         for inp, g in zip(xs, grads):
             layer(inp.detach().requires_grad_(True)).backward(g)
 
-    layers = max(1, int(12 * scale))
-    params = [torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in _gpt2_like_shapes(layers)]
+    params = [torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in _gpt2_like_shapes(scale)]
     for p in params:
         p.grad = torch.randn_like(p)
 
