@@ -120,7 +120,8 @@ def _d(t):
 
 
 # (shape, layout): S = 1 (the (N, C) case), S < vector width, S = 7x7 (vectors straddle rows),
-# S % 8 == 4 (fp16 straddles, fp32 does not), C not a multiple of the vector width, C / V > 256
+# S % 8 == 4 (fp16 straddles, fp32 does not), half-width vectors (S or C % 4 == 2 in fp32,
+# % 8 == 4 in fp16), C not a multiple of the vector width, C / V > 256
 # (several channel vectors per thread in channels_last), enough rows that grid-stride loops wrap.
 BN_CASES = [
     ((37, 12), "contiguous"),
@@ -128,9 +129,11 @@ BN_CASES = [
     ((6, 5, 7, 7), "contiguous"),
     ((3, 4, 14, 14), "contiguous"),
     ((4, 3, 4, 2), "contiguous"),
+    ((4, 3, 5, 2), "contiguous"),
     ((2, 3, 5, 7, 3), "contiguous"),
     ((6, 16, 7, 7), "channels_last"),
     ((3, 12, 5, 3), "channels_last"),
+    ((5, 6, 3, 2), "channels_last"),
     ((2, 20, 3, 3), "channels_last"),
     ((2, 1032, 1, 3), "channels_last"),
     ((2, 3, 5, 4, 4), "channels_last"),
@@ -177,6 +180,13 @@ def test_bn_relu_matches_reference(emu, shape, layout, dtype):
     _check_bn(shape, layout, dtype, training=True, affine=True, offset=False, seed=len(shape) + shape[1])
 
 
+@pytest.mark.parametrize("shape,layout", [((16, 2, 128, 130), "contiguous"), ((33, 4, 64, 64), "channels_last")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bn_relu_many_splits(emu, shape, layout, dtype):
+    """Reductions split more than 32 ways per channel: the finish kernels' lanes fold several splits."""
+    _check_bn(shape, layout, dtype, training=True, affine=True, offset=False, seed=4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_bn_relu_eval_unaligned_no_affine(emu, layout, dtype):
@@ -195,6 +205,16 @@ def test_bn_relu_nan_and_empty(emu):
     empty = torch.empty(0, 8, 3, 3)
     out, mean, invstd, var = ops().bn_relu_fwd(empty, None, None, None, None, True, 1e-5)
     assert out.shape == empty.shape and torch.isnan(mean).all()
+    gi, gw, gb = ops().bn_relu_bwd(empty, empty, None, None, mean, invstd, True)
+    r_gi, r_gw, r_gb = reference.bn_relu.bn_relu_bwd(empty, empty, None, None, mean, invstd, True)
+    assert gi.shape == empty.shape
+    torch.testing.assert_close((gw, gb), (r_gw, r_gb), equal_nan=True)  # grad_weight: 0 * NaN invstd
+    for training in (True, False):  # no channels: no launch (a grid of 0 blocks is a CUDA error)
+        nochan = torch.empty(2, 0, 3, 3)
+        out, mean, invstd, var = ops().bn_relu_fwd(nochan, None, None, torch.empty(0), torch.empty(0), training, 1e-5)
+        assert out.shape == nochan.shape and mean.shape == (0,)
+        gi, gw, gb = ops().bn_relu_bwd(nochan, nochan, None, None, mean, invstd, training)
+        assert gi.shape == nochan.shape and gw.shape == (0,)
 
 
 def test_bn_relu_argument_errors(emu):

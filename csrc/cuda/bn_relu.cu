@@ -7,7 +7,8 @@
 // table folded by a second kernel in split order, in double (deterministic, no atomics).
 //
 // Every pass reads and writes 16-byte vectors (4 fp32, 8 fp16/bf16) when the pointers are 16-byte
-// aligned and the layout allows it, and one element at a time otherwise (same kernels, V = 1):
+// aligned and the layout allows it, 8-byte vectors when only half the width fits (e.g. 14x14 maps in
+// bf16), and one element at a time otherwise (same kernels, V = 1):
 //   contiguous (N, C, S):
 //     reductions: grid (C, splits); a block walks its channel's N rows of S as one flat sequence of
 //       vectors (needs S % V == 0), one multiply-high division per vector to find the row;
@@ -23,6 +24,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/multi_tensor.cuh"
 #include "cuda/runtime.cuh"
@@ -193,25 +196,40 @@ __global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape s
   }
 }
 
-// The two sums of channel c, folded over its splits in split order, in double.
+// The finish kernels give each channel one warp (kFoldWarps channels per block): lane l folds the
+// channel's splits l, l + 32, ... in double, then the warp combines its 32 lane sums by shuffles in a
+// fixed order (deterministic). A thread per channel walking up to 1024 splits one load after the
+// other would take longer than the pass that produced them.
+constexpr int kFoldWarps = 8;
+
 template <typename acc_t>
-__device__ __forceinline__ void fold_partials(const acc_t* ws, int64_t c, int64_t splits, double& a, double& b) {
+__device__ __forceinline__ void fold_partials(const acc_t* ws, int64_t c, int64_t splits, int lane, double& a,
+                                              double& b) {
   a = 0;
   b = 0;
-  for (int64_t s = 0; s < splits; ++s) {
+  for (int64_t s = lane; s < splits; s += 32) {
     a += static_cast<double>(ws[(c * splits + s) * 2 + 0]);
     b += static_cast<double>(ws[(c * splits + s) * 2 + 1]);
   }
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, o);
+    b += __shfl_down_sync(0xffffffffu, b, o);
+  }
+}
+
+// Channel of the calling warp in a finish kernel (grid ceil(C / kFoldWarps), block 32 * kFoldWarps).
+__device__ __forceinline__ int64_t fold_channel() {
+  return static_cast<int64_t>(blockIdx.x) * kFoldWarps + threadIdx.x / 32;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits, const acc_t* ws, const acc_t* w,
                                     const acc_t* b, double eps, acc_t* ch) {
-  const int64_t C = sh.C;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  const int64_t C = sh.C, c = fold_channel();
+  if (c >= C) return;  // the whole warp: no lane is left waiting at a shuffle
   double S1, S2;
-  fold_partials(ws, c, splits, S1, S2);
+  fold_partials(ws, c, splits, static_cast<int>(threadIdx.x % 32), S1, S2);
+  if (threadIdx.x % 32 != 0) return;
   const double M = static_cast<double>(sh.N * sh.S);
   const double K = static_cast<double>(static_cast<acc_t>(x[sh.first(c)]));
   const double m1 = S1 / M;
@@ -357,19 +375,28 @@ int64_t splits_for(const Shape& sh, int V) {
   return std::max<int64_t>(1, std::min<int64_t>(want, kMaxSplits));
 }
 
-// The vector width a pass can use: max_vec<scalar_t>() if the layout and every pointer allow it, else 1.
+// The vector width a pass can use: 16 bytes (max_vec), else 8 bytes, else one element; the widest
+// that every pointer's alignment and the layout allow. Reductions need whole vectors per row or
+// channel group (contiguous: S % V == 0); elementwise passes on contiguous tensors only S >= V.
 template <typename scalar_t>
-int reduce_vec(const Shape& sh, const void* a, const void* b) {
-  constexpr int V = max_vec<scalar_t>();
-  const int64_t extent = sh.channels_last ? sh.C : sh.S;
-  return V > 1 && extent % V == 0 && aligned16(a) && (!b || aligned16(b)) ? V : 1;
+int pick_vec(const Shape& sh, bool reduction, const void* a, const void* b, const void* c) {
+  constexpr int kV = max_vec<scalar_t>();
+  if (!aligned16(a) || (b && !aligned16(b)) || (c && !aligned16(c))) return 1;
+  for (int V = kV; V > 1 && V >= kV / 2; V /= 2) {
+    const bool ok = sh.channels_last ? sh.C % V == 0 : reduction ? sh.S % V == 0 : sh.S >= V;
+    if (ok) return V;
+  }
+  return 1;
 }
 
-template <typename scalar_t>
-int elementwise_vec(const Shape& sh, const void* a, const void* b, const void* out) {
-  constexpr int V = max_vec<scalar_t>();
-  const bool layout_ok = sh.channels_last ? sh.C % V == 0 : sh.S >= V;
-  return V > 1 && layout_ok && aligned16(a) && (!b || aligned16(b)) && aligned16(out) ? V : 1;
+// f(std::integral_constant<int, V>) for the V pick_vec returned: one instantiation per width.
+template <typename scalar_t, typename F>
+void with_vec(int V, F&& f) {
+  constexpr int kV = max_vec<scalar_t>();
+  constexpr int kHalf = kV >= 4 ? kV / 2 : 1;
+  if (V == kV) f(std::integral_constant<int, kV>{});
+  else if (V == kHalf) f(std::integral_constant<int, kHalf>{});
+  else f(std::integral_constant<int, 1>{});
 }
 
 template <typename scalar_t, typename acc_t, typename Op, int V>
@@ -388,9 +415,9 @@ void launch_reduce_v(const scalar_t* x, const scalar_t* dy, const Shape& sh, int
 template <typename scalar_t, typename acc_t, typename Op>
 void launch_reduce(const scalar_t* x, const scalar_t* dy, const Shape& sh, int V, int64_t splits, const Op& op,
                    acc_t* ws, Stream stream) {
-  constexpr int kV = max_vec<scalar_t>();
-  if (V == kV) launch_reduce_v<scalar_t, acc_t, Op, kV>(x, dy, sh, splits, op, ws, stream);
-  else launch_reduce_v<scalar_t, acc_t, Op, 1>(x, dy, sh, splits, op, ws, stream);
+  with_vec<scalar_t>(V, [&](auto v) {
+    launch_reduce_v<scalar_t, acc_t, Op, decltype(v)::value>(x, dy, sh, splits, op, ws, stream);
+  });
 }
 
 template <typename scalar_t, typename acc_t, typename Op, int V>
@@ -415,19 +442,19 @@ void launch_elementwise_v(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
 template <typename scalar_t, typename acc_t, typename Op>
 void launch_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
                         Stream stream) {
-  constexpr int kV = max_vec<scalar_t>();
-  if (elementwise_vec<scalar_t>(sh, x, dy, out) == kV) launch_elementwise_v<scalar_t, acc_t, Op, kV>(x, dy, out, sh, op, stream);
-  else launch_elementwise_v<scalar_t, acc_t, Op, 1>(x, dy, out, sh, op, stream);
+  with_vec<scalar_t>(pick_vec<scalar_t>(sh, false, x, dy, out), [&](auto v) {
+    launch_elementwise_v<scalar_t, acc_t, Op, decltype(v)::value>(x, dy, out, sh, op, stream);
+  });
 }
 
 template <typename acc_t>
 __global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws, const acc_t* w, bool training,
                                        acc_t* ch, acc_t* grad_w, acc_t* grad_b) {
-  const int64_t C = sh.C;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  const int64_t C = sh.C, c = fold_channel();
+  if (c >= C) return;  // the whole warp
   double sum_dy, sum_dy_xmu;
-  fold_partials(ws, c, splits, sum_dy, sum_dy_xmu);
+  fold_partials(ws, c, splits, static_cast<int>(threadIdx.x % 32), sum_dy, sum_dy_xmu);
+  if (threadIdx.x % 32 != 0) return;
   const double inv = static_cast<double>(ch[kInvstd * C + c]);
   const double wc = w ? static_cast<double>(w[c]) : 1.0;
   const double M = static_cast<double>(sh.N * sh.S);
@@ -492,23 +519,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
   at::Tensor y = native ? out : at::empty_like(x);
   const int64_t C = input.size(1), numel = x.numel();
   at::Tensor ch = at::empty({kRows, C}, input.options().dtype(acc_type));
+  if (C == 0) return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};  // no channel: no launch
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
     const int cblocks = static_cast<int>((C + 127) / 128);
+    const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
     if (training) {
       if (numel == 0) {
         ch.fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
-      const int V = reduce_vec<scalar_t>(sh, x.data_ptr(), nullptr);
+      const int V = pick_vec<scalar_t>(sh, true, x.data_ptr(), nullptr, nullptr);
       const int64_t splits = splits_for(sh, V);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
       launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, sh, V, splits,
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
-      TF_LAUNCH(cblocks, 128, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
+      TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
           chp);
       TF_LAUNCH_CHECK();
@@ -548,23 +577,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
   at::Tensor ch = at::zeros({kRows, C}, input.options().dtype(acc_type));
   at::Tensor grad_w = at::empty({C}, input.options().dtype(acc_type));
   at::Tensor grad_b = at::empty({C}, input.options().dtype(acc_type));
+  if (C == 0) return {grad_in, grad_w, grad_b};  // no channel: no launch
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
     const int cblocks = static_cast<int>((C + 127) / 128);
+    const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
     TF_LAUNCH(cblocks, 128, 0, stream, saved_prepare_kernel<acc_t>)(C, m.data_ptr<acc_t>(), is.data_ptr<acc_t>(),
                                                              ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), chp);
     TF_LAUNCH_CHECK();
-    const int V = reduce_vec<scalar_t>(sh, x.data_ptr(), dy.data_ptr());
+    const int V = pick_vec<scalar_t>(sh, true, x.data_ptr(), dy.data_ptr(), nullptr);
     const int64_t splits = numel > 0 ? splits_for(sh, V) : 1;
     at::Tensor ws = at::zeros({C * splits * 2}, input.options().dtype(acc_type));
     if (numel > 0) {
       launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, V, splits,
                                      BackwardSumsOp<acc_t>{chp, C}, ws.data_ptr<acc_t>(), stream);
     }
-    TF_LAUNCH(cblocks, 128, 0, stream, backward_finish_kernel<acc_t>)(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
+    TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
                                                                training, chp, grad_w.data_ptr<acc_t>(),
                                                                grad_b.data_ptr<acc_t>());
     TF_LAUNCH_CHECK();
