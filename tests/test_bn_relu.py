@@ -97,6 +97,46 @@ def test_matches_stock(device, backend, kind, shape, layout, dtype, training):
     assert fused.num_batches_tracked.item() == stock64.num_batches_tracked.item()
 
 
+# Shapes past the small CASES: reductions split more than 32 ways (several fold steps), tiles with
+# masked rows and columns, more than one channel block in channels_last, S == 1 read as channels.
+TILING_CASES = [
+    ((300, 2, 16, 20), "contiguous"),
+    ((300, 3, 8, 8), "channels_last"),
+    ((2, 1040, 2, 2), "channels_last"),
+    ((5, 4, 3, 3), "contiguous"),
+    ((513, 6), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("shape,layout", TILING_CASES, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_and_tiled_shapes(device, backend, shape, layout, dtype):
+    skip_unsupported(backend, "bn_relu", device, dtype)
+    x = _make_input(shape, layout, dtype, device, seed=11)
+    c = shape[1]
+    g = torch.Generator().manual_seed(12)
+    w = (torch.rand(c, generator=g) + 0.5).to(device)
+    b = (torch.randn(c, generator=g) * 0.3).to(device)
+    gy = torch.randn(shape, generator=g).to(dtype).to(device)
+    if layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for name, inp in (("fast", x), ("lowp", x), ("oracle", x.double())):
+        xi = inp.clone().requires_grad_()
+        wi, bi = [t.double() if name == "oracle" else t.clone() for t in (w, b)]
+        wi.requires_grad_()
+        bi.requires_grad_()
+        with torchfast.use_backend(backend if name == "fast" else "reference"):
+            y = batch_norm_relu(xi, None, None, wi, bi, True, 0.1, 1e-5)
+        y.backward(gy.to(y.dtype))
+        results[name] = (y.detach(), xi.grad, wi.grad, bi.grad)
+    sums = x.numel() // c  # elements per channel: the length of the grad_weight/grad_bias sums
+    for i, what in enumerate(("output", "grad_input", "grad_weight", "grad_bias")):
+        assert_close_to_oracle(results["fast"][i], results["lowp"][i], results["oracle"][i], what,
+                               atol_ulps=16 if i < 2 else 16 * sums)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -5,17 +5,23 @@ Passes over memory (T = tensor bytes): training forward = statistics (read x) + 
 write y) = 3T; eval forward 2T; backward = reduction (read x, dy) + elementwise (read x, dy, write dx)
 = 5T, the ReLU mask recomputed from x with the forward's own formula x * scale + shift.
 
-The statistics are a split reduction: a (C, SPLITS) grid, each program reducing a strided share of
-one channel's N*S elements (shifted by the channel's first element, float32), partials folded per
-channel in float64 in a fixed order. SPLITS grows with N*S so that few channels with large images
-(ResNet's 64x112x112 at batch 256: 3.2M elements per channel) still fill an H100/H200's 132 SMs.
-Layouts: contiguous (N, C, S) and channels_last (N, S, C) by index arithmetic; other strides are
-made contiguous first.
+Every kernel works on 2-D tiles [rows, columns] of the tensor seen as a matrix, so no kernel divides
+an element index to find its channel (64-bit division per element would make the passes compute-
+bound on Hopper):
+  contiguous (N, C, S): rows are the N*C (n, c) rows of S elements, a row's channel is row % C (one
+    division per row); channels_last (N, S, C) and contiguous (N, C): rows are the N*S positions,
+    the columns are the channels.
+Reductions are split: program (channel or channel block, split) reduces a strided share of tiles and
+writes one partial pair; a finish kernel folds each channel's partials in float64 in a fixed order
+and computes every per-channel constant in the same launch (no chain of small torch ops). The
+channels_last reduction reads [rows, channel block] tiles, so its loads are coalesced along C.
 
-Block shapes (for Hopper): reductions take 1024 elements per step with 8 warps (4 fp32 per thread,
-one 16-byte load); the elementwise passes are autotuned over 1024-4096 elements and 4-8 warps, the
-range where H100 bandwidth-bound kernels saturate HBM3. Channels_last reductions are strided and
-are the first thing to tune on a GPU (issue 4 / 5 GPU runs).
+Block shapes (for Hopper, 132 SMs, HBM3): tiles of 2048 elements (16 per thread at 4 warps: 4
+16-byte fp32 loads or 2 bf16 ones in flight per thread) with the column block the next power of two
+of S or C up to 1024 (so 7x7 maps waste 23 % of the lanes, not 95 %); splits grow until every
+channel (block) has about 8 tiles per program, up to 1024, so that 64 channels of 112x112 at batch
+256 still give thousands of programs. The elementwise passes are autotuned over 1024-4096 elements
+and 4-8 warps, the range where bandwidth-bound kernels saturate HBM3.
 """
 from typing import Optional, Tuple
 
@@ -27,103 +33,232 @@ from torch.library import triton_op, wrap_triton
 from torchfast._ops import _register_bn_relu
 from torchfast.triton import INTERPRET, configs
 
-RED_BLOCK = 128 if INTERPRET else 1024
+RED_TILE = 256 if INTERPRET else 2048  # elements per reduction tile
+MAX_COL_BLOCK = 1024
+TILES_PER_PROGRAM = 8
 MAX_SPLITS = 1024
+FIN_BLOCK_C = 32 if INTERPRET else 64  # channels per finish program
+FIN_BLOCK_SP = 32  # splits folded per step of a finish program
 
 _EW_CONFIGS = configs(
-    [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)],
-    triton.Config({"BLOCK": 256}, num_warps=4))
+    [triton.Config({"BLOCK": b}, num_warps=w) for b in (2048, 4096, 1024) for w in (4, 8)],
+    triton.Config({"BLOCK": 1024}, num_warps=4))
 
 
-@triton.jit
-def _offsets(j, c, C, S, CHANNELS_LAST: tl.constexpr):
-    if CHANNELS_LAST:
-        return j * C + c
-    n = j // S
-    return (n * C + c) * S + (j - n * S)
-
+# ---------------------------------------------------------------------------------------- reductions
 
 @triton.jit
-def _channel(i, C, S, CHANNELS_LAST: tl.constexpr):
-    if CHANNELS_LAST:
-        return i % C
-    return (i // S) % C
-
-
-@triton.jit
-def _stats_partial_kernel(x_ptr, ws_ptr, C, S, M, SPLITS, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
+                        BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Contiguous layout. Program (c, split) takes tiles split, split + SPLITS, ... of channel c's
+    [N, S] rows, tile t covering rows n in tile t // s_tiles and columns in tile t % s_tiles."""
     c = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    K = tl.load(x_ptr + _offsets(0, c, C, S, CHANNELS_LAST)).to(tl.float32)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(split * BLOCK, M, SPLITS * BLOCK):
-        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < M
-        x = tl.load(x_ptr + _offsets(j, c, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - K, 0.0)
-        a1 += d
-        a2 += d * d
-    tl.store(ws_ptr + (c * SPLITS + split) * 2, tl.sum(a1, axis=0))
-    tl.store(ws_ptr + (c * SPLITS + split) * 2 + 1, tl.sum(a2, axis=0))
+    split = tl.program_id(1)
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    tiles = tl.cdiv(N, BLOCK_N) * s_tiles
+    if BACKWARD:
+        sc = tl.load(scale_ptr + c)
+        sh = tl.load(shift_ptr + c)
+        mu = tl.load(mean_ptr + c)
+    else:
+        k = tl.load(x_ptr + c * S).to(tl.float32)  # shift: the channel's first element
+    a1 = tl.zeros([BLOCK_N, BLOCK_S], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_N, BLOCK_S], dtype=tl.float32)
+    for t in range(split, tiles, SPLITS):
+        tn = t // s_tiles
+        n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = (t - tn * s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (n < N)[:, None] & (s < S)[None, :]
+        off = (n.to(tl.int64)[:, None] * C + c) * S + s[None, :]
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
+            a1 += gm
+            a2 += gm * (x - mu)
+        else:
+            d = tl.where(mask, x - k, 0.0)
+            a1 += d
+            a2 += d * d
+    out = ws_ptr + (c * SPLITS + split) * 2
+    tl.store(out, tl.sum(tl.sum(a1, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
 
 
-@triton.autotune(configs=_EW_CONFIGS, key=["numel", "C"])
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, numel, C, S, CHANNELS_LAST: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    c = _channel(offs, C, S, CHANNELS_LAST)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(scale_ptr + c, mask=mask, other=0.0)
-    sh = tl.load(shift_ptr + c, mask=mask, other=0.0)
+def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
+                        BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """channels_last / (N, C): program (channel block, split) takes row blocks split, split + SPLITS,
+    ... of the [R = N*S, C] matrix, loading [BLOCK_R, BLOCK_C] tiles (coalesced along C)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    cmask = c < C
+    if BACKWARD:
+        sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)[None, :]
+        sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[None, :]
+        mu = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
+    else:
+        k = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]  # row 0
+    a1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(split * BLOCK_R, R, SPLITS * BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = (r < R)[:, None] & cmask[None, :]
+        off = r[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
+            a1 += gm
+            a2 += gm * (x - mu)
+        else:
+            d = tl.where(mask, x - k, 0.0)
+            a1 += d
+            a2 += d * d
+    out = ws_ptr + (c.to(tl.int64) * SPLITS + split) * 2
+    tl.store(out, tl.sum(a1, axis=0), mask=cmask)
+    tl.store(out + 1, tl.sum(a2, axis=0), mask=cmask)
+
+
+@triton.jit
+def _fold(ws_ptr, c, cmask, SPLITS, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr):
+    """The two partial sums of channels c over their splits, in float64, in a fixed order."""
+    s1 = tl.zeros([BLOCK_C, BLOCK_SP], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_C, BLOCK_SP], dtype=tl.float64)
+    for sp0 in range(0, SPLITS, BLOCK_SP):
+        sp = sp0 + tl.arange(0, BLOCK_SP)
+        m = cmask[:, None] & (sp < SPLITS)[None, :]
+        off = (c.to(tl.int64)[:, None] * SPLITS + sp[None, :]) * 2
+        s1 += tl.load(ws_ptr + off, mask=m, other=0.0).to(tl.float64)
+        s2 += tl.load(ws_ptr + off + 1, mask=m, other=0.0).to(tl.float64)
+    return tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr):
+    """scale = weight * invstd, shift = bias - mean * scale: the one formula every pass uses."""
+    scale = invstd
+    if HAS_W:
+        scale = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32) * invstd
+    shift = -mean * scale
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32) + shift
+    tl.store(scale_ptr + c, scale, mask=cmask)
+    tl.store(shift_ptr + c, shift, mask=cmask)
+
+
+@triton.jit
+def _stats_finish_kernel(ws_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, scale_ptr, shift_ptr,
+                         C, S, SPLITS, M, eps, CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr,
+                         HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s1, s2 = _fold(ws_ptr, c, cmask, SPLITS, BLOCK_C, BLOCK_SP)
+    first = c.to(tl.int64) if CHANNELS_LAST else c.to(tl.int64) * S
+    k = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32).to(tl.float64)
+    m = tl.zeros([BLOCK_C], dtype=tl.float64) + M  # (not M.to(): an int argument equal to 1 is a constexpr)
+    m1 = s1 / m
+    var = tl.maximum(s2 / m - m1 * m1, 0.0)
+    invstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    mean = (k + m1).to(tl.float32)
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, invstd, mask=cmask)
+    tl.store(var_ptr + c, var.to(tl.float32), mask=cmask)
+    _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+
+
+@triton.jit
+def _prepare_kernel(mean_ptr, v_ptr, w_ptr, b_ptr, mean_out, var_out, invstd_ptr, scale_ptr, shift_ptr, C, eps,
+                    FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel constants from given statistics: eval forward (running mean/var, copied out as
+    float32) or backward (saved mean/invstd)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if FROM_VAR:
+        var = tl.load(v_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+        invstd = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(tl.float32)
+        tl.store(mean_out + c, mean, mask=cmask)
+        tl.store(var_out + c, var, mask=cmask)
+        tl.store(invstd_ptr + c, invstd, mask=cmask)
+    else:
+        invstd = tl.load(v_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+
+
+@triton.jit
+def _backward_finish_kernel(ws_ptr, w_ptr, invstd_ptr, gw_ptr, gb_ptr, k0_ptr, k1_ptr, k2_ptr, C, SPLITS, M,
+                            USE_BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_SP: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sum_dy, sum_dy_xmu = _fold(ws_ptr, c, cmask, SPLITS, BLOCK_C, BLOCK_SP)
+    inv = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+    w = inv * 0.0 + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float64)
+    tl.store(gb_ptr + c, sum_dy.to(tl.float32), mask=cmask)
+    tl.store(gw_ptr + c, (sum_dy_xmu * inv).to(tl.float32), mask=cmask)
+    tl.store(k0_ptr + c, (w * inv).to(tl.float32), mask=cmask)
+    if USE_BATCH_STATS:
+        m = tl.zeros([BLOCK_C], dtype=tl.float64) + M
+        tl.store(k1_ptr + c, (w * inv * sum_dy / m).to(tl.float32), mask=cmask)
+        tl.store(k2_ptr + c, (w * inv * inv * inv * sum_dy_xmu / m).to(tl.float32), mask=cmask)
+    else:
+        tl.store(k1_ptr + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
+        tl.store(k2_ptr + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------- elementwise
+
+@triton.jit
+def _tile(ROWS, COLS, C, ROW_CHANNEL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """Offsets, mask and channel index of this program's [BLOCK_R, BLOCK_COL] tile."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    col = tl.program_id(1) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    rmask = r < ROWS
+    cmask = col < COLS
+    mask = rmask[:, None] & cmask[None, :]
+    off = r[:, None] * COLS + col[None, :]
+    if ROW_CHANNEL:
+        ch = (r % C)[:, None]  # one division per row, not per element
+        chmask = rmask[:, None]
+    else:
+        ch = col[None, :]
+        chmask = cmask[None, :]
+    return off, mask, ch, chmask
+
+
+@triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, ROW_CHANNEL: tl.constexpr,
+                    BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+    off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
+    sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
+    sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     v = x * sc + sh
     y = tl.where(v < 0.0, 0.0, v)  # NaN propagates, as in torch.relu
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
 @triton.jit
-def _backward_partial_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, C, S, M, SPLITS,
-                             CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    sc = tl.load(scale_ptr + c)
-    sh = tl.load(shift_ptr + c)
-    mu = tl.load(mean_ptr + c)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(split * BLOCK, M, SPLITS * BLOCK):
-        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < M
-        off = _offsets(j, c, C, S, CHANNELS_LAST)
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
-        a1 += gm
-        a2 += gm * (x - mu)
-    tl.store(ws_ptr + (c * SPLITS + split) * 2, tl.sum(a1, axis=0))
-    tl.store(ws_ptr + (c * SPLITS + split) * 2 + 1, tl.sum(a2, axis=0))
-
-
-@triton.autotune(configs=_EW_CONFIGS, key=["numel", "C"])
-@triton.jit
-def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, numel, C, S,
-                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    c = _channel(offs, C, S, CHANNELS_LAST)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(scale_ptr + c, mask=mask, other=0.0)
-    sh = tl.load(shift_ptr + c, mask=mask, other=0.0)
+def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, ROWS, COLS, C,
+                     ROW_CHANNEL: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+    off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
+    sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
+    sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
+    mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
+    k0 = tl.load(k0_ptr + ch, mask=chmask, other=0.0)
+    k1 = tl.load(k1_ptr + ch, mask=chmask, other=0.0)
+    k2 = tl.load(k2_ptr + ch, mask=chmask, other=0.0)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     gm = tl.where(x * sc + sh > 0.0, g, 0.0)
-    k0 = tl.load(k0_ptr + c, mask=mask, other=0.0)
-    k1 = tl.load(k1_ptr + c, mask=mask, other=0.0)
-    k2 = tl.load(k2_ptr + c, mask=mask, other=0.0)
-    mu = tl.load(mean_ptr + c, mask=mask, other=0.0)
     dx = gm * k0 - k1 - (x - mu) * k2
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,26 +273,51 @@ def _native(x):
     return False
 
 
-def _geometry(x):
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(1, n * c)
-    return n, c, s, not x.is_contiguous()
+class _Geometry:
+    """The tensor as a matrix: rows x cols, and whether a row (contiguous) or a column
+    (channels_last, and contiguous (N, C) with S == 1) is one channel."""
+
+    def __init__(self, x):
+        self.n, self.c = x.shape[0], x.shape[1]
+        self.s = x.numel() // max(1, self.n * self.c)
+        self.m = self.n * self.s  # elements per channel
+        self.cols_are_channels = (not x.is_contiguous()) or self.s == 1
+        if self.cols_are_channels:
+            self.rows, self.cols = self.n * self.s, self.c
+        else:
+            self.rows, self.cols = self.n * self.c, self.s
+        self.col_block = min(triton.next_power_of_2(max(self.cols, 1)), MAX_COL_BLOCK)
+        self.row_block = max(1, RED_TILE // self.col_block)
+        if self.cols_are_channels:
+            tiles = triton.cdiv(self.rows, self.row_block)
+        else:
+            tiles = triton.cdiv(self.n, self.row_block) * triton.cdiv(self.s, self.col_block)
+        self.splits = max(1, min(MAX_SPLITS, triton.cdiv(tiles, TILES_PER_PROGRAM)))
+
+    def reduce(self, x, dy, scale, shift, mean, ws, backward):
+        if self.cols_are_channels:
+            grid = (triton.cdiv(self.c, self.col_block), self.splits)
+            wrap_triton(_reduce_cols_kernel)[grid](x, dy, scale, shift, mean, ws, self.rows, self.c, self.splits,
+                                                   BACKWARD=backward, BLOCK_R=self.row_block,
+                                                   BLOCK_C=self.col_block, num_warps=4)
+        else:
+            nb = min(triton.next_power_of_2(self.n), self.row_block)
+            wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, scale, shift, mean, ws, self.n, self.c,
+                                                                   self.s, self.splits, BACKWARD=backward,
+                                                                   BLOCK_N=nb, BLOCK_S=self.col_block, num_warps=4)
+
+    def ew_grid(self):
+        return lambda meta: (triton.cdiv(self.rows, meta["BLOCK"] // self.col_block),
+                             triton.cdiv(self.cols, self.col_block))
 
 
-def _splits(m):
-    return max(1, min(MAX_SPLITS, triton.cdiv(m, RED_BLOCK * 8)))
+def _fin_grid(c):
+    return (triton.cdiv(c, FIN_BLOCK_C),)
 
 
-def _scale_shift(mean, invstd, weight, bias):
-    scale = invstd * weight.float() if weight is not None else invstd.clone()
-    shift = -mean * scale
-    if bias is not None:
-        shift = bias.float() + shift
-    return scale.contiguous(), shift.contiguous()
-
-
-def _ew_grid(numel):
-    return lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
+def _opt(t, like):
+    """(pointer argument, present?) for an optional per-channel tensor."""
+    return (t, True) if t is not None else (like, False)
 
 
 @triton_op("torchfast::bn_relu_fwd_triton", mutates_args=())
@@ -168,30 +328,33 @@ def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias
     x = input if native else input.contiguous()
     out = torch.empty_like(input)
     y = out if native else torch.empty_like(x)
-    n, c, s, cl = _geometry(x)
-    m = n * s
+    g = _Geometry(x)
+    c = g.c
+    f32 = dict(dtype=torch.float32, device=x.device)
+    mean, invstd, var = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
+    if c == 0:
+        return out, mean, invstd, var
+    if training and x.numel() == 0:
+        mean.fill_(float("nan"))
+        var.fill_(float("nan"))
+        invstd.fill_(float("nan"))
+        return out, mean, invstd, var
+    scale, shift = torch.empty(c, **f32), torch.empty(c, **f32)
+    w, has_w = _opt(weight, mean)
+    b, has_b = _opt(bias, mean)
     if training:
-        if x.numel() == 0:
-            mean = torch.full((c,), float("nan"), device=x.device)
-            var = mean.clone()
-        else:
-            splits = _splits(m)
-            ws = torch.empty(c * splits * 2, dtype=torch.float32, device=x.device)
-            wrap_triton(_stats_partial_kernel)[(c, splits)](x, ws, c, s, m, splits, CHANNELS_LAST=cl,
-                                                            BLOCK=RED_BLOCK, num_warps=8)
-            sums = ws.view(c, splits, 2).double().sum(dim=1)
-            # The shift the partial sums were taken about: each channel's first element.
-            K = x[(0, slice(None)) + (0,) * (x.dim() - 2)].double()
-            m1 = sums[:, 0] / m
-            var = (sums[:, 1] / m - m1 * m1).clamp_min(0.0).float()
-            mean = (K + m1).float()
+        ws = torch.empty(c * g.splits * 2, **f32)
+        g.reduce(x, x, mean, mean, mean, ws, backward=False)
+        wrap_triton(_stats_finish_kernel)[_fin_grid(c)](
+            ws, x, w, b, mean, invstd, var, scale, shift, c, g.s, g.splits, g.m, eps,
+            CHANNELS_LAST=g.cols_are_channels, HAS_W=has_w, HAS_B=has_b, BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
     else:
-        mean = running_mean.float().clone()
-        var = running_var.float().clone()
-    invstd = torch.rsqrt(var + eps)
+        wrap_triton(_prepare_kernel)[_fin_grid(c)](running_mean, running_var, w, b, mean, var, invstd, scale, shift,
+                                                   c, eps, FROM_VAR=True, HAS_W=has_w, HAS_B=has_b,
+                                                   BLOCK_C=FIN_BLOCK_C)
     if x.numel() > 0:
-        scale, shift = _scale_shift(mean, invstd, weight, bias)
-        wrap_triton(_forward_kernel)[_ew_grid(x.numel())](x, y, scale, shift, x.numel(), c, s, CHANNELS_LAST=cl)
+        wrap_triton(_forward_kernel)[g.ew_grid()](x, y, scale, shift, g.rows, g.cols, c,
+                                                  ROW_CHANNEL=not g.cols_are_channels, BLOCK_COL=g.col_block)
     if not native:
         out.copy_(y)
     return out, mean, invstd, var
@@ -206,34 +369,28 @@ def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Opti
     dy = grad_out if native else grad_out.contiguous()
     grad_in = torch.empty_like(input)
     dx = grad_in if native else torch.empty_like(x)
-    n, c, s, cl = _geometry(x)
-    m = n * s
+    g = _Geometry(x)
+    c = g.c
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grad_w, grad_b = torch.empty(c, **f32), torch.empty(c, **f32)
+    if c == 0:
+        return grad_in, grad_w, grad_b
     mean = mean.float().contiguous()
-    invstd = invstd.float().contiguous()
-    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    scale, shift, k0, k1, k2 = (torch.empty(c, **f32) for _ in range(5))
+    w, has_w = _opt(weight, mean)
+    b, has_b = _opt(bias, mean)
+    wrap_triton(_prepare_kernel)[_fin_grid(c)](mean, invstd, w, b, mean, mean, mean, scale, shift, c, 0.0,
+                                               FROM_VAR=False, HAS_W=has_w, HAS_B=has_b, BLOCK_C=FIN_BLOCK_C)
+    splits = g.splits if x.numel() > 0 else 1
+    ws = torch.zeros(c * splits * 2, **f32) if x.numel() == 0 else torch.empty(c * splits * 2, **f32)
     if x.numel() > 0:
-        splits = _splits(m)
-        ws = torch.empty(c * splits * 2, dtype=torch.float32, device=x.device)
-        wrap_triton(_backward_partial_kernel)[(c, splits)](x, dy, scale, shift, mean, ws, c, s, m, splits,
-                                                           CHANNELS_LAST=cl, BLOCK=RED_BLOCK, num_warps=8)
-        sums = ws.view(c, splits, 2).double().sum(dim=1)
-    else:
-        sums = torch.zeros(c, 2, dtype=torch.float64, device=x.device)
-    sum_dy, sum_dy_xmu = sums[:, 0], sums[:, 1]
-    inv = invstd.double()
-    w = weight.double() if weight is not None else torch.ones_like(inv)
-    grad_w = (sum_dy_xmu * inv).float()
-    grad_b = sum_dy.float()
-    k0 = (w * inv).float().contiguous()
-    if training and m > 0:
-        k1 = (w * inv * sum_dy / m).float().contiguous()
-        k2 = (w * inv * inv * inv * sum_dy_xmu / m).float().contiguous()
-    else:
-        k1 = torch.zeros_like(k0)
-        k2 = torch.zeros_like(k0)
+        g.reduce(x, dy, scale, shift, mean, ws, backward=True)
+    wrap_triton(_backward_finish_kernel)[_fin_grid(c)](
+        ws, w, invstd, grad_w, grad_b, k0, k1, k2, c, splits, g.m, USE_BATCH_STATS=bool(training and g.m > 0),
+        HAS_W=has_w, BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
     if x.numel() > 0:
-        wrap_triton(_backward_kernel)[_ew_grid(x.numel())](x, dy, dx, scale, shift, mean, k0, k1, k2, x.numel(), c, s,
-                                                           CHANNELS_LAST=cl)
+        wrap_triton(_backward_kernel)[g.ew_grid()](x, dy, dx, scale, shift, mean, k0, k1, k2, g.rows, g.cols, c,
+                                                   ROW_CHANNEL=not g.cols_are_channels, BLOCK_COL=g.col_block)
     if not native:
         grad_in.copy_(dx)
     return grad_in, grad_w, grad_b
