@@ -32,10 +32,24 @@ def configs(gpu_configs, interpret_config):
     return gpu_configs
 
 
-def upload_table(rows, device, dtype=torch.int64):
+def upload(t: torch.Tensor, device):
     """A host-built table moved to `device` without making the host wait (pinned memory, non-blocking
     copy). Under the interpreter the table stays on the CPU."""
-    t = torch.tensor(rows, dtype=dtype)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def chunk_table(tensors, chunk: int, per_tensor=()):
+    """The chunk table of a tensor list, built with tensor ops (no Python loop over chunks): an int64
+    [3 + len(per_tensor), chunks] table whose rows are each chunk's tensor address, the tensor's
+    element count, the chunk's first element, then the chunk's tensor's entry of each per_tensor
+    column. Also returns the chunk -> tensor index. Empty tensors have no chunk."""
+    ns = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    counts = (ns + chunk - 1) // chunk
+    idx = torch.repeat_interleave(torch.arange(len(tensors)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(idx.numel()) - first[idx]) * chunk
+    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    rows = [ptrs[idx], ns[idx], start] + [torch.as_tensor(col, dtype=torch.int64)[idx] for col in per_tensor]
+    return torch.stack(rows), idx

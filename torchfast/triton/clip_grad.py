@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from torchfast.reference.clip_grad import acc_dtype
-from torchfast.triton import INTERPRET, tl_dtype, upload_table
+from torchfast.triton import INTERPRET, chunk_table, tl_dtype, upload
 
 CHUNK = 1 << 16
 KIND_ONE, KIND_TWO, KIND_INF, KIND_P = 0, 1, 2, 3
@@ -94,17 +94,6 @@ def _clip_chunks_kernel(addr_ptr, numel_ptr, start_ptr, total_ptr, max_norm, IN_
             tl.store(x_ptr + offs, (x * coef).to(IN_DTYPE), mask=mask)
 
 
-def _table(tensors):
-    addr, numel, start = [], [], []
-    for t in tensors:
-        n = t.numel()
-        for s in range(0, n, CHUNK):
-            addr.append(t.data_ptr())
-            numel.append(n)
-            start.append(s)
-    return addr, numel, start
-
-
 def _kind(norm_type):
     return (KIND_INF if math.isinf(norm_type) else KIND_ONE if norm_type == 1.0
             else KIND_TWO if norm_type == 2.0 else KIND_P)
@@ -120,17 +109,18 @@ def _norm_launch(tensors, norm_type: float) -> torch.Tensor:
                            "operation does not have an identity")
     dtype, device = tensors[0].dtype, tensors[0].device
     dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    addr, numel, start = _table(dense)
+    table, _ = chunk_table(dense, CHUNK)
+    nchunks = table.shape[1]
     out = torch.zeros((), dtype=torch.float32, device=device)
-    if not addr:
+    if nchunks == 0:
         return out.to(acc_dtype(dtype))
-    partial = torch.empty(len(addr), dtype=torch.float32, device=device)
-    tables = [upload_table(v, device) for v in (addr, numel, start)]
+    partial = torch.empty(nchunks, dtype=torch.float32, device=device)
+    table = upload(table, device)
     kind = _kind(norm_type)
     p = float(norm_type) if kind == KIND_P else 1.0
-    _norm_chunks_kernel[(len(addr),)](*tables, partial, p, KIND=kind, IN_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
+    _norm_chunks_kernel[(nchunks,)](table[0], table[1], table[2], partial, p, KIND=kind, IN_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
                                       BLOCK=_block(), num_warps=8)
-    _norm_finish_kernel[(1,)](partial, len(addr), out, p, KIND=kind, BLOCK=_block(), num_warps=8)
+    _norm_finish_kernel[(1,)](partial, nchunks, out, p, KIND=kind, BLOCK=_block(), num_warps=8)
     return out
 
 
@@ -138,11 +128,11 @@ def _clip_launch(tensors, total_norm: torch.Tensor, max_norm: float) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     dense = [t for t in tensors if t.is_contiguous()]
     strided = [t for t in tensors if not t.is_contiguous()]
-    addr, numel, start = _table(dense)
     total = total_norm.reshape(()).to(device=device, dtype=torch.float32)
-    if addr:
-        tables = [upload_table(v, device) for v in (addr, numel, start)]
-        _clip_chunks_kernel[(len(addr),)](*tables, total, float(max_norm), IN_DTYPE=tl_dtype(dtype),
+    table, _ = chunk_table(dense, CHUNK)
+    if table.shape[1] > 0:
+        table = upload(table, device)
+        _clip_chunks_kernel[(table.shape[1],)](table[0], table[1], table[2], total, float(max_norm), IN_DTYPE=tl_dtype(dtype),
                                           CHUNK_ELEMS=CHUNK, BLOCK=_block(), num_warps=8)
     if strided:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
-from torchfast.triton import INTERPRET, tl_dtype, upload_table
+from torchfast.triton import INTERPRET, chunk_table, tl_dtype, upload
 
 CHUNK = 1 << 16  # elements per program
 
@@ -107,24 +107,16 @@ def _fill_launch(tensors, seed, streams, kinds, params):
     if not tensors:
         return
     dtype, device = tensors[0].dtype, tensors[0].device
-    addr, numel, start, stream, kind, prm = [], [], [], [], [], []
     for i, t in enumerate(tensors):
         if not t.is_contiguous() or t.dtype != dtype or t.device != device:
             raise ValueError("philox_fill_ (triton): tensor %d must be contiguous, %s, on %s" % (i, dtype, device))
-        n = t.numel()
-        for s in range(0, n, CHUNK):
-            addr.append(t.data_ptr())
-            numel.append(n)
-            start.append(s)
-            stream.append(streams[i])
-            kind.append(kinds[i])
-            prm.extend(params[6 * i: 6 * i + 6])
-    if not addr:
+    table, idx = chunk_table(tensors, CHUNK, per_tensor=(streams, kinds))
+    if idx.numel() == 0:
         return
-    tables = [upload_table(v, device) for v in (addr, numel, start, stream, kind)]
-    prm_t = upload_table(prm, device, torch.float32)
+    prm = torch.tensor(params, dtype=torch.float32).view(-1, 6)[idx].contiguous()
+    table, prm_t = upload(table, device), upload(prm, device)
     block_b = 64 if INTERPRET else 1024
-    _philox_fill_kernel[(len(addr),)](*tables, prm_t, seed, OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
+    _philox_fill_kernel[(idx.numel(),)](table[0], table[1], table[2], table[3], table[4], prm_t, seed, OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
                                       BLOCK_B=block_b, num_warps=8,
                                       enable_fp_fusion=False)
 
