@@ -162,7 +162,18 @@ FIELDS = ["date", "device", "device_type", "op", "case", "shape", "dtype", "layo
           "vs_eager", "vs_compile", "gbps", "pct_copy_bw", "peak_mb", "torch", "torchfast"]
 
 
+# Every row made in this process, in order: run.py writes these if it is stopped part-way (SIGTERM
+# from `timeout`, Ctrl-C), so a time-boxed GPU check keeps the cases it finished.
+LIVE_ROWS = []
+
+
 def make_row(device, op, case, shape, dtype, layout, impl, seconds, nbytes, copy_bw, peak_bytes=None):
+    row = _row(device, op, case, shape, dtype, layout, impl, seconds, nbytes, copy_bw, peak_bytes)
+    LIVE_ROWS.append(row)
+    return row
+
+
+def _row(device, op, case, shape, dtype, layout, impl, seconds, nbytes, copy_bw, peak_bytes):
     return {
         "date": datetime.date.today().isoformat(),
         "device": device_name(device),

@@ -33,23 +33,24 @@ $PY -m torchfast.info 2>&1 | tee "$OUT/info.txt"
 
 stamp "tests"
 # One Triton config per kernel while testing (correctness, not tuning): fewer JIT compiles.
-TORCHFAST_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest tests -q -ra -p no:cacheprovider \
+TORCHFAST_TRITON_AUTOTUNE=0 timeout -k 20 200 $PY -m pytest tests -q -ra -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -25 "$OUT/tests.log"
 
 stamp "benchmarks"
+# A run stopped by `timeout` (SIGTERM) still writes the rows it measured.
 # BatchNorm+ReLU against stock eager and torch.compile; the multi-tensor ops against eager only
 # (compiling stock clipping over ~150 gradients takes longer than the whole budget allows).
-timeout 120 $PY benchmarks/run.py --device cuda --quick --ops bn_relu --out "$OUT" > "$OUT/bench.log" 2>&1
+timeout -k 20 120 $PY benchmarks/run.py --device cuda --quick --ops bn_relu --out "$OUT" > "$OUT/bench.log" 2>&1
 bench_rc=$?
-timeout 60 $PY benchmarks/run.py --device cuda --quick --ops clip_grad,init,e2e --no-compile --out "$OUT" \
+timeout -k 20 60 $PY benchmarks/run.py --device cuda --quick --ops clip_grad,init,e2e --no-compile --out "$OUT" \
   >> "$OUT/bench.log" 2>&1
 bench_rc=$(( bench_rc | $? ))
 tail -5 "$OUT/bench.log"
 
 stamp "backend choice"
-timeout 60 $PY -m torchfast.tuning --scale 0.5 --reps 5 --save "$OUT/backend_choice.json" > "$OUT/tuning.log" 2>&1
+timeout -k 20 60 $PY -m torchfast.tuning --scale 0.5 --reps 5 --save "$OUT/backend_choice.json" > "$OUT/tuning.log" 2>&1
 tune_rc=$?
 tail -6 "$OUT/tuning.log"
 

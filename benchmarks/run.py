@@ -7,6 +7,7 @@ under benchmarks/results/ and a speedup plot.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -50,15 +51,26 @@ def main(argv=None):
         print("\n(glibc malloc: large blocks kept in the heap between iterations; see common.steady_cpu_allocator)")
     print()
     started = time.time()
+
+    def _stop(signum, frame):  # `timeout` sends SIGTERM: finish like Ctrl-C, keeping the rows so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    stopped = False
     for dev in devices:
         device = torch.device(dev)
         total = sum(OPS[o].count(device, args.quick, dtypes) for o in ops)
         progress = common.Progress(total, dev)
-        rows = []
-        for o in ops:
-            r, _ = OPS[o].run(device, quick=args.quick, dtypes=dtypes, compile_stock=not args.no_compile,
-                              progress=progress, out_dir=args.out)
-            rows += r
+        first = len(common.LIVE_ROWS)
+        try:
+            for o in ops:
+                OPS[o].run(device, quick=args.quick, dtypes=dtypes, compile_stock=not args.no_compile,
+                           progress=progress, out_dir=args.out)
+        except KeyboardInterrupt:
+            stopped = True
+            print("\n\nstopped after %.0f s: writing the %d rows measured so far"
+                  % (time.time() - started, len(common.LIVE_ROWS) - first))
+        rows = common.LIVE_ROWS[first:]
         common.add_ratios(rows)
         print("\n== %s: %s  (copy bandwidth %.1f GB/s, torch %s) ==" % (
             dev, common.device_name(device), common.copy_bandwidth(device), torch.__version__))
@@ -66,8 +78,11 @@ def main(argv=None):
         csv_path = common.write_csv(rows, args.out, device)
         png = common.plot(rows, args.out, device)
         print("\nCSV: %s%s" % (csv_path, "\nplot: %s" % png if png else ""))
+        if stopped:
+            break
     print("total %.0f s" % (time.time() - started))
+    return 130 if stopped else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
