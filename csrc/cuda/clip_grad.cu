@@ -32,27 +32,28 @@ struct Combine {
   }
 };
 
-template <typename acc_t>
-__device__ __forceinline__ void norm_add(int kind, acc_t p, const Combine<acc_t>& op, acc_t v, acc_t& acc) {
+// One element's contribution; KIND is a template parameter so the inner loops carry no branch on it.
+template <int KIND, typename acc_t>
+__device__ __forceinline__ void norm_add(acc_t p, const Combine<acc_t>& op, acc_t v, acc_t& acc) {
   const acc_t a = ::abs(v);
-  if (kind == kOne) acc += a;
-  else if (kind == kTwo) acc += a * a;
-  else if (kind == kInf) acc = op(acc, a);
+  if constexpr (KIND == kOne) acc += a;
+  else if constexpr (KIND == kTwo) acc += a * a;
+  else if constexpr (KIND == kInf) acc = op(acc, a);
   else acc += ::pow(a, p);
 }
 
 // One block per chunk. The chunk is read in 16-byte vectors when its start is 16-byte aligned (every
 // chunk of an aligned tensor: kChunk is a multiple of the vector width), its last numel % V elements
 // one at a time.
-template <typename scalar_t, typename acc_t>
-__global__ void norm_chunks_kernel(ChunkTable table, int kind, acc_t p, acc_t* partial) {
+template <typename scalar_t, typename acc_t, int KIND>
+__global__ void norm_chunks_kernel(ChunkTable table, acc_t p, acc_t* partial) {
   constexpr int V = 16 / sizeof(scalar_t);
   __shared__ acc_t shared[32];
   const int slot = table.tensor_of_block[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
   const int64_t end = min(table.numel[slot], begin + kChunk);
   const scalar_t* x = static_cast<const scalar_t*>(table.ptr[slot]);
-  Combine<acc_t> op{kind};
+  const Combine<acc_t> op{KIND};
   acc_t acc = 0;
   int64_t i = begin + threadIdx.x;
   if (aligned16(x + begin)) {
@@ -60,11 +61,11 @@ __global__ void norm_chunks_kernel(ChunkTable table, int kind, acc_t p, acc_t* p
     for (int64_t q = threadIdx.x; q < nvec; q += blockDim.x) {
       const Vec<scalar_t, V> v = *reinterpret_cast<const Vec<scalar_t, V>*>(x + begin + q * V);
 #pragma unroll
-      for (int k = 0; k < V; ++k) norm_add(kind, p, op, static_cast<acc_t>(v.v[k]), acc);
+      for (int k = 0; k < V; ++k) norm_add<KIND>(p, op, static_cast<acc_t>(v.v[k]), acc);
     }
     i = begin + nvec * V + threadIdx.x;
   }
-  for (; i < end; i += blockDim.x) norm_add(kind, p, op, static_cast<acc_t>(x[i]), acc);
+  for (; i < end; i += blockDim.x) norm_add<KIND>(p, op, static_cast<acc_t>(x[i]), acc);
   acc = block_reduce(acc, op, shared);
   if (threadIdx.x == 0) partial[table.first_block + blockIdx.x] = acc;
 }
@@ -141,8 +142,12 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* pp = partial.data_ptr<acc_t>();
+    const acc_t p = static_cast<acc_t>(norm_type);
     for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
-      TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t>)(table, kind, static_cast<acc_t>(norm_type), pp);
+      if (kind == kOne) TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t, kOne>)(table, p, pp);
+      else if (kind == kTwo) TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t, kTwo>)(table, p, pp);
+      else if (kind == kInf) TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t, kInf>)(table, p, pp);
+      else TF_LAUNCH(nb, kThreads, 0, stream, norm_chunks_kernel<scalar_t, acc_t, kP>)(table, p, pp);
       TF_LAUNCH_CHECK();
     });
     TF_LAUNCH(1, 1024, 0, stream, norm_finish_kernel<acc_t>)(pp, nchunks, kind, static_cast<acc_t>(norm_type),

@@ -17,11 +17,12 @@ and computes every per-channel constant in the same launch (no chain of small to
 channels_last reduction reads [rows, channel block] tiles, so its loads are coalesced along C.
 
 Block shapes (for Hopper, 132 SMs, HBM3): tiles of 2048 elements (16 per thread at 4 warps: 4
-16-byte fp32 loads or 2 bf16 ones in flight per thread) with the column block the next power of two
-of S or C up to 1024 (so 7x7 maps waste 23 % of the lanes, not 95 %); splits grow until every
-channel (block) has about 8 tiles per program, up to 1024, so that 64 channels of 112x112 at batch
-256 still give thousands of programs. The elementwise passes are autotuned over 1024-4096 elements
-and 4-8 warps, the range where bandwidth-bound kernels saturate HBM3.
+16-byte fp32 loads or 2 bf16 ones in flight per thread). The column block is the next power of two
+of S or C, from 16 to 1024: 7x7 maps waste 23 % of the lanes, not 95 %, and there are few distinct
+shapes to JIT-compile. Splits grow until every channel (block) has about 8 tiles per program, up to
+1024, so that 64 channels of 112x112 at batch 256 still give thousands of programs. The elementwise
+passes are autotuned over 1024-4096 elements and 4-8 warps, the range where bandwidth-bound kernels
+saturate HBM3.
 """
 from typing import Optional, Tuple
 
@@ -34,6 +35,7 @@ from torchfast._ops import _register_bn_relu
 from torchfast.triton import INTERPRET, configs
 
 RED_TILE = 256 if INTERPRET else 2048  # elements per reduction tile
+MIN_COL_BLOCK = 16
 MAX_COL_BLOCK = 1024
 TILES_PER_PROGRAM = 8
 MAX_SPLITS = 1024
@@ -286,7 +288,8 @@ class _Geometry:
             self.rows, self.cols = self.n * self.s, self.c
         else:
             self.rows, self.cols = self.n * self.c, self.s
-        self.col_block = min(triton.next_power_of_2(max(self.cols, 1)), MAX_COL_BLOCK)
+        # Powers of two from 16 to 1024: few distinct shapes to JIT-compile (each is a compile)
+        self.col_block = min(max(triton.next_power_of_2(max(self.cols, 1)), MIN_COL_BLOCK), MAX_COL_BLOCK)
         self.row_block = max(1, RED_TILE // self.col_block)
         if self.cols_are_channels:
             tiles = triton.cdiv(self.rows, self.row_block)
@@ -301,10 +304,10 @@ class _Geometry:
                                                    BACKWARD=backward, BLOCK_R=self.row_block,
                                                    BLOCK_C=self.col_block, num_warps=4)
         else:
-            nb = min(triton.next_power_of_2(self.n), self.row_block)
             wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, scale, shift, mean, ws, self.n, self.c,
                                                                    self.s, self.splits, BACKWARD=backward,
-                                                                   BLOCK_N=nb, BLOCK_S=self.col_block, num_warps=4)
+                                                                   BLOCK_N=self.row_block, BLOCK_S=self.col_block,
+                                                                   num_warps=4)
 
     def ew_grid(self):
         return lambda meta: (triton.cdiv(self.rows, meta["BLOCK"] // self.col_block),
