@@ -157,7 +157,10 @@ def _stats_finish_kernel(ws_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     s1, s2 = _fold(ws_ptr, c, cmask, SPLITS, BLOCK_C, BLOCK_SP)
-    first = c.to(tl.int64) if CHANNELS_LAST else c.to(tl.int64) * S
+    if CHANNELS_LAST:  # the shift of the partial sums: each channel's first element
+        first = c.to(tl.int64)
+    else:
+        first = c.to(tl.int64) * S
     k = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32).to(tl.float64)
     m = tl.zeros([BLOCK_C], dtype=tl.float64) + M  # (not M.to(): an int argument equal to 1 is a constexpr)
     m1 = s1 / m
