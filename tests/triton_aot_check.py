@@ -1,0 +1,140 @@
+"""Compile every Triton kernel of torchfast ahead of time for real GPU targets, without a GPU.
+
+Run by tests/test_triton_compile.py in a subprocess WITHOUT TRITON_INTERPRET (under the interpreter
+`triton.jit` returns interpreted functions that cannot be compiled). The interpreter executes the
+kernels' Python semantics; this goes through Triton's real pipeline (TTIR, TTGIR, LLVM, PTX and
+ptxas to a cubin) and so catches what only the GPU compiler rejects: constexpr misuse, type errors
+in compiled mode, integer arguments that Triton specializes to constants (a value of 1), shapes it
+cannot lay out.
+
+Prints one JSON object: {"ok": [...], "failed": {variant: error}}.
+"""
+import json
+import os
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from torchfast.triton import bn_relu, clip_grad, init  # noqa: E402
+
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+
+
+def _jit(kernel):
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _compile(kernel, types, constexprs, target, **options):
+    fn = _jit(kernel)
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
+    missing = [n for n in fn.arg_names if n not in constexprs and n not in types and not n.isupper()]
+    unknown = [n for n in list(types) + list(constexprs) if n not in fn.arg_names]
+    if unknown:
+        raise ValueError("not arguments of %s: %s" % (fn.__name__, unknown))
+    for n in missing:  # lower-case scalar arguments default to i32 only if they are not pointers
+        if n.endswith("_ptr") or n.endswith("_out"):
+            raise ValueError("%s: pointer argument %s needs a type" % (fn.__name__, n))
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=target, options=options or None)
+
+
+def variants():
+    """(name, kernel, types, constexprs, options)."""
+    out = []
+    ptr = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
+    for dt in (tl.float32, tl.bfloat16, tl.float16):
+        d = ptr[dt]
+        f = "*fp32"
+        for backward in (False, True):
+            common = {"x_ptr": d, "dy_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f, "ws_ptr": f}
+            out.append(("reduce_rows %s bwd=%s" % (dt, backward), bn_relu._reduce_rows_kernel, common,
+                        {"BACKWARD": backward, "BLOCK_N": 32, "BLOCK_S": 64}, {"num_warps": 4}))
+            out.append(("reduce_cols %s bwd=%s" % (dt, backward), bn_relu._reduce_cols_kernel, common,
+                        {"BACKWARD": backward, "BLOCK_R": 32, "BLOCK_C": 64}, {"num_warps": 4}))
+        for row_channel in (True, False):
+            out.append(("forward %s rows=%s" % (dt, row_channel), bn_relu._forward_kernel,
+                        {"x_ptr": d, "y_ptr": d, "scale_ptr": f, "shift_ptr": f},
+                        {"ROW_CHANNEL": row_channel, "BLOCK_COL": 16, "BLOCK": 2048}, {"num_warps": 8}))
+            out.append(("backward %s rows=%s" % (dt, row_channel), bn_relu._backward_kernel,
+                        {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f,
+                         "k0_ptr": f, "k1_ptr": f, "k2_ptr": f},
+                        {"ROW_CHANNEL": row_channel, "BLOCK_COL": 1024, "BLOCK": 1024}, {"num_warps": 4}))
+        out.append(("stats_finish %s" % dt, bn_relu._stats_finish_kernel,
+                    {"ws_ptr": f, "x_ptr": d, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
+                     "scale_ptr": f, "shift_ptr": f, "eps": "fp32", "M": "i64"},
+                    {"CHANNELS_LAST": dt == tl.float16, "HAS_W": True, "HAS_B": dt != tl.bfloat16, "BLOCK_C": 64,
+                     "BLOCK_SP": 32}, {}))
+        out.append(("norm_chunks %s" % dt, clip_grad._norm_chunks_kernel,
+                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "partial_ptr": f, "p": "fp32"},
+                    {"KIND": 1, "IN_DTYPE": dt, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048}, {"num_warps": 8}))
+        out.append(("clip_chunks %s" % dt, clip_grad._clip_chunks_kernel,
+                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "total_ptr": f,
+                     "max_norm": "fp32"},
+                    {"IN_DTYPE": dt, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048}, {"num_warps": 8}))
+        out.append(("philox_fill %s" % dt, init._philox_fill_kernel,
+                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "stream_ptr": "*i64",
+                     "kind_ptr": "*i64", "param_ptr": "*fp32", "seed": "i64"},
+                    {"OUT_DTYPE": dt, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024},
+                    {"num_warps": 8, "enable_fp_fusion": False}))
+    f = "*fp32"
+    # M == 1 (eval backward of a 1-element batch): Triton passes an integer argument equal to 1 as
+    # a constant, so the kernels must not call tensor methods on it.
+    out.append(("stats_finish M=1", bn_relu._stats_finish_kernel,
+                {"ws_ptr": f, "x_ptr": f, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
+                 "scale_ptr": f, "shift_ptr": f, "eps": "fp32"},
+                {"M": 1, "CHANNELS_LAST": False, "HAS_W": False, "HAS_B": False, "BLOCK_C": 64, "BLOCK_SP": 32}, {}))
+    for batch_stats in (True, False):
+        out.append(("backward_finish batch=%s M=1" % batch_stats, bn_relu._backward_finish_kernel,
+                    {"ws_ptr": f, "w_ptr": f, "invstd_ptr": f, "gw_ptr": f, "gb_ptr": f, "k0_ptr": f, "k1_ptr": f,
+                     "k2_ptr": f},
+                    {"M": 1, "SPLITS": 1, "USE_BATCH_STATS": batch_stats, "HAS_W": batch_stats, "BLOCK_C": 64,
+                     "BLOCK_SP": 32}, {}))
+    for from_var in (True, False):
+        out.append(("prepare from_var=%s" % from_var, bn_relu._prepare_kernel,
+                    {"mean_ptr": f, "v_ptr": "*fp16" if from_var else f, "w_ptr": f, "b_ptr": f, "mean_out": f,
+                     "var_out": f, "invstd_ptr": f, "scale_ptr": f, "shift_ptr": f, "eps": "fp32"},
+                    {"FROM_VAR": from_var, "HAS_W": True, "HAS_B": True, "BLOCK_C": 64}, {}))
+    for kind in (0, 2, 3):
+        out.append(("norm_chunks kind=%d" % kind, clip_grad._norm_chunks_kernel,
+                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "partial_ptr": f, "p": "fp32"},
+                    {"KIND": kind, "IN_DTYPE": tl.float32, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048},
+                    {"num_warps": 8}))
+    for kind in (0, 1, 2, 3):
+        out.append(("norm_finish kind=%d" % kind, clip_grad._norm_finish_kernel,
+                    {"partial_ptr": f, "n": "i32", "out_ptr": f, "p": "fp32"}, {"KIND": kind, "BLOCK": 2048},
+                    {"num_warps": 8}))
+    return out
+
+
+def main():
+    only = sys.argv[1:]
+    ok, failed = [], {}
+    t0 = time.time()
+    for name, kernel, types, constexprs, options in variants():
+        if only and not any(o in name for o in only):
+            continue
+        for target in TARGETS:
+            key = "%s sm_%d" % (name, target.arch)
+            try:
+                k = _compile(kernel, types, constexprs, target, **options)
+                if "cubin" not in k.asm:
+                    raise RuntimeError("no cubin produced")
+                ok.append(key)
+            except Exception as e:  # noqa: BLE001 - report every failure, not the first
+                failed[key] = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[-1][:300] if str(e) else "")
+    print(json.dumps({"ok": ok, "failed": failed, "seconds": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()
