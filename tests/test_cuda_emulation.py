@@ -309,3 +309,37 @@ def test_philox_fill_is_the_cpu_backend_stream(emu, cpu_backend_built):
     ops().philox_fill_(got, *args)
     torch.ops.torchfast.philox_fill_(want, *args)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# --------------------------------------------------------------------------------------------- determinism
+
+def _all_outputs(shape, layout, dtype):
+    x = _input(shape, layout, dtype, 21)
+    w, b, rm, rv = _params(shape[1], dtype, 21)
+    out, mean, invstd, var = ops().bn_relu_fwd(x, w, b, rm, rv, True, 1e-5)
+    g = _input(shape, layout, dtype, 22)
+    grads = ops().bn_relu_bwd(g, x, w, b, mean, invstd, True)
+    tensors = _grads([3000, 5, 2057, 7], dtype, 3)
+    norm = ops().multi_tensor_norm(tensors, 2.0)
+    ops().multi_tensor_clip_(tensors, norm, 0.1)
+    filled = [torch.empty(n, dtype=dtype) for n in (2100, 9)]
+    ops().philox_fill_(filled, 5, [1, 2], [1, 2], [0.0, 1.0, 0, 0, 0, 0, -0.9, 0.9, -2.0, 2.0, 0.0, 1.4])
+    return [out, mean, invstd, var, *grads, norm, *tensors, *filled]
+
+
+@pytest.mark.parametrize("shape,layout", [((16, 2, 128, 130), "contiguous"), ((33, 4, 64, 64), "channels_last"),
+                                          ((6, 5, 7, 7), "contiguous")], ids=str)
+def test_results_do_not_depend_on_thread_order(emu, shape, layout):
+    """The fibers of each block resumed in thread order, in reverse and shuffled: a race (a read of
+    shared data another thread has not yet written, or not yet finished with) changes the result;
+    the kernels are deterministic, so every output must be bitwise identical."""
+    runs = []
+    try:
+        for schedule in (0, 1, 2):
+            emu.set_schedule(schedule)
+            runs.append(_all_outputs(shape, layout, torch.float32))
+    finally:
+        emu.set_schedule(0)
+    for schedule, run in zip((1, 2), runs[1:]):
+        for i, (a, b) in enumerate(zip(runs[0], run)):
+            assert torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(a.isnan(), b.isnan())), (schedule, i)

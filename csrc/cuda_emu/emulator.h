@@ -2,12 +2,13 @@
 //
 // Each CUDA thread of a block runs as a fiber (ucontext) on the calling OS thread; blocks run one
 // after another. A fiber runs until it reaches a barrier (__syncthreads, or the warp exchange of a
-// shuffle) and then yields, so threads interleave only at barriers, the order a real GPU may also
-// choose. What it checks that a compile cannot:
+// shuffle) and then yields; the scheduler then resumes the first runnable fiber in its order
+// (g_schedule), so threads interleave only at barriers, in orders a real GPU may also choose. What it checks that a compile cannot:
 //   - indexing, grid-stride loops, tails, vector paths: results are compared with the reference;
 //   - __syncthreads reached by some threads of a block and not others: reported as a deadlock;
-//   - a missing __syncthreads between shared-memory writes and reads by other threads: fiber 0 runs
-//     to its barrier before fiber 1 starts, so such a read sees stale data and the test fails;
+//   - a missing __syncthreads between shared-memory writes and reads by other threads: the tests run
+//     every kernel with the lowest, the highest and random fibers first (g_schedule), released
+//     fibers running ahead, and require bitwise-identical results, which exposes racy code;
 //   - a shuffle reading a lane that did not take part: reported;
 //   - launch configurations CUDA would refuse (block > 1024 threads, grid.y/z > 65535, empty grid).
 // Not modelled: memory coalescing, timing, warp-synchronous code without barriers (there is none).
@@ -23,6 +24,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -88,6 +90,11 @@ struct BlockRun {
 };
 
 inline BlockRun* g_run = nullptr;
+
+// Which runnable fiber is resumed next: 0 the lowest-numbered, 1 the highest, 2 the first from a
+// random position. A kernel whose result depends on this has a race; the tests run the kernels
+// under all three and require bitwise-identical results (our kernels promise determinism).
+inline int g_schedule = 0;
 
 inline std::vector<char*>& stacks() {
   static std::vector<char*> s;
@@ -194,17 +201,30 @@ inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
             f.ctx.uc_link = &r.scheduler;
             makecontext(&f.ctx, fiber_entry, 0);
           }
+          uint64_t mix = 0x9E3779B97F4A7C15ull ^ (uint64_t(bx) << 32) ^ (uint64_t(by) << 16) ^ bz;
           while (r.live > 0) {
-            bool progressed = false;
-            for (uint64_t t = 0; t < nthreads; ++t) {
-              if (r.fibers[t].state != State::kRunnable) continue;
-              r.current = static_cast<int>(t);
-              threadIdx = r.fibers[t].idx;
-              swapcontext(&r.scheduler, &r.fibers[t].ctx);
-              progressed = true;
-              if (r.error) std::rethrow_exception(r.error);
+            // Greedy: after every yield, resume the first runnable fiber in the schedule's order, so
+            // fibers released by a barrier run ahead as far as they can before the others move.
+            int64_t pick = -1;
+            const int64_t n = static_cast<int64_t>(nthreads);
+            int64_t first = 0, step = 1;
+            if (g_schedule == 1) {
+              first = n - 1;
+              step = -1;
+            } else if (g_schedule == 2) {
+              mix ^= mix << 13;
+              mix ^= mix >> 7;
+              mix ^= mix << 17;
+              first = static_cast<int64_t>(mix % nthreads);
             }
-            if (!progressed) {
+            for (int64_t k = 0; k < n; ++k) {
+              const int64_t t = ((first + step * k) % n + n) % n;
+              if (r.fibers[t].state == State::kRunnable) {
+                pick = t;
+                break;
+              }
+            }
+            if (pick < 0) {
               int at_block = 0, at_warp = 0;
               for (auto& f : r.fibers) {
                 at_block += f.state == State::kBlockBarrier;
@@ -215,6 +235,10 @@ inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
                   " threads wait at __syncthreads and " + std::to_string(at_warp) +
                   " at a warp shuffle that the other threads never reach");
             }
+            r.current = static_cast<int>(pick);
+            threadIdx = r.fibers[pick].idx;
+            swapcontext(&r.scheduler, &r.fibers[pick].ctx);
+            if (r.error) std::rethrow_exception(r.error);
           }
         }
   } catch (...) {

@@ -61,7 +61,13 @@ std::vector<int> emulator_self_test(const std::string& which) {
 
 }  // namespace
 
+void set_schedule(int schedule) {
+  TORCH_CHECK(schedule >= 0 && schedule <= 2, "set_schedule: 0 (thread order), 1 (reverse) or 2 (shuffled)");
+  tfemu::g_schedule = schedule;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fast_divmod", &fast_divmod);
+  m.def("set_schedule", &set_schedule);
   m.def("emulator_self_test", &emulator_self_test);
 }
