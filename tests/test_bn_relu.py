@@ -424,3 +424,39 @@ def test_nan_propagates_like_stock(device, backend):
     y = batch_norm_relu(x, rm, rv, training=False)
     ref = F.relu(F.batch_norm(x, rm, rv, training=False))
     torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+def test_cpu_half_precision_paths_agree(cpu_backend_built, tmp_path):
+    """float16 through F16C block conversion vs through float32 copies, and bfloat16 through AVX2 vs
+    portable block conversion (whichever this CPU has): bfloat16 bitwise equal, float16 within one
+    ulp (the statistics are summed in a different order)."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch, torchfast\n"
+        "out = {}\n"
+        "for dt in (torch.float16, torch.bfloat16):\n"
+        "    for cl in (False, True):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        x = (torch.randn(4, 24, 9, 37, generator=g) * 2 + 0.3).to(dt)\n"
+        "        dy = torch.randn(4, 24, 9, 37, generator=g).to(dt)\n"
+        "        if cl:\n"
+        "            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))\n"
+        "        w, b = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)\n"
+        "        y, m, i, v = torch.ops.torchfast.bn_relu_fwd(x, w, b, None, None, True, 1e-5)\n"
+        "        out[(str(dt), cl)] = (y, m, i, v) + tuple(torch.ops.torchfast.bn_relu_bwd(dy, x, w, b, m, i, True))\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = {}
+    for name, env in [("default", {}), ("portable", {"TORCHFAST_NO_AVX2": "1", "TORCHFAST_NO_F16C": "1"})]:
+        path = str(tmp_path / (name + ".pt"))
+        r = subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results[name] = torch.load(path)
+    for key, default in results["default"].items():
+        for a, b in zip(default, results["portable"][key]):
+            if "bfloat16" in key[0]:
+                assert torch.equal(a, b), key
+            else:
+                torch.testing.assert_close(a.float(), b.float(), rtol=2 * 2.0 ** -10, atol=1e-5, msg=str(key))

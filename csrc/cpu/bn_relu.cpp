@@ -34,6 +34,7 @@
 #define TORCHFAST_STREAM_STORES 1
 #endif
 
+#include "cpu/half_convert.h"
 #include "layout.h"
 
 namespace torchfast {
@@ -212,6 +213,125 @@ void backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n
     const acc_t gm = masked_grad(xv * sc + sh, to_acc<acc_t>(dy[i]));
     dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
   }
+}
+
+// float16 and bfloat16 rows (float16 only when the CPU has F16C, checked by the callers; see
+// half_convert.h): blocks of kHalfBlock elements are converted to float32 on the stack, run through
+// the float32 row kernels (which vectorise) and converted back: the same float32 math as the other
+// dtypes, one rounding at the end.
+constexpr int64_t kHalfBlock = 1024;
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+template <typename T>
+void row_moments_blocked(const T* x, int64_t n, float K, float& s1, float& s2) {
+  float bx[kHalfBlock];
+  float a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    float b1, b2;
+    row_moments<float, float>(bx, m, K, b1, b2);
+    a1 += b1;
+    a2 += b2;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+void normalize_row_blocked(const T* x, T* y, int64_t n, float sc, float sh) {
+  float bx[kHalfBlock];
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    normalize_row<float, float>(bx, bx, m, sc, sh);  // in place: element i only reads and writes i
+    f16c::from_float(bx, y + i, m);
+  }
+}
+
+template <typename T>
+void backward_row_sums_blocked(const T* x, const T* dy, int64_t n, float sc, float sh, float mu, float& s1,
+                               float& s2) {
+  float bx[kHalfBlock], bg[kHalfBlock];
+  float a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    f16c::to_float(dy + i, bg, m);
+    float b1, b2;
+    backward_row_sums<float, float>(bx, bg, m, sc, sh, mu, b1, b2);
+    a1 += b1;
+    a2 += b2;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+void backward_row_blocked(const T* x, const T* dy, T* dx, int64_t n, float sc, float sh, float mu, float k0, float k1,
+                          float k2) {
+  float bx[kHalfBlock], bg[kHalfBlock];
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    f16c::to_float(dy + i, bg, m);
+    backward_row<float, float>(bx, bg, bg, m, sc, sh, mu, k0, k1, k2);  // dx into the dy buffer, in place
+    f16c::from_float(bg, dx + i, m);
+  }
+}
+
+#define TORCHFAST_BLOCKED_ROWS(T)                                                                          \
+  template <>                                                                                              \
+  void row_moments<T, float>(const T* x, int64_t n, float K, float& s1, float& s2) {                       \
+    row_moments_blocked(x, n, K, s1, s2);                                                                  \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void normalize_row<T, float>(const T* x, T* y, int64_t n, float sc, float sh) {                          \
+    normalize_row_blocked(x, y, n, sc, sh);                                                                \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void backward_row_sums<T, float>(const T* x, const T* dy, int64_t n, float sc, float sh, float mu,       \
+                                   float& s1, float& s2) {                                                 \
+    backward_row_sums_blocked(x, dy, n, sc, sh, mu, s1, s2);                                               \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void backward_row<T, float>(const T* x, const T* dy, T* dx, int64_t n, float sc, float sh, float mu,     \
+                              float k0, float k1, float k2) {                                              \
+    backward_row_blocked(x, dy, dx, n, sc, sh, mu, k0, k1, k2);                                            \
+  }
+TORCHFAST_BLOCKED_ROWS(c10::Half)
+TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
+#undef TORCHFAST_BLOCKED_ROWS
+
+// channels_last rows: float16/bfloat16 rows (up to kRowsPerBlock at a time) are read through a
+// float32 copy (as_acc_row) and written from one (acc_out_row, then store_row); for other dtypes
+// these return the rows themselves.
+template <typename scalar_t>
+inline auto as_acc_row(const scalar_t* row, int64_t n, std::vector<float>& buf) {
+  if constexpr (kReduced<scalar_t>) {
+    f16c::to_float(row, buf.data(), n);
+    return static_cast<const float*>(buf.data());
+  } else {
+    return row;
+  }
+}
+
+template <typename scalar_t>
+inline auto acc_out_row(scalar_t* row, std::vector<float>& buf) {
+  if constexpr (kReduced<scalar_t>) return buf.data();
+  else return row;
+}
+
+template <typename scalar_t>
+inline void store_row(scalar_t* row, const std::vector<float>& buf, int64_t n) {
+  if constexpr (kReduced<scalar_t>) f16c::from_float(buf.data(), row, n);
+}
+
+template <typename scalar_t>
+inline size_t half_buffer(int64_t C) {
+  return kReduced<scalar_t> ? static_cast<size_t>(C) : 0;
 }
 
 #ifdef TORCHFAST_STREAM_STORES
@@ -408,12 +528,14 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
       std::vector<acc_t> a1(C), a2(C);
+      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C));
       for (int64_t blk = bb; blk < be; ++blk) {
         std::fill(a1.begin(), a1.end(), acc_t(0));
         std::fill(a2.begin(), a2.end(), acc_t(0));
-        const int64_t r_end = std::min(R, (blk + 1) * kRowsPerBlock);
-        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
-          const scalar_t* row = x + r * C;
+        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
+        const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);  // the block's rows, converted at once
+        for (int64_t r = r0; r < r_end; ++r) {
+          const auto* row = xb + (r - r0) * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
@@ -457,14 +579,22 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
     }
 #endif
     at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* xr = x + r * C;
-        scalar_t* yr = y + r * C;
+      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C)), fy(half_buffer<scalar_t>(kRowsPerBlock * C));
+      for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
+        const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
+        const auto* xg = as_acc_row(x + g0 * C, (g1 - g0) * C, fx);
+        auto* yg = acc_out_row(y + g0 * C, fy);
+        using out_t = std::remove_pointer_t<decltype(yg)>;
+        for (int64_t r = g0; r < g1; ++r) {
+          const auto* xr = xg + (r - g0) * C;
+          out_t* yr = yg + (r - g0) * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
-          yr[c] = from_acc<scalar_t, acc_t>(relu(v));
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
+            yr[c] = from_acc<out_t, acc_t>(relu(v));
+          }
         }
+        store_row(y + g0 * C, fy, (g1 - g0) * C);
       }
     });
   }
@@ -495,13 +625,16 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
       std::vector<acc_t> a1(C), a2(C);
+      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C)), fg(half_buffer<scalar_t>(kRowsPerBlock * C));
       for (int64_t blk = bb; blk < be; ++blk) {
         std::fill(a1.begin(), a1.end(), acc_t(0));
         std::fill(a2.begin(), a2.end(), acc_t(0));
-        const int64_t r_end = std::min(R, (blk + 1) * kRowsPerBlock);
-        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r) {
-          const scalar_t* xr = x + r * C;
-          const scalar_t* gr = dy + r * C;
+        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
+        const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);
+        const auto* gb = as_acc_row(dy + r0 * C, (r_end - r0) * C, fg);
+        for (int64_t r = r0; r < r_end; ++r) {
+          const auto* xr = xb + (r - r0) * C;
+          const auto* gr = gb + (r - r0) * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t xv = to_acc<acc_t>(xr[c]);
@@ -551,16 +684,26 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
     }
 #endif
     at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* xr = x + r * C;
-        const scalar_t* gr = dy + r * C;
-        scalar_t* dr = dx + r * C;
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      std::vector<float> fx(nbuf), fg(nbuf), fd(nbuf);
+      for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
+        const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
+        const auto* xg = as_acc_row(x + g0 * C, (g1 - g0) * C, fx);
+        const auto* gg = as_acc_row(dy + g0 * C, (g1 - g0) * C, fg);
+        auto* dg = acc_out_row(dx + g0 * C, fd);
+        using out_t = std::remove_pointer_t<decltype(dg)>;
+        for (int64_t r = g0; r < g1; ++r) {
+          const auto* xr = xg + (r - g0) * C;
+          const auto* gr = gg + (r - g0) * C;
+          out_t* dr = dg + (r - g0) * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = to_acc<acc_t>(xr[c]);
-          const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
-          dr[c] = from_acc<scalar_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xv = to_acc<acc_t>(xr[c]);
+            const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
+            dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+          }
         }
+        store_row(dx + g0 * C, fd, (g1 - g0) * C);
       }
     });
   }
@@ -571,10 +714,13 @@ bool by_channel(const Geometry& g) { return g.layout == Layout::kNCS && g.C >= a
 
 // ---------------------------------------------------------------------------------------------
 
-// float16 goes through float32 copies: at baseline x86-64 GCC does not vectorise the element-wise
-// float16 conversions, and ATen's (runtime-dispatched) conversions plus the float32 kernels measured
-// 0.4x stock instead of 0.06x. bfloat16 converts with two integer operations and stays in the kernels.
-bool is_half_precision(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
+// float16 and bfloat16 run in the kernels, converted in blocks (see half_convert.h); float16 needs
+// F16C for that. Without it float16 goes through float32 copies: GCC does not vectorise the
+// element-wise float16 conversions, and ATen's (runtime-dispatched) conversions plus the float32
+// kernels measured 0.4x stock instead of 0.06x.
+bool half_through_float_copies(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf && !f16c::cpu_has_f16c();
+}
 
 void check_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.device().is_cpu(), op, ": input is on ", input.device(), ", expected cpu");
@@ -595,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
     double eps) {
   const char* op = "bn_relu_fwd";
   check_input(input, op);
-  if (is_half_precision(input)) {
+  if (half_through_float_copies(input)) {
     // The float32 kernels compute exactly what the float16 ones would (float32 math, one rounding).
     auto [out, mean, invstd, var] =
         bn_relu_fwd_cpu(input.to(at::kFloat), weight, bias, running_mean, running_var, training, eps);
@@ -662,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor&
   check_input(input, op);
   const int64_t C = input.size(1);
   check_grad_out(grad_out, input, op);
-  if (is_half_precision(input)) {  // as in the forward
+  if (half_through_float_copies(input)) {  // as in the forward
     auto [grad_in, grad_w, grad_b] =
         bn_relu_bwd_cpu(grad_out.to(at::kFloat), input.to(at::kFloat), weight, bias, mean, invstd, training);
     return {grad_in.to(input.scalar_type()), grad_w, grad_b};
