@@ -66,18 +66,8 @@ def bench(fn, device, reps=None, warmup=None, min_time=None):
             return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
         except ImportError:
             pass
-        reps = reps or 20
-        for _ in range(warmup or 3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        from torchfast.tuning import cuda_time_ms
+        return cuda_time_ms(fn, reps or 20, warmup or 3) / 1e3
     for _ in range(warmup if warmup is not None else 2):
         fn()
     reps = reps or 7

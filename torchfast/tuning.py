@@ -25,8 +25,10 @@ from torchfast import _backends
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _time_ms(fn, reps: int) -> float:
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+def cuda_time_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, by CUDA events, after `warmup` calls
+    (compilation, autotuning, the caching allocator)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
@@ -109,7 +111,7 @@ def autotune_backends(device="cuda", ops=None, save=None, apply=True, scale=1.0,
                     continue
                 try:
                     with _backends.use_backend(name):
-                        total = sum(_time_ms(per_dtype[dt][op], reps) for dt in DTYPES)
+                        total = sum(cuda_time_ms(per_dtype[dt][op], reps) for dt in DTYPES)
                 except Exception as e:  # noqa: BLE001 - a backend that fails here must not be chosen
                     entry[name], entry.setdefault("why_not", {})[name] = None, "failed: %s: %s" % (
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -719,7 +719,7 @@ bool by_channel(const Geometry& g) { return g.layout == Layout::kNCS && g.C >= a
 // element-wise float16 conversions, and ATen's (runtime-dispatched) conversions plus the float32
 // kernels measured 0.4x stock instead of 0.06x.
 bool half_through_float_copies(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf && !f16c::cpu_has_f16c();
+  return t.scalar_type() == at::kHalf && !cpu_features::has_f16c();
 }
 
 void check_input(const at::Tensor& input, const char* op) {

@@ -1,7 +1,7 @@
 // float16 / bfloat16 <-> float32 conversion of whole blocks, for the CPU BatchNorm+ReLU kernels'
 // half-precision paths: rows are converted in blocks to float32 buffers, run through the float32 row
 // kernels, and converted back.
-//   float16: F16C (8 values per instruction), chosen at run time (cpu_has_f16c); without it the
+//   float16: F16C (8 values per instruction), chosen at run time (cpu_features::has_f16c); without it the
 //     caller takes its float32-copy path instead.
 //   bfloat16: AVX2 when the CPU has it (chosen at run time), else a portable loop of the same bit
 //     operations; identical results either way.
@@ -16,8 +16,9 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+
+#include "cpu/cpu_features.h"
 
 namespace torchfast {
 namespace f16c {
@@ -57,18 +58,6 @@ namespace f16c {
 
 #define TF_F16C __attribute__((target("avx,f16c")))
 #define TF_AVX2_CVT __attribute__((target("avx2")))
-
-// TORCHFAST_NO_F16C=1 turns the path off (tests use it to check the fallback).
-inline bool cpu_has_f16c() {
-  static const bool has =
-      __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c") && !std::getenv("TORCHFAST_NO_F16C");
-  return has;
-}
-
-inline bool cpu_has_avx2_cvt() {
-  static const bool has = __builtin_cpu_supports("avx2") && !std::getenv("TORCHFAST_NO_AVX2");
-  return has;
-}
 
 TF_AVX2_CVT inline void bf16_to_float_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
   int64_t i = 0;
@@ -125,12 +114,12 @@ TF_F16C inline void float_to_half(const float* src, c10::Half* dst, int64_t n) {
 }
 
 inline void bf16_to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  if (cpu_has_avx2_cvt()) bf16_to_float_avx2(src, dst, n);
+  if (cpu_features::has_avx2()) bf16_to_float_avx2(src, dst, n);
   else bf16_to_float_portable(src, dst, n);
 }
 
 inline void float_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
-  if (cpu_has_avx2_cvt()) float_to_bf16_avx2(src, dst, n);
+  if (cpu_features::has_avx2()) float_to_bf16_avx2(src, dst, n);
   else float_to_bf16_portable(src, dst, n);
 }
 
@@ -141,7 +130,6 @@ inline void float_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
 
 namespace torchfast {
 namespace f16c {
-inline bool cpu_has_f16c() { return false; }
 inline void half_to_float(const c10::Half*, float*, int64_t) {}
 inline void float_to_half(const float*, c10::Half*, int64_t) {}
 inline void bf16_to_float(const c10::BFloat16* src, float* dst, int64_t n) { bf16_to_float_portable(src, dst, n); }

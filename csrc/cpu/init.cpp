@@ -45,9 +45,9 @@ void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64
   }
   int64_t i = begin;
 #ifdef TORCHFAST_HAVE_AVX2_PATH
-  if (avx512::cpu_has_avx512() && avx2::cpu_has_avx2())
+  if (cpu_features::has_avx512() && cpu_features::has_avx2())
     i = fill_steps<128>(out, i, end, [&](uint64_t blk0, float* dst) { avx512::values128(seed, stream, blk0, prm, dst); });
-  if (avx2::cpu_has_avx2())
+  if (cpu_features::has_avx2())
     i = fill_steps<64>(out, i, end, [&](uint64_t blk0, float* dst) { avx2::values64(seed, stream, blk0, prm, dst); });
 #endif
   float v[4];

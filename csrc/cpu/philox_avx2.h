@@ -1,5 +1,5 @@
 // AVX2 version of the Philox stream and its distributions: 16 Philox blocks (64 elements) per step.
-// Compiled with a per-function target attribute and chosen at run time (cpu_has_avx2), so the
+// Compiled with a per-function target attribute and chosen at run time (cpu_features::has_avx2), so the
 // extension still runs on x86-64 machines without AVX2 and builds on other architectures.
 //
 // Uniform values are bitwise identical to csrc/philox.h (the same float32 operations, each rounded,
@@ -14,8 +14,8 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 
+#include "cpu/cpu_features.h"
 #include "philox.h"
 
 namespace torchfast {
@@ -23,13 +23,6 @@ namespace avx2 {
 
 #define TF_AVX2 __attribute__((target("avx2,fma")))
 
-// AVX2 and FMA3 (every AVX2 processor from Intel and AMD has both; checked anyway).
-// TORCHFAST_NO_AVX2=1 turns the path off (tests use it to check the portable path).
-inline bool cpu_has_avx2() {
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !std::getenv("TORCHFAST_NO_AVX2");
-  return has;
-}
 
 // hi and lo 32-bit halves of M * c for 8 lanes.
 TF_AVX2 inline void mulhilo8(__m256i c, __m256i m, __m256i& hi, __m256i& lo) {

@@ -4,8 +4,6 @@
 // AVX-512F (TORCHFAST_NO_AVX512=1 turns it off, for tests and comparisons).
 #pragma once
 
-#include <cstdlib>
-
 #include "cpu/philox_avx2.h"
 
 #ifdef TORCHFAST_HAVE_AVX2_PATH
@@ -13,11 +11,6 @@ namespace torchfast {
 namespace avx512 {
 
 #define TF_AVX512 __attribute__((target("avx512f,fma")))
-
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && !std::getenv("TORCHFAST_NO_AVX512");
-  return has;
-}
 
 TF_AVX512 inline void mulhilo16(__m512i c, __m512i m, __m512i& hi, __m512i& lo) {
   const __m512i pe = _mm512_mul_epu32(c, m);

@@ -75,16 +75,6 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
   ch[kShift * C + c] = (b ? b[c] : acc_t(0)) - mean * scale;
 }
 
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
-}
-
 // Per-channel reduction "ops": constants of channel c, then accumulation of one element.
 template <typename scalar_t, typename acc_t>
 struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's first element

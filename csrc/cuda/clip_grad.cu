@@ -59,7 +59,7 @@ __global__ void norm_chunks_kernel(ChunkTable table, acc_t p, acc_t* partial) {
   if (aligned16(x + begin)) {
     const int64_t nvec = (end - begin) / V;
     for (int64_t q = threadIdx.x; q < nvec; q += blockDim.x) {
-      const Vec<scalar_t, V> v = *reinterpret_cast<const Vec<scalar_t, V>*>(x + begin + q * V);
+      const Vec<scalar_t, V> v = load_vec<V>(x + begin + q * V);
 #pragma unroll
       for (int k = 0; k < V; ++k) norm_add<KIND>(p, op, static_cast<acc_t>(v.v[k]), acc);
     }
@@ -97,11 +97,10 @@ __global__ void clip_chunks_kernel(ChunkTable table, const acc_t* total_norm, ac
   if (aligned16(x + begin)) {
     const int64_t nvec = (end - begin) / V;
     for (int64_t q = threadIdx.x; q < nvec; q += blockDim.x) {
-      auto* vp = reinterpret_cast<Vec<scalar_t, V>*>(x + begin + q * V);
-      Vec<scalar_t, V> v = *vp;
+      Vec<scalar_t, V> v = load_vec<V>(x + begin + q * V);
 #pragma unroll
       for (int k = 0; k < V; ++k) v.v[k] = static_cast<scalar_t>(static_cast<acc_t>(v.v[k]) * coef);
-      *vp = v;
+      store_vec<V>(x + begin + q * V, v);
     }
     i = begin + nvec * V + threadIdx.x;
   }

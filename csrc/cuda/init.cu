@@ -38,7 +38,7 @@ __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t se
       Vec<scalar_t, 4> w;
 #pragma unroll
       for (int r = 0; r < 4; ++r) w.v[r] = static_cast<scalar_t>(v[r]);
-      *reinterpret_cast<Vec<scalar_t, 4>*>(out + i) = w;
+      store_vec<4>(out + i, w);
     } else {
 #pragma unroll
       for (int r = 0; r < 4; ++r)

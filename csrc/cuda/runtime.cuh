@@ -94,5 +94,17 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+#if defined(__CUDACC__) || defined(TORCHFAST_CUDA_EMULATION)
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+#endif
+
 }  // namespace cuda
 }  // namespace torchfast

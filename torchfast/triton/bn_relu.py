@@ -50,6 +50,23 @@ _EW_CONFIGS = configs(
 # ---------------------------------------------------------------------------------------- reductions
 
 @triton.jit
+def _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD: tl.constexpr):
+    """Adds one tile to the two sums: shifted moments sum(x - k), sum((x - k)^2) in the forward;
+    sum(dy * mask), sum(dy * mask * (x - mean)) in the backward, mask = (x * scale + shift > 0)."""
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
+        a1 += gm
+        a2 += gm * (x - mu)
+    else:
+        d = tl.where(mask, x - k, 0.0)
+        a1 += d
+        a2 += d * d
+    return a1, a2
+
+
+@triton.jit
 def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
                         BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Contiguous layout. Program (c, split) takes tiles split, split + SPLITS, ... of channel c's
@@ -58,6 +75,7 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N
     split = tl.program_id(1)
     s_tiles = tl.cdiv(S, BLOCK_S)
     tiles = tl.cdiv(N, BLOCK_N) * s_tiles
+    k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
         sc = tl.load(scale_ptr + c)
         sh = tl.load(shift_ptr + c)
@@ -72,16 +90,7 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N
         s = (t - tn * s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (n < N)[:, None] & (s < S)[None, :]
         off = (n.to(tl.int64)[:, None] * C + c) * S + s[None, :]
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
-            a1 += gm
-            a2 += gm * (x - mu)
-        else:
-            d = tl.where(mask, x - k, 0.0)
-            a1 += d
-            a2 += d * d
+        a1, a2 = _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD)
     out = ws_ptr + (c * SPLITS + split) * 2
     tl.store(out, tl.sum(tl.sum(a1, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
@@ -95,6 +104,7 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     cmask = c < C
+    k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
         sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)[None, :]
         sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[None, :]
@@ -107,16 +117,7 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (r < R)[:, None] & cmask[None, :]
         off = r[:, None] * C + c[None, :]
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
-            a1 += gm
-            a2 += gm * (x - mu)
-        else:
-            d = tl.where(mask, x - k, 0.0)
-            a1 += d
-            a2 += d * d
+        a1, a2 = _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD)
     out = ws_ptr + (c.to(tl.int64) * SPLITS + split) * 2
     tl.store(out, tl.sum(a1, axis=0), mask=cmask)
     tl.store(out + 1, tl.sum(a2, axis=0), mask=cmask)
