@@ -156,6 +156,9 @@ def test_gpu_choice_file_from_environment(tmp_path):
     r = _run(code, {"TORCHFAST_BACKEND_CHOICE": str(good)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[('bn_relu', 'triton'), ('init', 'cuda')]"
+    r = subprocess.run([sys.executable, "-m", "torchfast.info"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TORCHFAST_BACKEND_CHOICE": str(good)})
+    assert "measured GPU choice: bn_relu=triton, init=cuda" in r.stdout, r.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('{"ops": {"bn_relu": {"choice": "cpu"}}}')
     r = _run(code, {"TORCHFAST_BACKEND_CHOICE": str(bad)})

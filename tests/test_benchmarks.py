@@ -1,0 +1,36 @@
+"""The benchmark runner's own behaviour (the timings themselves are not tested)."""
+import csv
+import glob
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import common  # noqa: E402
+import run  # noqa: E402
+
+
+class _StoppedOp:
+    """Measures one case, then is stopped (as SIGTERM from `timeout` stops a run)."""
+
+    @staticmethod
+    def count(device, quick, dtypes=None):
+        return 2
+
+    @staticmethod
+    def run(device, quick=True, dtypes=None, compile_stock=True, progress=None, out_dir=None):
+        common.make_row(device, "fake", "case 1", "4x4", torch.float32, "-", "stock eager", 2e-3, 1e6, 10.0)
+        raise KeyboardInterrupt
+
+
+def test_stopped_run_writes_the_rows_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setitem(run.OPS, "fake", _StoppedOp)
+    monkeypatch.setattr(common, "steady_cpu_allocator", lambda: False)  # leave this process's malloc alone
+    rc = run.main(["--device", "cpu", "--ops", "fake", "--out", str(tmp_path)])
+    assert rc == 130
+    (path,) = glob.glob(str(tmp_path / "cpu-*.csv"))
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["op"], r["case"], r["impl"]) for r in rows] == [("fake", "case 1", "stock eager")]
