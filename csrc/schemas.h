@@ -19,6 +19,20 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "bn_relu_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)");
+  // Fused BatchNorm + residual add + ReLU, forward: out = relu(input * scale + shift + residual),
+  // the sum formed in the statistics dtype and rounded once. residual has input's shape and dtype
+  // (any strides; the fast paths want input's). Statistics and outputs as bn_relu_fwd.
+  m.def(
+      "bn_add_relu_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of bn_add_relu_fwd. The ReLU mask is read from the saved output (out > 0), so it is the
+  // forward's exactly. Returns (grad_input, grad_residual, grad_weight, grad_bias): grad_residual is
+  // grad_out masked (written by the reduction pass and read back by the elementwise pass: 5 reads
+  // and 2 writes of the activation size in training); weight and bias grads are per-channel in the
+  // statistics dtype, zero for an empty batch.
+  m.def(
+      "bn_add_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "bool training) -> (Tensor, Tensor, Tensor, Tensor)");
   // The p-norm of all tensors of the list taken together (one device, one dtype). A 0-dim tensor
   // in float32 (float64 for float64 tensors). norm_type is any p > 0 or inf.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");

@@ -23,7 +23,7 @@ import torch
 from torchfast import _ext
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-OPS = ("bn_relu", "clip_grad", "init")
+OPS = ("bn_relu", "bn_add_relu", "clip_grad", "init")
 # Automatic preference per device type; anything else is served by the reference backend.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
@@ -35,6 +35,7 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The compiled ops behind each public op.
 _COMPILED_OPS = {
     "bn_relu": ("bn_relu_fwd", "bn_relu_bwd"),
+    "bn_add_relu": ("bn_add_relu_fwd", "bn_add_relu_bwd"),
     "clip_grad": ("multi_tensor_norm", "multi_tensor_clip_", "clip_grad_norm_fused_"),
     "init": ("philox_fill_",),
 }
@@ -50,7 +51,8 @@ def _registered(dispatch_key: str) -> dict:
     for op, names in _COMPILED_OPS.items():
         ok = _ext._C is not None
         for name in names:
-            ok = ok and torch._C._dispatch_has_kernel_for_dispatch_key("torchfast::" + name, dispatch_key)
+            ok = ok and hasattr(torch.ops.torchfast, name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "torchfast::" + name, dispatch_key)
         out[op] = ok
     return out
 

@@ -1,8 +1,9 @@
 """The op layer: fake kernels and autograd for the compiled ops, the reference backend wrapped as ops
 with the same contract, and the table the public API uses to reach each backend's implementation.
 
-Compiled ops (schemas in csrc/ops.cpp)       Reference ops (defined here)
+Compiled ops (schemas in csrc/schemas.h)     Reference ops (defined here)
   torchfast::bn_relu_fwd / bn_relu_bwd          torchfast::bn_relu_fwd_reference / _bwd_reference
+  torchfast::bn_add_relu_fwd / _bwd             torchfast::bn_add_relu_fwd_reference / _bwd_reference
   torchfast::multi_tensor_norm                  plain Python (torchfast.reference.clip_grad)
   torchfast::multi_tensor_clip_                 plain Python
   torchfast::philox_fill_                       plain Python (torchfast.reference.philox)
@@ -33,6 +34,15 @@ def _fake_bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training):
     return torch.empty_like(input), mean.new_empty((c,)), mean.new_empty((c,))
 
 
+def _fake_bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var, training, eps):
+    return _fake_bn_relu_fwd(input, weight, bias, running_mean, running_var, training, eps)
+
+
+def _fake_bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training):
+    c = input.shape[1]
+    return torch.empty_like(input), torch.empty_like(input), mean.new_empty((c,)), mean.new_empty((c,))
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd: forward saves the input and the per-channel statistics (plus the parameters), nothing
 # full-size besides the input; backward recomputes the ReLU mask from them.
@@ -59,6 +69,42 @@ def _make_autograd(bwd_op):
 
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("torchfast: double backward through batch_norm_relu is not supported")
+
+
+def _make_add_autograd(bwd_op):
+    """bn_add_relu: saves the output (the ReLU mask, exactly the forward's; in a network the output is
+    the next layer's saved input anyway), the input and the per-channel statistics."""
+    def setup_context(ctx, inputs, output):
+        input, _residual, weight, _bias, _rm, _rv, training, _eps = inputs
+        out, mean, invstd, var = output
+        ctx.save_for_backward(out, input, weight, mean, invstd)
+        ctx.training = training
+        ctx.param_dtypes = (weight.dtype if weight is not None else None,
+                            _bias.dtype if _bias is not None else None)
+        ctx.mark_non_differentiable(mean, invstd, var)
+
+    def backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
+        out, input, weight, mean, invstd = ctx.saved_tensors
+        need_in, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_in, grad_res, grad_w, grad_b = bwd_op(grad_out, out, input, weight, mean, invstd, ctx.training)
+        w_dtype, b_dtype = ctx.param_dtypes
+        return (grad_in if need_in else None,
+                grad_res if need_res else None,
+                grad_w.to(w_dtype) if need_w else None,
+                grad_b.to(b_dtype) if need_b else None,
+                None, None, None, None)
+
+    return backward, setup_context
+
+
+def _register_bn_add_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
+    """As _register_bn_relu, for a pair with the bn_add_relu_fwd / bn_add_relu_bwd contract."""
+    if fake:
+        torch.library.register_fake(fwd_name)(_fake_bn_add_relu_fwd)
+        torch.library.register_fake(bwd_name)(_fake_bn_add_relu_bwd)
+    backward, setup_context = _make_add_autograd(bwd_op)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd_name, _no_double_backward)
 
 
 def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
@@ -91,11 +137,31 @@ def bn_relu_bwd_reference(grad_out: Tensor, input: Tensor, weight: Optional[Tens
 _register_bn_relu("torchfast::bn_relu_fwd_reference", "torchfast::bn_relu_bwd_reference", bn_relu_bwd_reference)
 
 
+@torch.library.custom_op("torchfast::bn_add_relu_fwd_reference", mutates_args=())
+def bn_add_relu_fwd_reference(input: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                              eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return ref_bn_relu.bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var, training, eps)
+
+
+@torch.library.custom_op("torchfast::bn_add_relu_bwd_reference", mutates_args=())
+def bn_add_relu_bwd_reference(grad_out: Tensor, out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor,
+                              invstd: Tensor, training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return ref_bn_relu.bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training)
+
+
+_register_bn_add_relu("torchfast::bn_add_relu_fwd_reference", "torchfast::bn_add_relu_bwd_reference",
+                      bn_add_relu_bwd_reference)
+
+
 # --------------------------------------------------------------------------------------------
 # Compiled ops (present only when torchfast._C loaded).
 
 if _ext._C is not None:
     _register_bn_relu("torchfast::bn_relu_fwd", "torchfast::bn_relu_bwd", torch.ops.torchfast.bn_relu_bwd)
+    if hasattr(torch.ops.torchfast, "bn_add_relu_fwd"):
+        _register_bn_add_relu("torchfast::bn_add_relu_fwd", "torchfast::bn_add_relu_bwd",
+                              torch.ops.torchfast.bn_add_relu_bwd)
 
     @torch.library.register_fake("torchfast::multi_tensor_norm")
     def _fake_multi_tensor_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
@@ -117,8 +183,9 @@ if _ext._C is not None:
 class _Impl:
     """One backend's implementations, under the names the public API calls."""
 
-    def __init__(self, bn_relu_fwd, multi_tensor_norm, multi_tensor_clip_, philox_fill_):
+    def __init__(self, bn_relu_fwd, bn_add_relu_fwd, multi_tensor_norm, multi_tensor_clip_, philox_fill_):
         self.bn_relu_fwd = bn_relu_fwd
+        self.bn_add_relu_fwd = bn_add_relu_fwd
         self.multi_tensor_norm = multi_tensor_norm
         self.multi_tensor_clip_ = multi_tensor_clip_
         self.philox_fill_ = philox_fill_
@@ -126,11 +193,12 @@ class _Impl:
 
 def _compiled_impl():
     ops = torch.ops.torchfast
-    return _Impl(ops.bn_relu_fwd, ops.multi_tensor_norm, ops.multi_tensor_clip_, ops.philox_fill_)
+    return _Impl(ops.bn_relu_fwd, getattr(ops, "bn_add_relu_fwd", None), ops.multi_tensor_norm,
+                 ops.multi_tensor_clip_, ops.philox_fill_)
 
 
 IMPLS = {
-    "reference": _Impl(bn_relu_fwd_reference, ref_clip_grad.multi_tensor_norm,
+    "reference": _Impl(bn_relu_fwd_reference, bn_add_relu_fwd_reference, ref_clip_grad.multi_tensor_norm,
                        ref_clip_grad.multi_tensor_clip_, ref_philox.philox_fill_),
 }
 if _ext._C is not None:
@@ -143,6 +211,6 @@ def impl(backend: str) -> _Impl:
     `import torchfast` never imports triton (and TRITON_INTERPRET can still be set before it)."""
     if backend == "triton" and "triton" not in IMPLS:
         from torchfast.triton import bn_relu, clip_grad, init
-        IMPLS["triton"] = _Impl(bn_relu.bn_relu_fwd, clip_grad.multi_tensor_norm, clip_grad.multi_tensor_clip_,
-                                init.philox_fill_)
+        IMPLS["triton"] = _Impl(bn_relu.bn_relu_fwd, getattr(bn_relu, "bn_add_relu_fwd", None),
+                                clip_grad.multi_tensor_norm, clip_grad.multi_tensor_clip_, init.philox_fill_)
     return IMPLS[backend]

@@ -178,40 +178,74 @@ void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
   s2 = a2;
 }
 
+// y = relu(x * sc + sh [+ r]) over one run of one channel; r (the residual) may be null.
 template <typename scalar_t, typename acc_t>
-void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t sc, acc_t sh) {
+void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t sc, acc_t sh) {
+  if (r == nullptr) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = to_acc<acc_t>(x[i]) * sc + sh;
-    y[i] = from_acc<scalar_t, acc_t>(relu(v));
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = to_acc<acc_t>(x[i]) * sc + sh;
+      y[i] = from_acc<scalar_t, acc_t>(relu(v));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = to_acc<acc_t>(x[i]) * sc + sh + to_acc<acc_t>(r[i]);
+      y[i] = from_acc<scalar_t, acc_t>(relu(v));
+    }
   }
 }
 
-// sum(dy * mask) and sum(dy * mask * (x - mean)) over one run of one channel.
+// The backward's masked gradient gm = (m * msc + msh > 0) ? dy : 0. For bn_relu the mask source m is
+// the input with the forward's scale and shift (the forward's own formula); for bn_add_relu it is
+// the saved output with msc = 1, msh = 0 (exactly out > 0) in the reduction pass, and null (no mask:
+// dy is already gm) in the elementwise pass.
+
+// sum(gm) and sum(gm * (x - mean)) over one run of one channel; gm is also stored to gm_out unless
+// that is null.
 template <typename scalar_t, typename acc_t>
-void backward_row_sums(const scalar_t* x, const scalar_t* dy, int64_t n, acc_t sc, acc_t sh, acc_t mu, acc_t& s1,
-                       acc_t& s2) {
+void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* gm_out, int64_t n,
+                       acc_t msc, acc_t msh, acc_t mu, acc_t& s1, acc_t& s2) {
   acc_t a1 = 0, a2 = 0;
+  if (gm_out == nullptr) {
 #pragma omp simd reduction(+ : a1, a2)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t xv = to_acc<acc_t>(x[i]);
-    const acc_t gm = masked_grad(xv * sc + sh, to_acc<acc_t>(dy[i]));
-    a1 += gm;
-    a2 += gm * (xv - mu);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
+      a1 += gm;
+      a2 += gm * (xv - mu);
+    }
+  } else {
+#pragma omp simd reduction(+ : a1, a2)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
+      gm_out[i] = from_acc<scalar_t, acc_t>(gm);
+      a1 += gm;
+      a2 += gm * (xv - mu);
+    }
   }
   s1 = a1;
   s2 = a2;
 }
 
-// dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel.
+// dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel (gm = dy when m is null).
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n, acc_t sc, acc_t sh, acc_t mu,
-                  acc_t k0, acc_t k1, acc_t k2) {
+void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, int64_t n, acc_t msc,
+                  acc_t msh, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
+  if (m == nullptr) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t xv = to_acc<acc_t>(x[i]);
-    const acc_t gm = masked_grad(xv * sc + sh, to_acc<acc_t>(dy[i]));
-    dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      dx[i] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(dy[i]) * k0 - k1 - (xv - mu) * k2);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
+      dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
+    }
   }
 }
 
@@ -241,27 +275,40 @@ void row_moments_blocked(const T* x, int64_t n, float K, float& s1, float& s2) {
 }
 
 template <typename T>
-void normalize_row_blocked(const T* x, T* y, int64_t n, float sc, float sh) {
-  float bx[kHalfBlock];
+void normalize_row_blocked(const T* x, const T* r, T* y, int64_t n, float sc, float sh) {
+  float bx[kHalfBlock], br[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t m = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, m);
-    normalize_row<float, float>(bx, bx, m, sc, sh);  // in place: element i only reads and writes i
+    if (r != nullptr) f16c::to_float(r + i, br, m);
+    normalize_row<float, float>(bx, r ? br : nullptr, bx, m, sc, sh);  // in place: element i reads and writes i
     f16c::from_float(bx, y + i, m);
   }
 }
 
+// The mask source block: the input's own block when m is x, else m converted (null stays null).
 template <typename T>
-void backward_row_sums_blocked(const T* x, const T* dy, int64_t n, float sc, float sh, float mu, float& s1,
-                               float& s2) {
-  float bx[kHalfBlock], bg[kHalfBlock];
+const float* mask_block(const T* m, const T* x, int64_t i, int64_t len, const float* bx, float* bm) {
+  if (m == nullptr) return nullptr;
+  if (m == x) return bx;
+  f16c::to_float(m + i, bm, len);
+  return bm;
+}
+
+template <typename T>
+void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float msc, float msh,
+                               float mu, float& s1, float& s2) {
+  float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   float a1 = 0, a2 = 0;
   for (int64_t i = 0; i < n; i += kHalfBlock) {
-    const int64_t m = std::min(kHalfBlock, n - i);
-    f16c::to_float(x + i, bx, m);
-    f16c::to_float(dy + i, bg, m);
+    const int64_t len = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, len);
+    f16c::to_float(dy + i, bg, len);
+    const float* mb = mask_block(m, x, i, len, bx, bm);
     float b1, b2;
-    backward_row_sums<float, float>(bx, bg, m, sc, sh, mu, b1, b2);
+    // gm into the dy buffer, in place (element i only reads and writes i)
+    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, msc, msh, mu, b1, b2);
+    if (gm_out != nullptr) f16c::from_float(bg, gm_out + i, len);
     a1 += b1;
     a2 += b2;
   }
@@ -270,15 +317,16 @@ void backward_row_sums_blocked(const T* x, const T* dy, int64_t n, float sc, flo
 }
 
 template <typename T>
-void backward_row_blocked(const T* x, const T* dy, T* dx, int64_t n, float sc, float sh, float mu, float k0, float k1,
-                          float k2) {
-  float bx[kHalfBlock], bg[kHalfBlock];
+void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float msc, float msh, float mu,
+                          float k0, float k1, float k2) {
+  float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
-    const int64_t m = std::min(kHalfBlock, n - i);
-    f16c::to_float(x + i, bx, m);
-    f16c::to_float(dy + i, bg, m);
-    backward_row<float, float>(bx, bg, bg, m, sc, sh, mu, k0, k1, k2);  // dx into the dy buffer, in place
-    f16c::from_float(bg, dx + i, m);
+    const int64_t len = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, len);
+    f16c::to_float(dy + i, bg, len);
+    const float* mb = mask_block(m, x, i, len, bx, bm);
+    backward_row<float, float>(bx, bg, mb, bg, len, msc, msh, mu, k0, k1, k2);  // dx into the dy buffer, in place
+    f16c::from_float(bg, dx + i, len);
   }
 }
 
@@ -288,18 +336,18 @@ void backward_row_blocked(const T* x, const T* dy, T* dx, int64_t n, float sc, f
     row_moments_blocked(x, n, K, s1, s2);                                                                  \
   }                                                                                                        \
   template <>                                                                                              \
-  void normalize_row<T, float>(const T* x, T* y, int64_t n, float sc, float sh) {                          \
-    normalize_row_blocked(x, y, n, sc, sh);                                                                \
+  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float sc, float sh) {              \
+    normalize_row_blocked(x, r, y, n, sc, sh);                                                             \
   }                                                                                                        \
   template <>                                                                                              \
-  void backward_row_sums<T, float>(const T* x, const T* dy, int64_t n, float sc, float sh, float mu,       \
-                                   float& s1, float& s2) {                                                 \
-    backward_row_sums_blocked(x, dy, n, sc, sh, mu, s1, s2);                                               \
+  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float msc,   \
+                                   float msh, float mu, float& s1, float& s2) {                            \
+    backward_row_sums_blocked(x, dy, m, gm_out, n, msc, msh, mu, s1, s2);                                  \
   }                                                                                                        \
   template <>                                                                                              \
-  void backward_row<T, float>(const T* x, const T* dy, T* dx, int64_t n, float sc, float sh, float mu,     \
-                              float k0, float k1, float k2) {                                              \
-    backward_row_blocked(x, dy, dx, n, sc, sh, mu, k0, k1, k2);                                            \
+  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float msc, float msh, \
+                              float mu, float k0, float k1, float k2) {                                    \
+    backward_row_blocked(x, dy, m, dx, n, msc, msh, mu, k0, k1, k2);                                       \
   }
 TORCHFAST_BLOCKED_ROWS(c10::Half)
 TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
@@ -340,56 +388,70 @@ inline size_t half_buffer(int64_t C) {
 // third of the elementwise pass's memory traffic. Same operations, same order, same results as
 // normalize_row / backward_row (SSE2 is baseline x86-64; maxps(0, v) returns v when v is NaN, as
 // relu() does, and the compare-and-mask zeroes the gradient there like masked_grad).
-inline void normalize_row_stream(const float* x, float* y, int64_t n, float sc, float sh) {
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) {
-    const float v = x[i] * sc + sh;
-    y[i] = relu(v);
-  }
-  const __m128 vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
-  for (; i + 4 <= n; i += 4)
-    _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh)));
-  for (; i < n; ++i) {
-    const float v = x[i] * sc + sh;
-    y[i] = relu(v);
-  }
-}
-
-inline void backward_row_stream(const float* x, const float* dy, float* dx, int64_t n, float sc, float sh, float mu,
-                                float k0, float k1, float k2) {
+inline void normalize_row_stream(const float* x, const float* r, float* y, int64_t n, float sc, float sh) {
   int64_t i = 0;
   auto scalar = [&](int64_t j) {
-    const float gm = masked_grad(x[j] * sc + sh, dy[j]);
+    float v = x[j] * sc + sh;
+    if (r != nullptr) v = v + r[j];
+    y[j] = relu(v);
+  };
+  for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) scalar(i);
+  const __m128 vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
+  if (r == nullptr) {
+    for (; i + 4 <= n; i += 4)
+      _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh)));
+  } else {
+    for (; i + 4 <= n; i += 4) {
+      const __m128 v = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh), _mm_loadu_ps(r + i));
+      _mm_stream_ps(y + i, _mm_max_ps(zero, v));
+    }
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// gm = (m * msc + msh > 0) ? dy : 0, four lanes; dy itself when m is null.
+inline __m128 masked_grad4(const float* m, const float* dy, __m128 msc, __m128 msh) {
+  if (m == nullptr) return _mm_loadu_ps(dy);
+  const __m128 mask = _mm_cmpgt_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(m), msc), msh), _mm_setzero_ps());
+  return _mm_and_ps(mask, _mm_loadu_ps(dy));
+}
+
+inline void backward_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t n, float msc,
+                                float msh, float mu, float k0, float k1, float k2) {
+  int64_t i = 0;
+  auto scalar = [&](int64_t j) {
+    const float gm = m == nullptr ? dy[j] : masked_grad(m[j] * msc + msh, dy[j]);
     dx[j] = gm * k0 - k1 - (x[j] - mu) * k2;
   };
   for (; i < n && (reinterpret_cast<uintptr_t>(dx + i) & 15); ++i) scalar(i);
-  const __m128 vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), vmu = _mm_set1_ps(mu), zero = _mm_setzero_ps();
+  const __m128 vsc = _mm_set1_ps(msc), vsh = _mm_set1_ps(msh), vmu = _mm_set1_ps(mu);
   const __m128 vk0 = _mm_set1_ps(k0), vk1 = _mm_set1_ps(k1), vk2 = _mm_set1_ps(k2);
   for (; i + 4 <= n; i += 4) {
     const __m128 xv = _mm_loadu_ps(x + i);
-    const __m128 mask = _mm_cmpgt_ps(_mm_add_ps(_mm_mul_ps(xv, vsc), vsh), zero);
-    const __m128 gm = _mm_and_ps(mask, _mm_loadu_ps(dy + i));
+    const __m128 gm = masked_grad4(m ? m + i : nullptr, dy + i, vsc, vsh);
     _mm_stream_ps(dx + i, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, vk0), vk1), _mm_mul_ps(_mm_sub_ps(xv, vmu), vk2)));
   }
   for (; i < n; ++i) scalar(i);
 }
 
 // channels_last rows (C % 4 == 0, 16-byte aligned output): the same two formulas per channel.
-inline void normalize_cl_row_stream(const float* x, float* y, int64_t C, const float* scale, const float* shift) {
-  const __m128 zero = _mm_setzero_ps();
-  for (int64_t c = 0; c < C; c += 4)
-    _mm_stream_ps(y + c, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(scale + c)),
-                                                     _mm_loadu_ps(shift + c))));
-}
-
-inline void backward_cl_row_stream(const float* x, const float* dy, float* dx, int64_t C, const float* scale,
-                                   const float* shift, const float* mean, const float* k0, const float* k1,
-                                   const float* k2) {
+inline void normalize_cl_row_stream(const float* x, const float* r, float* y, int64_t C, const float* scale,
+                                    const float* shift) {
   const __m128 zero = _mm_setzero_ps();
   for (int64_t c = 0; c < C; c += 4) {
+    __m128 v = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(scale + c)), _mm_loadu_ps(shift + c));
+    if (r != nullptr) v = _mm_add_ps(v, _mm_loadu_ps(r + c));
+    _mm_stream_ps(y + c, _mm_max_ps(zero, v));
+  }
+}
+
+inline void backward_cl_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t C,
+                                   const float* mscale, const float* mshift, const float* mean, const float* k0,
+                                   const float* k1, const float* k2) {
+  for (int64_t c = 0; c < C; c += 4) {
     const __m128 xv = _mm_loadu_ps(x + c);
-    const __m128 mask = _mm_cmpgt_ps(_mm_add_ps(_mm_mul_ps(xv, _mm_loadu_ps(scale + c)), _mm_loadu_ps(shift + c)), zero);
-    const __m128 gm = _mm_and_ps(mask, _mm_loadu_ps(dy + c));
+    const __m128 gm = m == nullptr ? _mm_loadu_ps(dy + c)
+                                   : masked_grad4(m + c, dy + c, _mm_loadu_ps(mscale + c), _mm_loadu_ps(mshift + c));
     _mm_stream_ps(dx + c, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, _mm_loadu_ps(k0 + c)), _mm_loadu_ps(k1 + c)),
                                      _mm_mul_ps(_mm_sub_ps(xv, _mm_loadu_ps(mean + c)), _mm_loadu_ps(k2 + c))));
   }
@@ -418,7 +480,7 @@ void backward_coeffs(double sum_dy, double sum_dy_xmu, acc_t w, acc_t invstd, do
                      acc_t& gb, acc_t& k0, acc_t& k1, acc_t& k2) {
   const double inv = static_cast<double>(invstd), wd = static_cast<double>(w);
   gb = to_acc<acc_t>(sum_dy);
-  gw = to_acc<acc_t>(sum_dy_xmu * inv);
+  gw = M > 0 ? to_acc<acc_t>(sum_dy_xmu * inv) : acc_t(0);  // an empty batch: zero, as stock (not 0 * NaN)
   k0 = to_acc<acc_t>(wd * inv);
   const bool full = training && M > 0;
   k1 = full ? to_acc<acc_t>(wd * inv * sum_dy / M) : acc_t(0);
@@ -429,7 +491,8 @@ void backward_coeffs(double sum_dy, double sum_dy_xmu, acc_t w, acc_t invstd, do
 // Training forward, contiguous layout, whole channels per thread (see the header comment).
 
 template <typename scalar_t, typename acc_t>
-void train_forward_by_channel(const scalar_t* x, scalar_t* y, const Geometry& g, double eps, const acc_t* w,
+void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, double eps,
+                              const acc_t* w,
                               const acc_t* b, acc_t* mean, acc_t* invstd, acc_t* var) {
   const int64_t N = g.N, C = g.C, S = g.S;
   const double M = static_cast<double>(N * S);
@@ -449,11 +512,11 @@ void train_forward_by_channel(const scalar_t* x, scalar_t* y, const Geometry& g,
         const int64_t o = (n * C + c) * S;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          normalize_row_stream(x + o, y + o, S, sc, sh);
+          normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, sc, sh);
           continue;
         }
 #endif
-        normalize_row<scalar_t, acc_t>(x + o, y + o, S, sc, sh);
+        normalize_row<scalar_t, acc_t>(x + o, res ? res + o : nullptr, y + o, S, sc, sh);
       }
     }
 #ifdef TORCHFAST_STREAM_STORES
@@ -463,9 +526,19 @@ void train_forward_by_channel(const scalar_t* x, scalar_t* y, const Geometry& g,
 }
 
 // Backward, contiguous layout, whole channels per thread.
+// The mask source: m with per-channel msc/msh (see backward_row_sums); gm_out, when not null, receives
+// the masked gradient in the reduction pass and the elementwise pass reads it back with no mask.
 template <typename scalar_t, typename acc_t>
-void backward_by_channel(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Geometry& g, const acc_t* scale,
-                         const acc_t* shift, const acc_t* mean, const acc_t* invstd, const acc_t* w, bool training,
+struct MaskSource {
+  const scalar_t* m;
+  const acc_t* msc;
+  const acc_t* msh;
+  scalar_t* gm_out;
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource<scalar_t, acc_t>& ms, scalar_t* dx,
+                         const Geometry& g, const acc_t* mean, const acc_t* invstd, const acc_t* w, bool training,
                          acc_t* gw, acc_t* gb) {
   const int64_t N = g.N, C = g.C, S = g.S;
   const double M = static_cast<double>(N * S);
@@ -475,21 +548,25 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, scalar_t* dx, co
       for (int64_t n = 0; n < N; ++n) {
         acc_t s1, s2;
         const int64_t o = (n * C + c) * S;
-        backward_row_sums<scalar_t, acc_t>(x + o, dy + o, S, scale[c], shift[c], mean[c], s1, s2);
+        backward_row_sums<scalar_t, acc_t>(x + o, dy + o, ms.m + o, ms.gm_out ? ms.gm_out + o : nullptr, S, ms.msc[c],
+                                           ms.msh[c], mean[c], s1, s2);
         sum_dy += static_cast<double>(s1);
         sum_dy_xmu += static_cast<double>(s2);
       }
       acc_t k0, k1, k2;
       backward_coeffs<acc_t>(sum_dy, sum_dy_xmu, w[c], invstd[c], M, training, gw[c], gb[c], k0, k1, k2);
+      // The elementwise pass reads the stored gm (no mask) when there is one, else dy masked again.
+      const scalar_t* gsrc = ms.gm_out ? ms.gm_out : dy;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * C + c) * S;
+        const scalar_t* mo = ms.gm_out ? nullptr : ms.m + o;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          backward_row_stream(x + o, dy + o, dx + o, S, scale[c], shift[c], mean[c], k0, k1, k2);
+          backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
           continue;
         }
 #endif
-        backward_row<scalar_t, acc_t>(x + o, dy + o, dx + o, S, scale[c], shift[c], mean[c], k0, k1, k2);
+        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
       }
     }
 #ifdef TORCHFAST_STREAM_STORES
@@ -559,19 +636,22 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc_t* scale, const acc_t* shift) {
+void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, const acc_t* scale,
+                    const acc_t* shift) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r)
-        normalize_row<scalar_t, acc_t>(x + r * S, y + r * S, S, scale[r % C], shift[r % C]);
+        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, scale[r % C],
+                                       shift[r % C]);
     });
   } else {
 #ifdef TORCHFAST_STREAM_STORES
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (cl_streamable(y, C)) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r) normalize_cl_row_stream(x + r * C, y + r * C, C, scale, shift);
+          for (int64_t r = b; r < e; ++r)
+            normalize_cl_row_stream(x + r * C, res ? res + r * C : nullptr, y + r * C, C, scale, shift);
           _mm_sfence();
         });
         return;
@@ -579,19 +659,30 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
     }
 #endif
     at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C)), fy(half_buffer<scalar_t>(kRowsPerBlock * C));
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      std::vector<float> fx(nbuf), fy(nbuf), fr(res ? nbuf : 0);
       for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
         const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
         const auto* xg = as_acc_row(x + g0 * C, (g1 - g0) * C, fx);
+        const auto* rg = res ? as_acc_row(res + g0 * C, (g1 - g0) * C, fr) : nullptr;
         auto* yg = acc_out_row(y + g0 * C, fy);
         using out_t = std::remove_pointer_t<decltype(yg)>;
         for (int64_t r = g0; r < g1; ++r) {
           const auto* xr = xg + (r - g0) * C;
           out_t* yr = yg + (r - g0) * C;
+          if (rg == nullptr) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
-            yr[c] = from_acc<out_t, acc_t>(relu(v));
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
+              yr[c] = from_acc<out_t, acc_t>(relu(v));
+            }
+          } else {
+            const auto* rr = rg + (r - g0) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c] + to_acc<acc_t>(rr[c]);
+              yr[c] = from_acc<out_t, acc_t>(relu(v));
+            }
           }
         }
         store_row(y + g0 * C, fy, (g1 - g0) * C);
@@ -602,7 +693,7 @@ void normalize_relu(const scalar_t* x, scalar_t* y, const Geometry& g, const acc
 
 // Backward reduction: per channel sum(dy * mask) and sum(dy * mask * (x - mean)).
 template <typename scalar_t, typename acc_t>
-void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, const acc_t* scale, const acc_t* shift,
+void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scalar_t, acc_t>& ms, const Geometry& g,
                    const acc_t* mean, double* sum_dy, double* sum_dy_xmu) {
   const int64_t N = g.N, C = g.C, S = g.S;
   std::fill(sum_dy, sum_dy + C, 0.0);
@@ -612,7 +703,8 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, S, scale[c], shift[c], mean[c], r1[r], r2[r]);
+        backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, ms.m + r * S, ms.gm_out ? ms.gm_out + r * S : nullptr,
+                                           S, ms.msc[c], ms.msh[c], mean[c], r1[r], r2[r]);
       }
     });
     for (int64_t r = 0; r < N * C; ++r) {
@@ -625,24 +717,43 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
       std::vector<acc_t> a1(C), a2(C);
-      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C)), fg(half_buffer<scalar_t>(kRowsPerBlock * C));
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      const bool own_mask = ms.m != x;
+      std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
       for (int64_t blk = bb; blk < be; ++blk) {
         std::fill(a1.begin(), a1.end(), acc_t(0));
         std::fill(a2.begin(), a2.end(), acc_t(0));
-        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
-        const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);
-        const auto* gb = as_acc_row(dy + r0 * C, (r_end - r0) * C, fg);
+        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
+        const auto* xb = as_acc_row(x + r0 * C, len, fx);
+        const auto* gb = as_acc_row(dy + r0 * C, len, fg);
+        const auto* mb = own_mask ? as_acc_row(ms.m + r0 * C, len, fm) : xb;
+        auto* ob = ms.gm_out ? acc_out_row(ms.gm_out + r0 * C, fo) : nullptr;
+        using out_t = std::remove_pointer_t<decltype(acc_out_row(ms.gm_out, fo))>;
         for (int64_t r = r0; r < r_end; ++r) {
           const auto* xr = xb + (r - r0) * C;
           const auto* gr = gb + (r - r0) * C;
+          const auto* mr = mb + (r - r0) * C;
+          if (ob == nullptr) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = to_acc<acc_t>(xr[c]);
-            const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
-            a1[c] += gm;
-            a2[c] += gm * (xv - mean[c]);
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
+              a1[c] += gm;
+              a2[c] += gm * (xv - mean[c]);
+            }
+          } else {
+            out_t* orow = ob + (r - r0) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
+              orow[c] = from_acc<out_t, acc_t>(gm);
+              a1[c] += gm;
+              a2[c] += gm * (xv - mean[c]);
+            }
           }
         }
+        if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
         for (int64_t c = 0; c < C; ++c) {
           p1[blk * C + c] = static_cast<double>(a1[c]);
           p2[blk * C + c] = static_cast<double>(a2[c]);
@@ -657,17 +768,18 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const Geometry& g, con
   }
 }
 
+// dx from the masked gradient: gm = dy masked by m (see backward_row_sums), or dy itself when m is null.
 template <typename scalar_t, typename acc_t>
-void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Geometry& g,
-                          const acc_t* scale, const acc_t* shift, const acc_t* mean, const acc_t* k0,
-                          const acc_t* k1, const acc_t* k2) {
+void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, const Geometry& g,
+                          const acc_t* msc, const acc_t* msh, const acc_t* mean, const acc_t* k0, const acc_t* k1,
+                          const acc_t* k2) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, dx + r * S, S, scale[c], shift[c], mean[c], k0[c], k1[c],
-                                      k2[c]);
+        backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, msc[c], msh[c],
+                                      mean[c], k0[c], k1[c], k2[c]);
       }
     });
   } else {
@@ -676,7 +788,8 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
       if (cl_streamable(dx, C)) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
           for (int64_t r = b; r < e; ++r)
-            backward_cl_row_stream(x + r * C, dy + r * C, dx + r * C, C, scale, shift, mean, k0, k1, k2);
+            backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, msc, msh, mean, k0,
+                                   k1, k2);
           _mm_sfence();
         });
         return;
@@ -685,25 +798,36 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* dx, c
 #endif
     at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
-      std::vector<float> fx(nbuf), fg(nbuf), fd(nbuf);
+      const bool own_mask = m != nullptr && m != x;
+      std::vector<float> fx(nbuf), fg(nbuf), fd(nbuf), fm(own_mask ? nbuf : 0);
       for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
-        const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
-        const auto* xg = as_acc_row(x + g0 * C, (g1 - g0) * C, fx);
-        const auto* gg = as_acc_row(dy + g0 * C, (g1 - g0) * C, fg);
+        const int64_t g1 = std::min(e, g0 + kRowsPerBlock), len = (g1 - g0) * C;
+        const auto* xg = as_acc_row(x + g0 * C, len, fx);
+        const auto* gg = as_acc_row(dy + g0 * C, len, fg);
+        const auto* mg = own_mask ? as_acc_row(m + g0 * C, len, fm) : xg;
         auto* dg = acc_out_row(dx + g0 * C, fd);
         using out_t = std::remove_pointer_t<decltype(dg)>;
         for (int64_t r = g0; r < g1; ++r) {
           const auto* xr = xg + (r - g0) * C;
           const auto* gr = gg + (r - g0) * C;
+          const auto* mr = mg + (r - g0) * C;
           out_t* dr = dg + (r - g0) * C;
+          if (m == nullptr) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = to_acc<acc_t>(xr[c]);
-            const acc_t gm = masked_grad(xv * scale[c] + shift[c], to_acc<acc_t>(gr[c]));
-            dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              dr[c] = from_acc<out_t, acc_t>(to_acc<acc_t>(gr[c]) * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]));
+              dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+            }
           }
         }
-        store_row(dx + g0 * C, fd, (g1 - g0) * C);
+        store_row(dx + g0 * C, fd, len);
       }
     });
   }
@@ -735,16 +859,26 @@ void check_channel_vector(const c10::optional<at::Tensor>& t, int64_t C, const c
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape (", C, ",), got ", t->sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
-    double eps) {
-  const char* op = "bn_relu_fwd";
+// Shared by the bn_relu and bn_add_relu ops: `residual` / `out` are undefined for bn_relu.
+void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(), " but input has ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but input is ",
+              input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const char* op, const at::Tensor& input, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
   check_input(input, op);
+  const bool add = residual.defined();
+  if (add) check_like_input(residual, input, op, "residual");
   if (half_through_float_copies(input)) {
     // The float32 kernels compute exactly what the float16 ones would (float32 math, one rounding).
     auto [out, mean, invstd, var] =
-        bn_relu_fwd_cpu(input.to(at::kFloat), weight, bias, running_mean, running_var, training, eps);
+        forward_cpu(op, input.to(at::kFloat), add ? residual.to(at::kFloat) : residual, weight, bias, running_mean,
+                    running_var, training, eps);
     return {out.to(input.scalar_type()), mean, invstd, var};
   }
   const int64_t C = input.size(1);
@@ -754,8 +888,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
   check_channel_vector(running_var, C, op, "running_var");
   TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()), op,
               ": eval mode needs running_mean and running_var");
-  const bool native = native_layout(input);
+  // The residual must share the input's native layout; otherwise bring both to contiguous.
+  const bool native = native_layout(input) && (!add || residual.strides() == input.strides());
   const at::Tensor x = native ? input : input.contiguous();
+  const at::Tensor res = !add ? residual : (native ? residual : residual.contiguous());
   at::Tensor out = at::empty_like(input);
   at::Tensor y = native ? out : at::empty_like(x);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -765,12 +901,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Geometry g = geometry(x);
+    const scalar_t* rp = add ? res.data_ptr<scalar_t>() : nullptr;
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
     if (training && numel > 0 && by_channel(g)) {
       const std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), b = per_channel<acc_t>(bias, C, 0);
-      train_forward_by_channel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, eps, w.data(),
+      train_forward_by_channel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, eps, w.data(),
                                                 b.data(), mp, ip, vp);
       return;
     }
@@ -793,36 +930,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
     if (numel == 0) return;
     std::vector<acc_t> m(mp, mp + C), is(ip, ip + C), scale, shift;
     scale_shift(m, is, per_channel<acc_t>(weight, C, 1), per_channel<acc_t>(bias, C, 0), scale, shift);
-    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, scale.data(), shift.data());
+    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, scale.data(), shift.data());
   });
   if (!native) out.copy_(y);
   return {out, mean, invstd, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                               const c10::optional<at::Tensor>& weight,
-                                                               const c10::optional<at::Tensor>& bias,
-                                                               const at::Tensor& mean, const at::Tensor& invstd,
-                                                               bool training) {
-  const char* op = "bn_relu_bwd";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  return forward_cpu("bn_relu_fwd", input, at::Tensor(), weight, bias, running_mean, running_var, training, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  TORCH_CHECK(residual.defined(), "bn_add_relu_fwd: residual is undefined");
+  return forward_cpu("bn_add_relu_fwd", input, residual, weight, bias, running_mean, running_var, training, eps);
+}
+
+// Backward of both ops. bn_relu (saved_out undefined): the mask is recomputed from the input with the
+// forward's scale and shift. bn_add_relu: the mask is saved_out > 0, the masked gradient is written to
+// grad_residual by the reduction pass and read back by the elementwise pass.
+// Returns (grad_input, grad_residual or undefined, grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& saved_out, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, bool training) {
   check_input(input, op);
   const int64_t C = input.size(1);
   check_grad_out(grad_out, input, op);
+  const bool add = saved_out.defined();
+  if (add) check_like_input(saved_out, input, op, "out");
   if (half_through_float_copies(input)) {  // as in the forward
-    auto [grad_in, grad_w, grad_b] =
-        bn_relu_bwd_cpu(grad_out.to(at::kFloat), input.to(at::kFloat), weight, bias, mean, invstd, training);
-    return {grad_in.to(input.scalar_type()), grad_w, grad_b};
+    auto [grad_in, grad_res, grad_w, grad_b] =
+        backward_cpu(op, grad_out.to(at::kFloat), add ? saved_out.to(at::kFloat) : saved_out, input.to(at::kFloat),
+                     weight, bias, mean, invstd, training);
+    return {grad_in.to(input.scalar_type()), add ? grad_res.to(input.scalar_type()) : grad_res, grad_w, grad_b};
   }
   check_channel_vector(weight, C, op, "weight");
   check_channel_vector(bias, C, op, "bias");
   check_channel_vector(mean, C, op, "mean");
   check_channel_vector(invstd, C, op, "invstd");
-  // Both tensors must share one native layout; otherwise bring both to contiguous.
-  const bool native = native_layout(input) && grad_out.strides() == input.strides();
+  // All full-size tensors must share one native layout; otherwise bring them to contiguous.
+  const bool native = native_layout(input) && grad_out.strides() == input.strides() &&
+                      (!add || saved_out.strides() == input.strides());
   const at::Tensor x = native ? input : input.contiguous();
   const at::Tensor dy = native ? grad_out : grad_out.contiguous();
-  at::Tensor grad_in = at::empty_like(input);
-  at::Tensor dx = native ? grad_in : at::empty_like(x);
+  const at::Tensor o = !add || native ? saved_out : saved_out.contiguous();
+  at::Tensor grad_in = at::empty_like(x);
+  at::Tensor grad_res = add ? at::empty_like(x) : at::Tensor();
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = input.options().dtype(acc_type);
   at::Tensor grad_w = at::empty({C}, opts), grad_b = at::empty({C}, opts);
@@ -830,29 +989,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     const Geometry g = geometry(x);
     std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
-    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), scale, shift;
-    scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), scale, shift);
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), msc, msh;
+    if (add) {
+      msc.assign(C, acc_t(1));  // out * 1 + 0 > 0: exactly out > 0
+      msh.assign(C, acc_t(0));
+    } else {
+      scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), msc, msh);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    scalar_t* dxp = grad_in.data_ptr<scalar_t>();
+    const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, msc.data(), msh.data(),
+                                         add ? grad_res.data_ptr<scalar_t>() : nullptr};
     acc_t* gw = grad_w.data_ptr<acc_t>();
     acc_t* gb = grad_b.data_ptr<acc_t>();
     if (x.numel() > 0 && by_channel(g)) {
-      backward_by_channel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
-                                           scale.data(), shift.data(), m.data(), is.data(), w.data(), training, gw, gb);
+      backward_by_channel<scalar_t, acc_t>(xp, dyp, ms, dxp, g, m.data(), is.data(), w.data(), training, gw, gb);
       return;
     }
     std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
-    if (x.numel() > 0)
-      backward_sums<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), g, scale.data(), shift.data(),
-                                     m.data(), sum_dy.data(), sum_dy_xmu.data());
+    if (x.numel() > 0) backward_sums<scalar_t, acc_t>(xp, dyp, ms, g, m.data(), sum_dy.data(), sum_dy_xmu.data());
     const double M = static_cast<double>(g.N * g.S);
     std::vector<acc_t> k0(C), k1(C), k2(C);
     for (int64_t c = 0; c < C; ++c)
       backward_coeffs<acc_t>(sum_dy[c], sum_dy_xmu[c], w[c], is[c], M, training, gw[c], gb[c], k0[c], k1[c], k2[c]);
-    if (x.numel() > 0)
-      backward_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                                            g, scale.data(), shift.data(), m.data(), k0.data(), k1.data(), k2.data());
+    if (x.numel() > 0) {
+      // bn_add_relu: the stored gm, no mask; bn_relu: dy masked again from x.
+      const scalar_t* gsrc = add ? ms.gm_out : dyp;
+      backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, msc.data(), msh.data(), m.data(),
+                                            k0.data(), k1.data(), k2.data());
+    }
   });
-  if (!native) grad_in.copy_(dx);
+  if (!native) {
+    // Outputs in the input's layout, as the forward's.
+    grad_in = at::empty_like(input).copy_(grad_in);
+    if (add) grad_res = at::empty_like(input).copy_(grad_res);
+  }
+  return {grad_in, grad_res, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                               const c10::optional<at::Tensor>& weight,
+                                                               const c10::optional<at::Tensor>& bias,
+                                                               const at::Tensor& mean, const at::Tensor& invstd,
+                                                               bool training) {
+  auto [grad_in, grad_res, grad_w, grad_b] =
+      backward_cpu("bn_relu_bwd", grad_out, at::Tensor(), input, weight, bias, mean, invstd, training);
   return {grad_in, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training) {
+  TORCH_CHECK(out.defined(), "bn_add_relu_bwd: out is undefined");
+  return backward_cpu("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training);
 }
 
 }  // namespace
@@ -860,6 +1050,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor&
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
   m.impl("bn_relu_fwd", &bn_relu_fwd_cpu);
   m.impl("bn_relu_bwd", &bn_relu_bwd_cpu);
+  m.impl("bn_add_relu_fwd", &bn_add_relu_fwd_cpu);
+  m.impl("bn_add_relu_bwd", &bn_add_relu_bwd_cpu);
 }
 
 }  // namespace torchfast

@@ -4,55 +4,134 @@
 buffers, ``state_dict`` and train/eval behaviour) whose forward returns ``relu(bn(x))`` computed by
 one fused op. A stock BatchNorm checkpoint loads into it and back.
 """
-from torch import nn
+from torch import fx, nn
 
-from torchfast.nn.functional import batch_norm_relu
+from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
 
-__all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "convert_batchnorm_relu"]
+__all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
+           "BatchNormAddReLU3d", "convert_batchnorm_relu"]
 
 
-class _BatchNormReLUMixin:
-    def forward(self, input):
-        self._check_input_dim(input)
-        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward so momentum=None (cumulative
-        # average), track_running_stats=False and num_batches_tracked behave identically.
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-                else:
-                    exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return batch_norm_relu(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+def _bn_call_args(bn, input):
+    """What ``torch.nn.modules.batchnorm._BatchNorm.forward`` passes to ``F.batch_norm`` for module
+    `bn`, with the same side effect (num_batches_tracked += 1 in training): (running_mean,
+    running_var, training, momentum). momentum=None (cumulative average),
+    track_running_stats=False and eval without running statistics behave as stock."""
+    bn._check_input_dim(input)
+    if bn.momentum is None:
+        exponential_average_factor = 0.0
+    else:
+        exponential_average_factor = bn.momentum
+    if bn.training and bn.track_running_stats:
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                exponential_average_factor = 1.0 / float(bn.num_batches_tracked)
+            else:
+                exponential_average_factor = bn.momentum
+    if bn.training:
+        bn_training = True
+    else:
+        bn_training = (bn.running_mean is None) and (bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return (bn.running_mean if use_running else None, bn.running_var if use_running else None, bn_training,
+            exponential_average_factor)
 
+
+def bn_relu_module(bn, input):
+    """``relu(bn(input))`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls)."""
+    running_mean, running_var, training, momentum = _bn_call_args(bn, input)
+    return batch_norm_relu(input, running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
+
+
+def bn_add_relu_module(bn, input, residual):
+    """``relu(bn(input) + residual)`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls)."""
+    running_mean, running_var, training, momentum = _bn_call_args(bn, input)
+    return batch_norm_add_relu(input, residual, running_mean, running_var, bn.weight, bn.bias, training, momentum,
+                               bn.eps)
+
+
+def _share_state(fused, bn):
+    """Make `fused` use `bn`'s own Parameter and buffer objects, training flag and hooks, as
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm does: an optimizer built before the conversion
+    keeps updating the layer, and requires_grad stays as it was."""
+    for name, p in bn._parameters.items():
+        fused._parameters[name] = p
+    for name, b in bn._buffers.items():
+        fused._buffers[name] = b
+    fused._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+    fused.training = bn.training
+    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks"):
+        if hasattr(bn, attr):
+            setattr(fused, attr, getattr(bn, attr).copy())
+    if hasattr(bn, "qconfig"):
+        fused.qconfig = bn.qconfig
+    return fused
+
+
+def _activation_of(bn):
+    """For layers that carry their own activation (timm's BatchNormAct2d): None when `bn` is a plain
+    BatchNorm; otherwise raise unless it is a ReLU with no dropout in between."""
+    act = getattr(bn, "act", None)
+    if act is None and not hasattr(bn, "drop"):
+        return None
+    drop = getattr(bn, "drop", None)
+    if not isinstance(act, nn.ReLU) or not (drop is None or isinstance(drop, nn.Identity)):
+        raise ValueError("from_batchnorm: %s applies %s%s after the normalisation, not a plain ReLU; only a "
+                         "ReLU can be fused" % (type(bn).__name__, type(act).__name__ if act is not None else "no "
+                                                "activation", " and %s" % type(drop).__name__
+                                                if drop is not None and not isinstance(drop, nn.Identity) else ""))
+    return act
+
+
+def _fx_leaf_call(module, *args):
+    """Under torch.fx symbolic tracing (a Proxy input), record the fused layer as one call_module
+    node, as fx does for stock BatchNorm, instead of tracing into its Python-level checks."""
+    tracer = next(a for a in args if isinstance(a, fx.Proxy)).tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+class _FusedBatchNorm:
     @classmethod
     def from_batchnorm(cls, bn):
-        """A fused layer with `bn`'s configuration, parameters and running statistics."""
-        floats = [t for t in list(bn.parameters()) + list(bn.buffers()) if t.is_floating_point()]
-        fused = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                    track_running_stats=bn.track_running_stats,
-                    device=floats[0].device if floats else None, dtype=floats[0].dtype if floats else None)
-        fused.load_state_dict(bn.state_dict())
-        fused.train(bn.training)
-        return fused
+        """The fused layer for `bn` (a BatchNorm{1,2,3}d, or timm's BatchNormAct2d with a ReLU), sharing
+        `bn`'s Parameters, buffers, training mode and hooks."""
+        _activation_of(bn)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for key in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(fused, key, getattr(bn, key))
+        return _share_state(fused, bn)
+
+
+class _BatchNormReLUMixin(_FusedBatchNorm):
+    def forward(self, input):
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf_call(self, input)
+        return bn_relu_module(self, input)
+
+
+class _BatchNormAddReLUMixin(_FusedBatchNorm):
+    def forward(self, input, residual):
+        if isinstance(input, fx.Proxy) or isinstance(residual, fx.Proxy):
+            return _fx_leaf_call(self, input, residual)
+        return bn_add_relu_module(self, input, residual)
+
+
+class BatchNormAddReLU1d(_BatchNormAddReLUMixin, nn.BatchNorm1d):
+    """``relu(nn.BatchNorm1d(...)(x) + residual)`` fused; called as ``layer(x, residual)``."""
+
+
+class BatchNormAddReLU2d(_BatchNormAddReLUMixin, nn.BatchNorm2d):
+    """``relu(nn.BatchNorm2d(...)(x) + residual)`` fused, the tail of a ResNet block; called as
+    ``layer(x, residual)``; x and residual contiguous or channels_last."""
+
+
+class BatchNormAddReLU3d(_BatchNormAddReLUMixin, nn.BatchNorm3d):
+    """``relu(nn.BatchNorm3d(...)(x) + residual)`` fused; called as ``layer(x, residual)``."""
 
 
 class BatchNormReLU1d(_BatchNormReLUMixin, nn.BatchNorm1d):

@@ -1,4 +1,5 @@
-"""Fused BatchNorm + ReLU in pure PyTorch: the oracle for every other backend, on any device/dtype.
+"""Fused BatchNorm + ReLU and BatchNorm + add + ReLU in pure PyTorch: the oracle for every other
+backend, on any device/dtype.
 
 Same contract as the compiled ops declared in csrc/ops.cpp: statistics in float32 (float64 for
 float64 inputs), output in the input dtype and memory layout, the ReLU mask recomputed in the
@@ -28,9 +29,10 @@ def _scale_shift(mean, invstd, weight, bias):
     return scale, shift
 
 
-def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, eps: float):
-    acc = stat_dtype(input.dtype)
-    x = input.to(acc)
+def _batch_or_running_stats(x, running_mean, running_var, training: bool, eps: float):
+    """(mean, invstd, biased var) in x's dtype: the batch's in training (NaN for an empty batch,
+    as stock), the running statistics in eval."""
+    acc = x.dtype
     if training and x.numel() == 0:
         mean = torch.full((x.shape[1],), float("nan"), dtype=acc, device=x.device)
         var = mean.clone()
@@ -39,10 +41,34 @@ def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, 
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-    invstd = torch.rsqrt(var + eps)
+    return mean, torch.rsqrt(var + eps), var
+
+
+def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, eps: float):
+    acc = stat_dtype(input.dtype)
+    x = input.to(acc)
+    mean, invstd, var = _batch_or_running_stats(x, running_mean, running_var, training, eps)
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     out = torch.relu(x * _bcast(scale, x) + _bcast(shift, x)).to(input.dtype)
     return out, mean, invstd, var
+
+
+def _bn_backward(gm, x, mean, invstd, weight, training: bool):
+    """BatchNorm's backward from the ReLU-masked gradient gm (both in the statistics dtype):
+    (dx, grad_weight, grad_bias). An empty batch gives zero parameter gradients, as stock does."""
+    dims = _reduce_dims(x)
+    xmu = x - _bcast(mean, x)
+    sum_dy = gm.sum(dims)
+    sum_dy_xmu = (gm * xmu).sum(dims)
+    w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+    k0 = w * invstd
+    if training and x.numel() > 0:
+        m = x.numel() // x.size(1)
+        dx = _bcast(k0, x) * (gm - _bcast(sum_dy / m, x) - xmu * _bcast(invstd * invstd * sum_dy_xmu / m, x))
+    else:
+        dx = gm * _bcast(k0, x)
+    grad_w = sum_dy_xmu * invstd if x.numel() > 0 else torch.zeros_like(mean)
+    return dx, grad_w, sum_dy
 
 
 def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
@@ -51,15 +77,26 @@ def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
     g = grad_out.to(acc)
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     gm = torch.where(x * _bcast(scale, x) + _bcast(shift, x) > 0, g, torch.zeros((), dtype=acc, device=g.device))
-    dims = _reduce_dims(x)
-    xmu = x - _bcast(mean, x)
-    sum_dy = gm.sum(dims)
-    sum_dy_xmu = (gm * xmu).sum(dims)
-    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
-    k0 = w * invstd
-    if training and x.numel() > 0:
-        m = x.numel() // x.size(1)
-        dx = _bcast(k0, x) * (gm - _bcast(sum_dy / m, x) - xmu * _bcast(invstd * invstd * sum_dy_xmu / m, x))
-    else:
-        dx = gm * _bcast(k0, x)
-    return dx.to(input.dtype), sum_dy_xmu * invstd, sum_dy
+    dx, grad_w, grad_b = _bn_backward(gm, x, mean, invstd, weight, training)
+    return dx.to(input.dtype), grad_w, grad_b
+
+
+def bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var, training: bool, eps: float):
+    """relu(batch_norm(input) + residual): the statistics of bn_relu_fwd, the residual added to
+    x * scale + shift in the statistics dtype before the ReLU, one rounding to the input dtype."""
+    acc = stat_dtype(input.dtype)
+    x = input.to(acc)
+    mean, invstd, var = _batch_or_running_stats(x, running_mean, running_var, training, eps)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    v = x * _bcast(scale, x) + _bcast(shift, x) + residual.to(acc)
+    return torch.relu(v).to(input.dtype), mean, invstd, var
+
+
+def bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training: bool):
+    """(grad_input, grad_residual, grad_weight, grad_bias). The ReLU mask is read from the saved
+    output (out > 0), so it is exactly the forward's; grad_residual is the masked grad_out."""
+    grad_res = torch.where(out > 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    acc = mean.dtype
+    x = input.to(acc)
+    dx, grad_w, grad_b = _bn_backward(grad_res.to(acc), x, mean, invstd, weight, training)
+    return dx.to(input.dtype), grad_res, grad_w, grad_b

@@ -1,0 +1,334 @@
+"""``torchfast.nn.fuse(model)``: every BatchNorm -> ReLU and BatchNorm -> add -> ReLU of an unmodified
+model computed by the fused ops.
+
+How it works (torch.fx): the pass traces a module's ``forward`` (BatchNorm layers and modules with
+hooks stay leaves), finds the patterns in the graph, and swaps each matched group of nodes for one
+call of :func:`torchfast.nn.modules.bn_relu_module` / :func:`bn_add_relu_module` on the *same*
+BatchNorm module object. The rewritten graph's code becomes that module's forward, bound to the
+module itself (an instance attribute), so:
+
+* nothing is rebuilt: every module keeps its class, Parameters, buffers, hooks, ``state_dict`` keys
+  and attributes (``model.layer1[0]``, ``model.fc`` and the model's other methods stay as they were;
+  an optimizer built before ``fuse`` keeps working);
+* the BatchNorm modules are still stock ``nn.BatchNorm*d``; calling one of them (or a block) on its
+  own runs stock code, only the traced forward calls the fused ops;
+* ``train()``/``eval()``, ``.to()``, channels_last, ``copy.deepcopy``, ``torch.save`` of the module,
+  DDP and ``torch.compile`` work on the fused model.
+
+A module whose forward does not trace is left as it is and its children are tried one by one. The
+pass refuses (and says why in its report) whatever it cannot prove equivalent: a BatchNorm output
+used by more than one node, another activation, a BatchNorm subclass it does not know, a BatchNorm
+with hooks, a forward whose traced graph depends on ``self.training`` (traced in both modes and
+compared), an in-place add that would mutate the residual, an add with ``alpha``.
+"""
+import copy
+import linecache
+import operator
+import types
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from torchfast.nn import modules as _modules
+
+__all__ = ["fuse", "FuseReport"]
+
+_STOCK_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FUSED_BN = (_modules.BatchNormReLU1d, _modules.BatchNormReLU2d, _modules.BatchNormReLU3d,
+             _modules.BatchNormAddReLU1d, _modules.BatchNormAddReLU2d, _modules.BatchNormAddReLU3d)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+class FuseReport:
+    """What :func:`fuse` did: BatchNorm layers fused with their ReLU (``pairs``) and with an add and a
+    ReLU (``triples``), by qualified name; what it left alone and why (``left``: (name, reason));
+    the modules whose forward it rewrote (``rewritten``) and those it could not trace
+    (``untraced``: (name, reason))."""
+
+    def __init__(self):
+        self.pairs: List[str] = []
+        self.triples: List[str] = []
+        self.left: List[Tuple[str, str]] = []
+        self.rewritten: List[str] = []
+        self.untraced: List[Tuple[str, str]] = []
+
+    def __str__(self):
+        lines = ["torchfast.nn.fuse: %d BatchNorm->ReLU and %d BatchNorm->add->ReLU fused; %d BatchNorm left alone"
+                 % (len(self.pairs), len(self.triples), len(self.left))]
+        for name, why in self.left:
+            lines.append("  left %s: %s" % (name or "<root>", why))
+        for name, why in self.untraced:
+            lines.append("  not traced %s: %s" % (name or "<root>", why))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False):
+    """Fuse, in place, every BatchNorm{1,2,3}d -> ReLU and BatchNorm -> add -> ReLU in `model`
+    (and timm's ``BatchNormAct2d`` with a ReLU) into torchfast's fused ops. Returns `model` (and
+    the :class:`FuseReport` with ``return_report=True``; ``verbose=True`` prints it).
+
+    The model stays the same object with the same modules, Parameters, buffers and ``state_dict``;
+    see the module docstring for what the pass rewrites and what it leaves alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("fuse: model must be a torch.nn.Module, got %s" % type(model).__name__)
+    report = FuseReport()
+    from torch.nn.modules import module as _m
+    global_hooks = [n for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                                "_global_backward_pre_hooks") if getattr(_m, n, None)]
+    if global_hooks:
+        report.untraced.append(("", "global module hooks are registered (%s); fused calls would skip them"
+                                % ", ".join(global_hooks)))
+    else:
+        _fuse_module(model, "", report)
+    if verbose:
+        print(report)
+    return (model, report) if return_report else model
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracing
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in _HOOK_DICTS)
+
+
+class _Tracer(fx.Tracer):
+    """fx's default tracer, with every BatchNorm layer and every module that has hooks kept as a
+    leaf (a hooked module must still be called as a module, or its hooks would not run)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _BatchNorm) or _has_hooks(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    """The module's class forward traced in training and in eval mode; raises if the two differ
+    (the forward branches on self.training in Python, which a single graph cannot keep)."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        graphs = []
+        for mode in (True, False):
+            module.train(mode)
+            graphs.append(_Tracer().trace(module))
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if str(graphs[0]) != str(graphs[1]):
+        raise RuntimeError("its traced graph depends on train/eval mode")
+    return graphs[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Matching
+
+def _is_relu(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def _describe(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return "%s %s" % (node.op, node.target)
+
+
+def _add_operands(node: fx.Node, bn_node: fx.Node):
+    """(residual, None) if `node` adds `bn_node` and a tensor with alpha 1 in a way the fused op can
+    take over; (None, reason) otherwise."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        inplace = node.target is operator.iadd
+        kwargs = dict(node.kwargs)
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        inplace = node.target == "add_"
+        kwargs = dict(node.kwargs)
+    else:
+        return None, None
+    args = list(node.args)
+    if "other" in kwargs:
+        args.append(kwargs.pop("other"))
+    if kwargs.get("alpha", 1) != 1 or set(kwargs) - {"alpha"} or len(args) != 2:
+        return None, "add with alpha or extra arguments"
+    a, b = args
+    if a is bn_node and b is bn_node:
+        return None, "adds its output to itself"
+    if inplace and a is not bn_node:
+        return None, "in-place add into the residual (the residual tensor would be modified)"
+    other = b if a is bn_node else a
+    if not isinstance(other, fx.Node):
+        return None, "add of a constant, not a tensor"
+    return other, None
+
+
+def _fusable_bn(module: nn.Module):
+    """None if the pass may replace calls of `module`, else the reason."""
+    if isinstance(module, nn.SyncBatchNorm):
+        return "SyncBatchNorm is not fused (synchronised statistics across processes)"
+    if isinstance(module, _FUSED_BN):
+        return "already a torchfast fused layer"
+    if _has_hooks(module):
+        return "has hooks, which a fused call would skip"
+    if type(module) in _STOCK_BN:
+        return None
+    if type(module).__name__ == "BatchNormAct2d" and isinstance(module, nn.BatchNorm2d):
+        try:
+            _modules._activation_of(module)
+        except ValueError as e:
+            return str(e).replace("from_batchnorm: ", "")
+        return None
+    return "%s is a BatchNorm subclass the pass does not know (its forward may differ from stock)" % (
+        type(module).__name__)
+
+
+def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) -> int:
+    """Replace the patterns in `graph` by fused calls; returns how many."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        if not isinstance(module, _BatchNorm):
+            continue
+        name = prefix + node.target
+        why = _fusable_bn(module)
+        if why is not None:
+            if not isinstance(module, _FUSED_BN):
+                report.left.append((name, why))
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            report.left.append((name, "called with extra arguments"))
+            continue
+        has_act = type(module) not in _STOCK_BN  # BatchNormAct2d(act=ReLU): the ReLU is inside
+        users = list(node.users)
+        if has_act:
+            with graph.inserting_before(node):
+                bn_ref = graph.get_attr(node.target)
+                fused = graph.call_function(_modules.bn_relu_module, (bn_ref, node.args[0]))
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            report.pairs.append(name)
+            done += 1
+            continue
+        if len(users) != 1:
+            report.left.append((name, "its output is used by %d nodes, not a ReLU alone" % len(users)))
+            continue
+        user = users[0]
+        if _is_relu(user, root) and user.args[0] is node:
+            with graph.inserting_before(user):
+                bn_ref = graph.get_attr(node.target)
+                fused = graph.call_function(_modules.bn_relu_module, (bn_ref, node.args[0]))
+            user.replace_all_uses_with(fused)
+            graph.erase_node(user)
+            graph.erase_node(node)
+            report.pairs.append(name)
+            done += 1
+            continue
+        residual, why = _add_operands(user, node)
+        if residual is None:
+            report.left.append((name, why or "followed by %s, not a ReLU or an add" % _describe(user, root)))
+            continue
+        add_users = list(user.users)
+        if len(add_users) != 1 or not (_is_relu(add_users[0], root) and add_users[0].args[0] is user):
+            report.left.append((name, "its add is followed by %s, not a ReLU alone" % (
+                _describe(add_users[0], root) if len(add_users) == 1 else "%d nodes" % len(add_users))))
+            continue
+        relu = add_users[0]
+        with graph.inserting_before(relu):
+            bn_ref = graph.get_attr(node.target)
+            fused = graph.call_function(_modules.bn_add_relu_module, (bn_ref, node.args[0], residual))
+        relu.replace_all_uses_with(fused)
+        graph.erase_node(relu)
+        graph.erase_node(user)
+        graph.erase_node(node)
+        report.triples.append(name)
+        done += 1
+    graph.lint()
+    return done
+
+
+# ------------------------------------------------------------------------------------------------
+# The rewritten forward
+
+class FusedForward:
+    """A module's forward rewritten by :func:`fuse`: the code fx generated for the rewritten graph,
+    run with the module itself as ``self`` (so every attribute it reads is the module's live one).
+    Set as the module's ``forward`` instance attribute; survives ``copy.deepcopy`` and pickling."""
+
+    def __init__(self, owner: nn.Module, src: str, globals_: dict):
+        self.owner = owner
+        self.src = src
+        self.globals = globals_
+        key = "<torchfast.nn.fuse %s %x>" % (type(owner).__name__, id(self))
+        linecache.cache[key] = (len(src), None, src.splitlines(True), key)  # readable tracebacks
+        namespace = dict(globals_)
+        exec(compile(src, key, "exec"), namespace)
+        self.fn = namespace["forward"]
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.owner, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return FusedForward(copy.deepcopy(self.owner, memo), self.src, self.globals)
+
+    def __reduce__(self):
+        # Modules among the generated code's globals are pickled by name.
+        globals_ = {k: _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v
+                    for k, v in self.globals.items()}
+        return _rebuild_forward, (self.owner, self.src, globals_)
+
+
+class _ModuleRef:
+    def __init__(self, name):
+        self.name = name
+
+
+def _rebuild_forward(owner, src, globals_):
+    import importlib
+    globals_ = {k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v for k, v in globals_.items()}
+    return FusedForward(owner, src, globals_)
+
+
+def _install(module: nn.Module, graph: fx.Graph):
+    code = graph.python_code(root_module="self")
+    module.forward = FusedForward(module, code.src, dict(code.globals))
+
+
+def _fuse_module(module: nn.Module, prefix: str, report: FuseReport):
+    if isinstance(module, _BatchNorm):
+        return
+    try:
+        graph = _trace(module)
+    except Exception as e:  # noqa: BLE001 (any tracing failure: fall back to the children)
+        if next(module.children(), None) is None:
+            return  # a leaf with no BatchNorm inside: nothing to fuse here
+        report.untraced.append((prefix.rstrip("."), "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:200]
+                                                              if str(e) else "")))
+        for name, child in module.named_children():
+            _fuse_module(child, prefix + name + ".", report)
+        return
+    if _rewrite(graph, module, prefix, report):
+        _install(module, graph)
+        report.rewritten.append(prefix.rstrip("."))
+    # Modules kept as leaves because they have hooks are fused inside, as roots of their own.
+    for node in graph.nodes:
+        if node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            if _has_hooks(sub) and not isinstance(sub, _BatchNorm):
+                _fuse_module(sub, prefix + node.target + ".", report)
