@@ -145,7 +145,7 @@ BN_CASES = [
 BN_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def _check_bn(shape, layout, dtype, training, affine, offset, seed):
+def _check_bn(shape, layout, dtype, training, affine, offset, seed, grad_layout=None):
     x = _input(shape, layout, dtype, seed, offset)
     c = shape[1]
     w, b, rm, rv = _params(c, dtype, seed)
@@ -163,7 +163,7 @@ def _check_bn(shape, layout, dtype, training, affine, offset, seed):
     assert_close_to_oracle(invstd, r_invstd, o_invstd, name + " invstd")
     assert_close_to_oracle(var, r_var, o_var, name + " var")
 
-    g = _input(shape, layout, dtype, seed + 7, offset)
+    g = _input(shape, grad_layout or layout, dtype, seed + 7, offset)
     gi, gw, gb = ops().bn_relu_bwd(g, x, w, b, mean, invstd, training)
     r_gi, r_gw, r_gb = reference.bn_relu.bn_relu_bwd(g, x, w, b, mean, invstd, training)
     o_gi, o_gw, o_gb = reference.bn_relu.bn_relu_bwd(g.double(), x.double(), _d(w), _d(b), mean.double(),
@@ -196,6 +196,16 @@ def test_bn_relu_eval_unaligned_no_affine(emu, layout, dtype):
     _check_bn(shape, layout, dtype, training=False, affine=False, offset=True, seed=3)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout,grad_layout", [((4, 8, 5, 6), "channels_last", "contiguous"),
+                                                      ((4, 8, 5, 6), "contiguous", "channels_last"),
+                                                      ((3, 5, 7, 9), "channels_last", "permuted")], ids=str)
+def test_bn_relu_grad_out_in_another_layout(emu, shape, layout, grad_layout, training):
+    """grad_out is copied into the input's layout; the input keeps its fast path."""
+    _check_bn(shape, layout, torch.float32, training=training, affine=True, offset=False, seed=8,
+              grad_layout=grad_layout)
+
+
 def test_bn_relu_nan_and_empty(emu):
     x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
     x[1, 2, 0, 1] = float("nan")
@@ -208,7 +218,7 @@ def test_bn_relu_nan_and_empty(emu):
     gi, gw, gb = ops().bn_relu_bwd(empty, empty, None, None, mean, invstd, True)
     r_gi, r_gw, r_gb = reference.bn_relu.bn_relu_bwd(empty, empty, None, None, mean, invstd, True)
     assert gi.shape == empty.shape
-    torch.testing.assert_close((gw, gb), (r_gw, r_gb), equal_nan=True)  # grad_weight: 0 * NaN invstd
+    torch.testing.assert_close((gw, gb), (r_gw, r_gb))  # zero, not 0 * the NaN invstd of an empty batch
     for training in (True, False):  # no channels: no launch (a grid of 0 blocks is a CUDA error)
         nochan = torch.empty(2, 0, 3, 3)
         out, mean, invstd, var = ops().bn_relu_fwd(nochan, None, None, torch.empty(0), torch.empty(0), training, 1e-5)
@@ -223,6 +233,181 @@ def test_bn_relu_argument_errors(emu):
         ops().bn_relu_fwd(x, torch.ones(4), None, None, None, True, 1e-5)
     with pytest.raises(RuntimeError, match="grad_out has shape"):
         ops().bn_relu_bwd(torch.randn(2, 3, 5), x, None, None, torch.zeros(3), torch.ones(3), True)
+
+
+# --------------------------------------------------------------------------------------------- BN+add+ReLU
+
+def _check_bn_add(shape, layout, dtype, training, affine, offset, seed, res_layout=None, res_offset=None,
+                  grad_layout=None, out_layout=None):
+    """bn_add_relu_fwd, then bn_add_relu_bwd on its output, against the reference in dtype and in
+    float64. The residual, grad_out and the saved output may come in other layouts (or alignments)
+    than the input. grad_residual is grad_out masked: it must be exact."""
+    x = _input(shape, layout, dtype, seed, offset)
+    res = _input(shape, res_layout or layout, dtype, seed + 3, offset if res_offset is None else res_offset)
+    c = shape[1]
+    w, b, rm, rv = _params(c, dtype, seed)
+    if not affine:
+        w = b = None
+    eps = 1e-5
+    out, mean, invstd, var = ops().bn_add_relu_fwd(x, res, w, b, rm, rv, training, eps)
+    r_out, r_mean, r_invstd, r_var = reference.bn_relu.bn_add_relu_fwd(x, res, w, b, rm, rv, training, eps)
+    o_out, o_mean, o_invstd, o_var = reference.bn_relu.bn_add_relu_fwd(x.double(), res.double(), _d(w), _d(b),
+                                                                        _d(rm), _d(rv), training, eps)
+    name = "%s %s (residual %s) %s training=%s" % (shape, layout, res_layout or layout, dtype, training)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.stride() == x.stride(), name
+    assert_close_to_oracle(out, r_out, o_out, name + " out")
+    assert_close_to_oracle(mean, r_mean, o_mean, name + " mean")
+    assert_close_to_oracle(invstd, r_invstd, o_invstd, name + " invstd")
+    assert_close_to_oracle(var, r_var, o_var, name + " var")
+    assert (out > 0).any() and (out == 0).any(), name + ": the mask should take both values"
+
+    g = _input(shape, grad_layout or layout, dtype, seed + 7, offset)
+    saved = out if out_layout is None else _relayout(out, out_layout)
+    gi, gr, gw, gb = ops().bn_add_relu_bwd(g, saved, x, w, mean, invstd, training)
+    r_gi, r_gr, r_gw, r_gb = reference.bn_relu.bn_add_relu_bwd(g, saved, x, w, mean, invstd, training)
+    # The oracle masks with the same saved output: the mask is part of the contract, not recomputed.
+    o_gi, _, o_gw, o_gb = reference.bn_relu.bn_add_relu_bwd(g.double(), saved.double(), x.double(), _d(w),
+                                                             mean.double(), invstd.double(), training)
+    assert gi.dtype == x.dtype and gi.stride() == x.stride(), name
+    assert gr.dtype == x.dtype and gr.shape == x.shape, name
+    if layout != "permuted":
+        assert gr.stride() == x.stride(), name
+    assert torch.equal(gr, r_gr), name + " grad_residual"
+    assert_close_to_oracle(gi, r_gi, o_gi, name + " grad_input")
+    assert_close_to_oracle(gw, r_gw, o_gw, name + " grad_weight")
+    assert_close_to_oracle(gb, r_gb, o_gb, name + " grad_bias")
+
+
+def _relayout(t, layout):
+    """The same values in another memory layout."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    assert layout == "permuted"
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dtype", BN_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", BN_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_bn_add_relu_matches_reference(emu, shape, layout, dtype):
+    _check_bn_add(shape, layout, dtype, training=True, affine=True, offset=False, seed=len(shape) + shape[1])
+
+
+@pytest.mark.parametrize("dtype", BN_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", [((6, 5, 7, 7), "contiguous"), ((3, 4, 14, 14), "contiguous"),
+                                          ((37, 12), "contiguous"), ((6, 16, 7, 7), "channels_last"),
+                                          ((2, 1032, 1, 3), "channels_last"), ((3, 5, 7, 9), "permuted")],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_bn_add_relu_eval_matches_reference(emu, shape, layout, dtype):
+    """Eval: the backward is the reduction pass alone, which also writes grad_input."""
+    _check_bn_add(shape, layout, dtype, training=False, affine=True, offset=False, seed=len(shape) + shape[1] + 1)
+
+
+@pytest.mark.parametrize("shape,layout", [((16, 2, 128, 130), "contiguous"), ((33, 4, 64, 64), "channels_last")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bn_add_relu_many_splits(emu, shape, layout, dtype):
+    """Reductions split more than 32 ways per channel: the finish kernels' lanes fold several splits."""
+    _check_bn_add(shape, layout, dtype, training=True, affine=True, offset=False, seed=4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bn_add_relu_eval_unaligned_no_affine(emu, layout, dtype):
+    shape = (3, 16, 6, 6)
+    _check_bn_add(shape, layout, dtype, training=False, affine=True, offset=False, seed=1)
+    _check_bn_add(shape, layout, dtype, training=True, affine=False, offset=True, seed=2)
+    _check_bn_add(shape, layout, dtype, training=False, affine=False, offset=True, seed=3)
+    # only the residual (and the forward's vector width) unaligned, the input aligned, and the reverse
+    _check_bn_add(shape, layout, dtype, training=True, affine=True, offset=False, seed=4, res_offset=True)
+    _check_bn_add(shape, layout, dtype, training=False, affine=True, offset=True, seed=5, res_offset=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout,res_layout,grad_layout,out_layout", [
+    ((4, 8, 5, 6), "contiguous", "channels_last", "channels_last", "channels_last"),
+    ((4, 8, 5, 6), "channels_last", "contiguous", "contiguous", "contiguous"),
+    ((4, 8, 5, 6), "channels_last", "permuted", "channels_last", "permuted"),
+    ((3, 8, 7, 7), "contiguous", "permuted", "permuted", None),
+    ((2, 8, 3, 4, 4), "channels_last", "contiguous", "permuted", "contiguous"),
+    ((3, 5, 7, 9), "permuted", "channels_last", "contiguous", "contiguous"),
+], ids=str)
+def test_bn_add_relu_mixed_layouts(emu, shape, layout, res_layout, grad_layout, out_layout, dtype, training):
+    """The residual, grad_out and the saved output in other layouts than the input: copied into its
+    layout (the input's fast path is kept), same results."""
+    _check_bn_add(shape, layout, dtype, training=training, affine=True, offset=False, seed=9, res_layout=res_layout,
+                  grad_layout=grad_layout, out_layout=out_layout)
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 5, 7, 7), "contiguous"), ((3, 12, 5, 3), "channels_last"),
+                                          ((37, 12), "contiguous")], ids=str)
+@pytest.mark.parametrize("dtype", BN_DTYPES, ids=str)
+def test_bn_add_relu_zero_residual_is_bn_relu(emu, shape, layout, dtype):
+    """A zero residual adds +0 to x * scale + shift: the forward is bn_relu's, bitwise. In float32 the
+    saved output holds that sum exactly, so out > 0 is bn_relu's recomputed mask and the backward
+    (the same sums in the same order) is bitwise bn_relu's too."""
+    x = _input(shape, layout, dtype, 31)
+    w, b, rm, rv = _params(shape[1], dtype, 31)
+    for training in (True, False):
+        got = ops().bn_add_relu_fwd(x, torch.zeros_like(x), w, b, rm, rv, training, 1e-5)
+        want = ops().bn_relu_fwd(x, w, b, rm, rv, training, 1e-5)
+        assert all(torch.equal(a, e) for a, e in zip(got, want)), training
+        if dtype == torch.float32:
+            g = _input(shape, layout, dtype, 32)
+            gi, gr, gw, gb = ops().bn_add_relu_bwd(g, got[0], x, w, got[1], got[2], training)
+            e_gi, e_gw, e_gb = ops().bn_relu_bwd(g, x, w, b, want[1], want[2], training)
+            assert torch.equal(gi, e_gi) and torch.equal(gw, e_gw) and torch.equal(gb, e_gb), training
+            assert torch.equal(gr, torch.where(got[0] > 0, g, torch.zeros(())))
+
+
+def test_bn_add_relu_nan_and_empty(emu):
+    x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
+    res = _input((4, 8, 3, 3), "contiguous", torch.float32, 6)
+    x[1, 2, 0, 1] = float("nan")
+    res[2, 5, 1, 1] = float("nan")
+    out, mean, invstd, _ = ops().bn_add_relu_fwd(x, res, None, None, None, None, True, 1e-5)
+    assert torch.isnan(out[:, 2]).all() and torch.isnan(mean[2])
+    assert torch.isnan(out[2, 5, 1, 1]) and torch.isnan(out).sum() == out[:, 2].numel() + 1
+    g = _input((4, 8, 3, 3), "contiguous", torch.float32, 7)
+    gi, gr, gw, gb = ops().bn_add_relu_bwd(g, out, x, None, mean, invstd, True)
+    assert (gr[torch.isnan(out)] == 0).all()  # NaN > 0 is false: no gradient through a NaN output
+    assert torch.equal(gr, reference.bn_relu.bn_add_relu_bwd(g, out, x, None, mean, invstd, True)[1])
+    for training in (True, False):
+        empty = torch.empty(0, 8, 3, 3)
+        rm, rv = torch.zeros(8), torch.ones(8)
+        out, mean, invstd, var = ops().bn_add_relu_fwd(empty, empty, None, None, rm, rv, training, 1e-5)
+        r = reference.bn_relu.bn_add_relu_fwd(empty, empty, None, None, rm, rv, training, 1e-5)
+        assert out.shape == empty.shape
+        torch.testing.assert_close((mean, invstd, var), r[1:], equal_nan=True)  # NaN statistics in training
+        gi, gr, gw, gb = ops().bn_add_relu_bwd(empty, out, empty, torch.ones(8), mean, invstd, training)
+        r_gi, r_gr, r_gw, r_gb = reference.bn_relu.bn_add_relu_bwd(empty, out, empty, torch.ones(8), mean, invstd,
+                                                                   training)
+        assert gi.shape == empty.shape and gr.shape == empty.shape
+        assert torch.equal(gw, torch.zeros(8)) and torch.equal(gb, torch.zeros(8))  # zero, not NaN
+        torch.testing.assert_close((gw, gb), (r_gw, r_gb))
+        nochan = torch.empty(2, 0, 3, 3)  # no channels: no launch (a grid of 0 blocks is a CUDA error)
+        out, mean, invstd, var = ops().bn_add_relu_fwd(nochan, nochan, None, None, torch.empty(0), torch.empty(0),
+                                                       training, 1e-5)
+        assert out.shape == nochan.shape and mean.shape == (0,)
+        gi, gr, gw, gb = ops().bn_add_relu_bwd(nochan, out, nochan, None, mean, invstd, training)
+        assert gi.shape == nochan.shape and gr.shape == nochan.shape and gw.shape == (0,) and gb.shape == (0,)
+
+
+def test_bn_add_relu_argument_errors(emu):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        ops().bn_add_relu_fwd(x, torch.randn(2, 3, 5), None, None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="residual is"):
+        ops().bn_add_relu_fwd(x, torch.randn(2, 3, 4, dtype=torch.float64), None, None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="eval mode needs running_mean"):
+        ops().bn_add_relu_fwd(x, x, None, None, None, None, False, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        ops().bn_add_relu_bwd(torch.randn(2, 3, 5), x, x, None, torch.zeros(3), torch.ones(3), True)
+    with pytest.raises(RuntimeError, match="out is"):
+        ops().bn_add_relu_bwd(x, x.half(), x, None, torch.zeros(3), torch.ones(3), True)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        ops().bn_add_relu_bwd(x, x, x, torch.ones(4), torch.zeros(3), torch.ones(3), True)
 
 
 # --------------------------------------------------------------------------------------------- clipping
@@ -319,12 +504,18 @@ def _all_outputs(shape, layout, dtype):
     out, mean, invstd, var = ops().bn_relu_fwd(x, w, b, rm, rv, True, 1e-5)
     g = _input(shape, layout, dtype, 22)
     grads = ops().bn_relu_bwd(g, x, w, b, mean, invstd, True)
+    res = _input(shape, layout, dtype, 23)
+    add_fwd = ops().bn_add_relu_fwd(x, res, w, b, rm, rv, True, 1e-5)
+    add_grads = ops().bn_add_relu_bwd(g, add_fwd[0], x, w, add_fwd[1], add_fwd[2], True)
+    add_eval = ops().bn_add_relu_fwd(x, res, w, b, rm, rv, False, 1e-5)
+    add_eval_grads = ops().bn_add_relu_bwd(g, add_eval[0], x, w, add_eval[1], add_eval[2], False)
     tensors = _grads([3000, 5, 2057, 7], dtype, 3)
     norm = ops().multi_tensor_norm(tensors, 2.0)
     ops().multi_tensor_clip_(tensors, norm, 0.1)
     filled = [torch.empty(n, dtype=dtype) for n in (2100, 9)]
     ops().philox_fill_(filled, 5, [1, 2], [1, 2], [0.0, 1.0, 0, 0, 0, 0, -0.9, 0.9, -2.0, 2.0, 0.0, 1.4])
-    return [out, mean, invstd, var, *grads, norm, *tensors, *filled]
+    return [out, mean, invstd, var, *grads, *add_fwd, *add_grads, *add_eval, *add_eval_grads, norm, *tensors,
+            *filled]
 
 
 @pytest.mark.parametrize("shape,layout", [((16, 2, 128, 130), "contiguous"), ((33, 4, 64, 64), "channels_last"),

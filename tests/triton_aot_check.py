@@ -56,20 +56,35 @@ def variants():
     for dt in (tl.float32, tl.bfloat16, tl.float16):
         d = ptr[dt]
         f = "*fp32"
-        for backward in (False, True):
-            common = {"x_ptr": d, "dy_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f, "ws_ptr": f}
-            out.append(("reduce_rows %s bwd=%s" % (dt, backward), bn_relu._reduce_rows_kernel, common,
-                        {"BACKWARD": backward, "BLOCK_N": 32, "BLOCK_S": 64}, {"num_warps": 4}))
-            out.append(("reduce_cols %s bwd=%s" % (dt, backward), bn_relu._reduce_cols_kernel, common,
-                        {"BACKWARD": backward, "BLOCK_R": 32, "BLOCK_C": 64}, {"num_warps": 4}))
+        common = {"x_ptr": d, "dy_ptr": d, "o_ptr": d, "gm_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f,
+                  "ws_ptr": f}
+        # bn_relu: forward statistics, backward with the mask from x; bn_add_relu: backward with the
+        # mask from the saved output (MASK_FROM_OUT, which also writes the masked gradient).
+        for backward, from_out in ((False, False), (True, False), (True, True)):
+            out.append(("reduce_rows %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_rows_kernel,
+                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "BLOCK_N": 32, "BLOCK_S": 64},
+                        {"num_warps": 4}))
+            out.append(("reduce_cols %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_cols_kernel,
+                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "BLOCK_R": 32, "BLOCK_C": 64},
+                        {"num_warps": 4}))
+        ew_fwd = {"x_ptr": d, "r_ptr": d, "y_ptr": d, "scale_ptr": f, "shift_ptr": f}
+        ew_bwd = {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f, "k0_ptr": f,
+                  "k1_ptr": f, "k2_ptr": f}
         for row_channel in (True, False):
-            out.append(("forward %s rows=%s" % (dt, row_channel), bn_relu._forward_kernel,
-                        {"x_ptr": d, "y_ptr": d, "scale_ptr": f, "shift_ptr": f},
-                        {"ROW_CHANNEL": row_channel, "BLOCK_COL": 16, "BLOCK": 2048}, {"num_warps": 8}))
-            out.append(("backward %s rows=%s" % (dt, row_channel), bn_relu._backward_kernel,
-                        {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f,
-                         "k0_ptr": f, "k1_ptr": f, "k2_ptr": f},
-                        {"ROW_CHANNEL": row_channel, "BLOCK_COL": 1024, "BLOCK": 1024}, {"num_warps": 4}))
+            out.append(("forward %s rows=%s" % (dt, row_channel), bn_relu._forward_kernel, ew_fwd,
+                        {"ROW_CHANNEL": row_channel, "HAS_RESIDUAL": False, "BLOCK_COL": 16, "BLOCK": 2048},
+                        {"num_warps": 8}))
+            out.append(("backward %s rows=%s" % (dt, row_channel), bn_relu._backward_kernel, ew_bwd,
+                        {"ROW_CHANNEL": row_channel, "MASK_FROM_OUT": False, "USE_BATCH_STATS": True,
+                         "BLOCK_COL": 1024, "BLOCK": 1024}, {"num_warps": 4}))
+        # bn_add_relu's elementwise passes: one layout per dtype (the flags do not touch the tiling)
+        add_rows = dt != tl.bfloat16
+        out.append(("forward add %s rows=%s" % (dt, add_rows), bn_relu._forward_kernel, ew_fwd,
+                    {"ROW_CHANNEL": add_rows, "HAS_RESIDUAL": True, "BLOCK_COL": 64, "BLOCK": 2048},
+                    {"num_warps": 8}))
+        out.append(("backward add %s rows=%s" % (dt, add_rows), bn_relu._backward_kernel, ew_bwd,
+                    {"ROW_CHANNEL": add_rows, "MASK_FROM_OUT": True, "USE_BATCH_STATS": True, "BLOCK_COL": 64,
+                     "BLOCK": 2048}, {"num_warps": 8}))
         out.append(("stats_finish %s" % dt, bn_relu._stats_finish_kernel,
                     {"ws_ptr": f, "x_ptr": d, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
                      "scale_ptr": f, "shift_ptr": f, "eps": "fp32", "M": "i64"},
@@ -100,6 +115,13 @@ def variants():
                      "k2_ptr": f},
                     {"M": 1, "SPLITS": 1, "USE_BATCH_STATS": batch_stats, "HAS_W": batch_stats, "BLOCK_C": 64,
                      "BLOCK_SP": 32}, {}))
+    # eval backward (USE_BATCH_STATS=False: no k1/k2 term; with MASK_FROM_OUT no read of x)
+    for from_out in (False, True):
+        out.append(("backward eval bf16 from_out=%s" % from_out, bn_relu._backward_kernel,
+                    {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "scale_ptr": f, "shift_ptr": f,
+                     "mean_ptr": f, "k0_ptr": f, "k1_ptr": f, "k2_ptr": f},
+                    {"ROW_CHANNEL": from_out, "MASK_FROM_OUT": from_out, "USE_BATCH_STATS": False, "BLOCK_COL": 16,
+                     "BLOCK": 1024}, {"num_warps": 4}))
     for from_var in (True, False):
         out.append(("prepare from_var=%s" % from_var, bn_relu._prepare_kernel,
                     {"mean_ptr": f, "v_ptr": "*fp16" if from_var else f, "w_ptr": f, "b_ptr": f, "mean_out": f,

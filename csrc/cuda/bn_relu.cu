@@ -1,10 +1,17 @@
-// Fused BatchNorm + ReLU on CUDA.
+// Fused BatchNorm + ReLU, and BatchNorm + residual add + ReLU, on CUDA.
 //
-// Memory passes (T = tensor bytes): training forward = statistics (read x) + normalise+ReLU (read x,
-// write y): 2T read, 1T write; eval forward: 1T read, 1T write; backward = reduction (read x, dy)
-// + elementwise (read x, dy, write dx): 4T read, 1T write, the ReLU mask recomputed from x with the
-// forward's own formula x * scale + shift. Per-channel work goes through a [C, splits] partial
-// table folded by a second kernel in split order, in double (deterministic, no atomics).
+// Memory passes (T = activation bytes):
+//   bn_relu: training forward = statistics (read x) + normalise+ReLU (read x, write y): 2T read,
+//     1T write; eval forward: 1T read, 1T write; backward = reduction (read x, dy) + elementwise (read
+//     x, dy, write dx): 4T read, 1T write, the ReLU mask recomputed from x with the forward's own
+//     formula x * scale + shift.
+//   bn_add_relu: training forward = statistics (read x) + normalise+add+ReLU (read x and the
+//     residual, write y): 3T read, 1T write; eval forward: 2T read, 1T write. Backward: the mask is
+//     y > 0 on the saved output; training = reduction (read dy, y, x; write gm = the masked dy, which
+//     is grad_residual) + elementwise (read gm, x; write dx): 5T read, 2T write; eval = the reduction
+//     alone, which also writes dx = gm * weight * invstd: 3T read, 2T write.
+// Per-channel work goes through a [C, splits] partial table folded by a second kernel in split
+// order, in double (deterministic, no atomics).
 //
 // Every pass reads and writes 16-byte vectors (4 fp32, 8 fp16/bf16) when the pointers are 16-byte
 // aligned and the layout allows it, 8-byte vectors when only half the width fits (e.g. 14x14 maps in
@@ -19,12 +26,15 @@
 //   channels_last (N, S, C), and contiguous (N, C) which is the same memory:
 //     threadIdx.x walks channel vectors (coalesced, constants hoisted out of the row loop), .y rows;
 //     reductions fold the row lanes of a block in shared memory in a fixed order (needs C % V == 0).
-// Other stride patterns are made contiguous first. fp64 is correct but not tuned (V = 1).
+// Other stride patterns are made contiguous first; a second activation (grad_out, residual, saved
+// output) whose strides differ from the input's is copied into the input's layout. fp64 is correct
+// but not tuned (V = 1).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <type_traits>
 
 #include "cuda/multi_tensor.cuh"
@@ -75,12 +85,30 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
   ch[kShift * C + c] = (b ? b[c] : acc_t(0)) - mean * scale;
 }
 
+// Where a backward pass takes the ReLU mask from.
+enum class Mask {
+  kRecompute,   // bn_relu: x * scale + shift > 0, the forward's formula on the saved input
+  kFromOutput,  // bn_add_relu's reduction: y > 0 on the saved output; the masked dy is stored (gm)
+  kApplied,     // bn_add_relu's elementwise pass: its gradient input is gm, already masked
+};
+
+// The activation-size tensors of a reduction pass; the op's flags say which it touches.
+template <typename scalar_t>
+struct ReduceIO {
+  const scalar_t* x;
+  const scalar_t* dy = nullptr;  // Op::kNeedsDy: grad_out
+  const scalar_t* y = nullptr;   // Op::kMaskFromOutput: the saved forward output
+  scalar_t* gm = nullptr;        // Op::kMaskFromOutput: dy masked by y > 0 (grad_residual), written
+  scalar_t* dx = nullptr;        // Op::kMaskFromOutput, eval only (else null): dx = gm * k0, written
+};
+
 // Per-channel reduction "ops": constants of channel c, then accumulation of one element.
 template <typename scalar_t, typename acc_t>
 struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's first element
   const scalar_t* x;
   Shape sh;
   static constexpr bool kNeedsDy = false;
+  static constexpr bool kMaskFromOutput = false;
   struct Channel { acc_t K; };
   __device__ Channel channel(int64_t c) const { return {static_cast<acc_t>(x[sh.first(c)])}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t, acc_t& s1, acc_t& s2) const {
@@ -90,26 +118,49 @@ struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's 
   }
 };
 
-template <typename acc_t>
-struct BackwardSumsOp {  // sum(dy * mask), sum(dy * mask * (x - mean))
+template <typename acc_t, Mask kMask>
+struct BackwardSumsOp {  // sum(gm), sum(gm * (x - mean)), gm = dy * mask
+  static_assert(kMask != Mask::kApplied, "a reduction masks grad_out itself");
   const acc_t* ch;
   int64_t C;
   static constexpr bool kNeedsDy = true;
+  static constexpr bool kMaskFromOutput = kMask == Mask::kFromOutput;  // the kernel masks dy before add()
   struct Channel { acc_t sc, sf, mu; };
   __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c]}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t gv, acc_t& s1, acc_t& s2) const {
-    const acc_t gm = xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm = kMask == Mask::kFromOutput || xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
     s1 += gm;
     s2 += gm * (xv - p.mu);
   }
+  // The eval backward's dx, written by the reduction: gm * k0, k0 = weight * invstd = scale.
+  __device__ acc_t eval_dx(const Channel& p, acc_t gm) const { return gm * p.sc; }
 };
+
+// Op::kMaskFromOutput: g := dy where y > 0, else 0 (y NaN: 0, as the reference's `out > 0`),
+// stored to io.gm; in eval also dx = op.eval_dx(channel, g), stored to io.dx. The reductions call
+// this on each vector before accumulating; channel_of(k) gives element k's channel constants.
+template <int V, typename scalar_t, typename acc_t, typename Op, typename ChannelOf>
+__device__ __forceinline__ void mask_from_output(const ReduceIO<scalar_t>& io, int64_t off, const Op& op,
+                                                 ChannelOf channel_of, Vec<scalar_t, V>& g) {
+  const Vec<scalar_t, V> yv = load_vec<V>(io.y + off);
+#pragma unroll
+  for (int k = 0; k < V; ++k)
+    if (!(static_cast<acc_t>(yv.v[k]) > acc_t(0))) g.v[k] = scalar_t(0);
+  store_vec<V>(io.gm + off, g);
+  if (io.dx != nullptr) {  // uniform over the launch: eval mode
+    Vec<scalar_t, V> d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) d.v[k] = static_cast<scalar_t>(op.eval_dx(channel_of(k), static_cast<acc_t>(g.v[k])));
+    store_vec<V>(io.dx + off, d);
+  }
+}
 
 // Contiguous layout: grid (C, splits). Channel c is N rows of S elements, walked as one sequence
 // of N * S / V vectors (S % V == 0); split k takes vectors k * blockDim + t, stepping by
 // splits * blockDim. Writes the two sums of (c, split) to ws.
 template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, FastDivmod rows, int64_t splits,
-                                  Op op, acc_t* ws) {
+__global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, FastDivmod rows, int64_t splits, Op op,
+                                  acc_t* ws) {
   __shared__ acc_t shared[32];
   const int64_t c = blockIdx.x, split = blockIdx.y;
   const int64_t total = sh.N * (sh.S / V);
@@ -119,9 +170,10 @@ __global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape s
     uint64_t n, v;
     rows.divmod(static_cast<uint64_t>(j), n, v);  // rows divides by S / V
     const int64_t off = (static_cast<int64_t>(n) * sh.C + c) * sh.S + static_cast<int64_t>(v) * V;
-    const Vec<scalar_t, V> xv = load_vec<V>(x + off);
+    const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
     Vec<scalar_t, V> gv;
-    if (Op::kNeedsDy) gv = load_vec<V>(dy + off);
+    if (Op::kNeedsDy) gv = load_vec<V>(io.dy + off);
+    if constexpr (Op::kMaskFromOutput) mask_from_output<V, scalar_t, acc_t>(io, off, op, [&](int) { return p; }, gv);
 #pragma unroll
     for (int k = 0; k < V; ++k)
       op.add(p, static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1, s2);
@@ -139,7 +191,7 @@ __global__ void reduce_ncs_kernel(const scalar_t* x, const scalar_t* dy, Shape s
 // k takes channel vectors tx, tx + bx, ... over rows k * by + ty, stepping by splits * by; the by
 // row lanes of each channel are then folded in shared memory in lane order.
 template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t splits, Op op, acc_t* ws) {
+__global__ void reduce_nsc_kernel(ReduceIO<scalar_t> io, Shape sh, int64_t splits, Op op, acc_t* ws) {
   __shared__ acc_t p1[kBnThreads * V], p2[kBnThreads * V];
   const int64_t C = sh.C, CV = C / V, R = sh.N * sh.S, split = blockIdx.x;
   const int bx = blockDim.x, by = blockDim.y, tid = threadIdx.y * bx + threadIdx.x;
@@ -154,9 +206,11 @@ __global__ void reduce_nsc_kernel(const scalar_t* x, const scalar_t* dy, Shape s
       for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
       for (int64_t r = split * by + threadIdx.y; r < R; r += splits * by) {
         const int64_t off = r * C + cv * V;
-        const Vec<scalar_t, V> xv = load_vec<V>(x + off);
+        const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
         Vec<scalar_t, V> gv;
-        if (Op::kNeedsDy) gv = load_vec<V>(dy + off);
+        if (Op::kNeedsDy) gv = load_vec<V>(io.dy + off);
+        if constexpr (Op::kMaskFromOutput)
+          mask_from_output<V, scalar_t, acc_t>(io, off, op, [&](int k) { return p[k]; }, gv);
 #pragma unroll
         for (int k = 0; k < V; ++k)
           op.add(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1[k],
@@ -246,32 +300,35 @@ __global__ void saved_prepare_kernel(int64_t C, const acc_t* mean, const acc_t* 
   set_channel(C, c, mean[c], invstd[c], acc_t(0), w, b, ch);
 }
 
-// Elementwise "ops": constants of channel c, then one output element.
-template <typename acc_t>
-struct ForwardOp {  // y = relu(x * scale + shift)
+// Elementwise "ops": constants of channel c, then one output element from x and, when kNeedsAux,
+// the second input (the gradient, or the residual).
+template <typename acc_t, bool kResidual>
+struct ForwardOp {  // y = relu(x * scale + shift [+ residual]), the sum in acc_t, one rounding
   const acc_t* ch;
   int64_t C;
-  static constexpr bool kNeedsDy = false;
+  static constexpr bool kNeedsAux = kResidual;
   struct Channel { acc_t sc, sf; };
   __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c]}; }
-  __device__ acc_t apply(const Channel& p, acc_t xv, acc_t) const {
-    const acc_t v = xv * p.sc + p.sf;
+  __device__ acc_t apply(const Channel& p, acc_t xv, acc_t rv) const {
+    acc_t v = xv * p.sc + p.sf;
+    if (kResidual) v = v + rv;
     return v < acc_t(0) ? acc_t(0) : v;  // NaN propagates, as in torch.relu
   }
 };
 
-template <typename acc_t>
+template <typename acc_t, Mask kMask>
 struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked gradient
+  static_assert(kMask != Mask::kFromOutput, "the elementwise pass does not read the saved output");
   const acc_t* ch;
   int64_t C;
-  static constexpr bool kNeedsDy = true;
+  static constexpr bool kNeedsAux = true;
   struct Channel { acc_t sc, sf, mu, k0, k1, k2; };
   __device__ Channel channel(int64_t c) const {
     return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c], ch[kK0 * C + c], ch[kK1 * C + c],
             ch[kK2 * C + c]};
   }
   __device__ acc_t apply(const Channel& p, acc_t xv, acc_t gv) const {
-    const acc_t gm = xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm = kMask == Mask::kApplied || xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
     return gm * p.k0 - p.k1 - (xv - p.mu) * p.k2;
   }
 };
@@ -279,9 +336,9 @@ struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked 
 // Contiguous layout: the tensor as numel / V vectors, grid-stride. Element i is in row i / S, whose
 // channel is row % C. A vector that runs past the end of its row (S % V != 0; S >= V, so it reaches
 // at most the next row) takes the next channel's constants for its last elements. The numel % V
-// tail elements go to the first threads of block 0, one each.
+// tail elements go to the first threads of block 0, one each. aux: the op's second input.
 template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t numel,
+__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* aux, scalar_t* out, int64_t numel,
                                        Shape sh, FastDivmod div_s, FastDivmod div_c, Op op) {
   const int64_t nvec = numel / V;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -293,19 +350,23 @@ __global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, sc
     const auto p = op.channel(static_cast<int64_t>(c));
     const Vec<scalar_t, V> xv = load_vec<V>(x + i);
     Vec<scalar_t, V> gv, o;
-    if (Op::kNeedsDy) gv = load_vec<V>(dy + i);
+    if (Op::kNeedsAux) gv = load_vec<V>(aux + i);
     const int64_t in_row = sh.S - static_cast<int64_t>(pos);  // elements of this vector still in row `row`
     if (V == 1 || in_row >= V) {
 #pragma unroll
       for (int k = 0; k < V; ++k)
         o.v[k] = static_cast<scalar_t>(
-            op.apply(p, static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+            op.apply(p, static_cast<acc_t>(xv.v[k]), Op::kNeedsAux ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
     } else {
+      // Both channels' results, then a select: choosing between the two Channel structs instead
+      // (k < in_row ? p : p_next) put them in local memory (a 48-byte stack frame, sm_90, fp16).
       const auto p_next = op.channel(static_cast<int64_t>(c) + 1 == sh.C ? 0 : static_cast<int64_t>(c) + 1);
 #pragma unroll
-      for (int k = 0; k < V; ++k)
-        o.v[k] = static_cast<scalar_t>(op.apply(k < in_row ? p : p_next, static_cast<acc_t>(xv.v[k]),
-                                                Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+      for (int k = 0; k < V; ++k) {
+        const acc_t xk = static_cast<acc_t>(xv.v[k]), gk = Op::kNeedsAux ? static_cast<acc_t>(gv.v[k]) : acc_t(0);
+        const acc_t here = op.apply(p, xk, gk), next = op.apply(p_next, xk, gk);
+        o.v[k] = static_cast<scalar_t>(k < in_row ? here : next);
+      }
     }
     store_vec<V>(out + i, o);
   }
@@ -315,7 +376,7 @@ __global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, sc
       uint64_t row, pos, n, c;
       div_s.divmod(static_cast<uint64_t>(i), row, pos);
       div_c.divmod(row, n, c);
-      const acc_t gv = Op::kNeedsDy ? static_cast<acc_t>(dy[i]) : acc_t(0);
+      const acc_t gv = Op::kNeedsAux ? static_cast<acc_t>(aux[i]) : acc_t(0);
       out[i] = static_cast<scalar_t>(op.apply(op.channel(static_cast<int64_t>(c)), static_cast<acc_t>(x[i]), gv));
     }
   }
@@ -324,7 +385,7 @@ __global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* dy, sc
 // channels_last: block (bx, by) with bx = min(C / V, 256); thread (tx, ty) loads the constants of
 // channel vectors tx, tx + bx, ... once, then walks rows blockIdx.x * by + ty, grid-stride.
 template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* dy, scalar_t* out, Shape sh, Op op) {
+__global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* aux, scalar_t* out, Shape sh, Op op) {
   const int64_t C = sh.C, CV = C / V, R = sh.N * sh.S;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
@@ -335,11 +396,11 @@ __global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* dy, sc
       const int64_t i = r * C + cv * V;
       const Vec<scalar_t, V> xv = load_vec<V>(x + i);
       Vec<scalar_t, V> gv, o;
-      if (Op::kNeedsDy) gv = load_vec<V>(dy + i);
+      if (Op::kNeedsAux) gv = load_vec<V>(aux + i);
 #pragma unroll
       for (int k = 0; k < V; ++k)
         o.v[k] = static_cast<scalar_t>(
-            op.apply(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
+            op.apply(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsAux ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
       store_vec<V>(out + i, o);
     }
   }
@@ -368,10 +429,12 @@ int64_t splits_for(const Shape& sh, int V) {
 // The vector width a pass can use: 16 bytes (max_vec), else 8 bytes, else one element; the widest
 // that every pointer's alignment and the layout allow. Reductions need whole vectors per row or
 // channel group (contiguous: S % V == 0); elementwise passes on contiguous tensors only S >= V.
+// ptrs: every activation-size pointer of the pass (null ones are not used by it).
 template <typename scalar_t>
-int pick_vec(const Shape& sh, bool reduction, const void* a, const void* b, const void* c) {
+int pick_vec(const Shape& sh, bool reduction, std::initializer_list<const void*> ptrs) {
   constexpr int kV = max_vec<scalar_t>();
-  if (!aligned16(a) || (b && !aligned16(b)) || (c && !aligned16(c))) return 1;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return 1;
   for (int V = kV; V > 1 && V >= kV / 2; V /= 2) {
     const bool ok = sh.channels_last ? sh.C % V == 0 : reduction ? sh.S % V == 0 : sh.S >= V;
     if (ok) return V;
@@ -390,50 +453,51 @@ void with_vec(int V, F&& f) {
 }
 
 template <typename scalar_t, typename acc_t, typename Op, int V>
-void launch_reduce_v(const scalar_t* x, const scalar_t* dy, const Shape& sh, int64_t splits, const Op& op, acc_t* ws,
+void launch_reduce_v(const ReduceIO<scalar_t>& io, const Shape& sh, int64_t splits, const Op& op, acc_t* ws,
                      Stream stream) {
   if (sh.channels_last) {
     TF_LAUNCH(static_cast<unsigned>(splits), nsc_block(sh.C / V), 0, stream,
-              reduce_nsc_kernel<scalar_t, acc_t, Op, V>)(x, dy, sh, splits, op, ws);
+              reduce_nsc_kernel<scalar_t, acc_t, Op, V>)(io, sh, splits, op, ws);
   } else {
     TF_LAUNCH(dim3(static_cast<unsigned>(sh.C), static_cast<unsigned>(splits)), kBnThreads, 0, stream,
-              reduce_ncs_kernel<scalar_t, acc_t, Op, V>)(x, dy, sh, FastDivmod(sh.S / V), splits, op, ws);
+              reduce_ncs_kernel<scalar_t, acc_t, Op, V>)(io, sh, FastDivmod(sh.S / V), splits, op, ws);
   }
   TF_LAUNCH_CHECK();
 }
 
+// V: pick_vec over every pointer of io, with reduction = true.
 template <typename scalar_t, typename acc_t, typename Op>
-void launch_reduce(const scalar_t* x, const scalar_t* dy, const Shape& sh, int V, int64_t splits, const Op& op,
-                   acc_t* ws, Stream stream) {
+void launch_reduce(const ReduceIO<scalar_t>& io, const Shape& sh, int V, int64_t splits, const Op& op, acc_t* ws,
+                   Stream stream) {
   with_vec<scalar_t>(V, [&](auto v) {
-    launch_reduce_v<scalar_t, acc_t, Op, decltype(v)::value>(x, dy, sh, splits, op, ws, stream);
+    launch_reduce_v<scalar_t, acc_t, Op, decltype(v)::value>(io, sh, splits, op, ws, stream);
   });
 }
 
 template <typename scalar_t, typename acc_t, typename Op, int V>
-void launch_elementwise_v(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
+void launch_elementwise_v(const scalar_t* x, const scalar_t* aux, scalar_t* out, const Shape& sh, const Op& op,
                           Stream stream) {
   const int64_t cap = multiprocessor_count() * kBlocksPerSM;
   if (sh.channels_last) {
     const dim3 block = nsc_block(sh.C / V);
     const int64_t blocks = std::min<int64_t>(cap, (sh.N * sh.S + block.y - 1) / block.y);
     TF_LAUNCH(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), block, 0, stream,
-              elementwise_nsc_kernel<scalar_t, acc_t, Op, V>)(x, dy, out, sh, op);
+              elementwise_nsc_kernel<scalar_t, acc_t, Op, V>)(x, aux, out, sh, op);
   } else {
     const int64_t numel = sh.N * sh.C * sh.S;
     const int64_t blocks = std::min<int64_t>(cap, (numel / V + kBnThreads - 1) / kBnThreads);
     TF_LAUNCH(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBnThreads, 0, stream,
-              elementwise_ncs_kernel<scalar_t, acc_t, Op, V>)(x, dy, out, numel, sh, FastDivmod(sh.S),
+              elementwise_ncs_kernel<scalar_t, acc_t, Op, V>)(x, aux, out, numel, sh, FastDivmod(sh.S),
                                                               FastDivmod(sh.C), op);
   }
   TF_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t, typename Op>
-void launch_elementwise(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& sh, const Op& op,
+void launch_elementwise(const scalar_t* x, const scalar_t* aux, scalar_t* out, const Shape& sh, const Op& op,
                         Stream stream) {
-  with_vec<scalar_t>(pick_vec<scalar_t>(sh, false, x, dy, out), [&](auto v) {
-    launch_elementwise_v<scalar_t, acc_t, Op, decltype(v)::value>(x, dy, out, sh, op, stream);
+  with_vec<scalar_t>(pick_vec<scalar_t>(sh, false, {x, aux, out}), [&](auto v) {
+    launch_elementwise_v<scalar_t, acc_t, Op, decltype(v)::value>(x, aux, out, sh, op, stream);
   });
 }
 
@@ -490,12 +554,36 @@ void check_input(const at::Tensor& input, const char* op) {
               input.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
-    double eps) {
-  const char* op = "bn_relu_fwd";
+// An activation-size argument (residual, grad_out, saved output) must match the input.
+void check_activation(const at::Tensor& t, const at::Tensor& input, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(), " but input has ",
+              input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but input is ",
+              input.scalar_type());
+}
+
+// t, an activation of x's shape, with its elements at x's offsets: t itself when they already are
+// (strides equal wherever a size exceeds 1), else a copy in x's memory format. x is in a native
+// layout, so the kernels then index every activation of a pass alike.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& x) {
+  bool same = true;
+  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
+  if (same) return t;
+  const auto format = x.is_contiguous() ? at::MemoryFormat::Contiguous
+                      : x.dim() == 4    ? at::MemoryFormat::ChannelsLast
+                                        : at::MemoryFormat::ChannelsLast3d;
+  return t.contiguous(format);
+}
+
+// The forward of bn_relu_fwd (residual undefined) and of bn_add_relu_fwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const char* op, const at::Tensor& input, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
   check_input(input, op);
+  if (residual.defined()) check_activation(residual, input, op, "residual");
   TF_DEVICE_GUARD(guard, input.device());
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor w = channel_vector(weight, acc_type, input, op, "weight");
@@ -505,13 +593,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
   TORCH_CHECK(training || (rm.defined() && rv.defined()), op, ": eval mode needs running_mean and running_var");
   const bool native = native_layout(input);
   const at::Tensor x = native ? input : input.contiguous();
+  const at::Tensor res = residual.defined() ? in_layout_of(residual, x) : at::Tensor();
   at::Tensor out = at::empty_like(input);
   at::Tensor y = native ? out : at::empty_like(x);
   const int64_t C = input.size(1), numel = x.numel();
   at::Tensor ch = at::empty({kRows, C}, input.options().dtype(acc_type));
   if (C == 0) return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};  // no channel: no launch
   const Stream stream = current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
@@ -522,10 +611,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
         ch.fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
-      const int V = pick_vec<scalar_t>(sh, true, x.data_ptr(), nullptr, nullptr);
+      const int V = pick_vec<scalar_t>(sh, true, {x.data_ptr()});
       const int64_t splits = splits_for(sh, V);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
-      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, sh, V, splits,
+      launch_reduce<scalar_t, acc_t>(ReduceIO<scalar_t>{x.data_ptr<scalar_t>()}, sh, V, splits,
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
       TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
@@ -537,39 +626,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
       TF_LAUNCH_CHECK();
     }
     if (numel == 0) return;
-    launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), sh,
-                                        ForwardOp<acc_t>{chp, C}, stream);
+    if (res.defined()) {
+      launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh,
+                                          ForwardOp<acc_t, true>{chp, C}, stream);
+    } else {
+      launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), sh,
+                                          ForwardOp<acc_t, false>{chp, C}, stream);
+    }
   });
   if (!native) out.copy_(y);
   return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                                const c10::optional<at::Tensor>& weight,
-                                                                const c10::optional<at::Tensor>& bias,
-                                                                const at::Tensor& mean, const at::Tensor& invstd,
-                                                                bool training) {
-  const char* op = "bn_relu_bwd";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  return forward("bn_relu_fwd", input, at::Tensor(), weight, bias, running_mean, running_var, training, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  return forward("bn_add_relu_fwd", input, residual, weight, bias, running_mean, running_var, training, eps);
+}
+
+// The backward of bn_relu_bwd (out undefined: the mask recomputed from the input with the
+// forward's formula) and of bn_add_relu_bwd (the mask read from the saved output, out > 0). Returns
+// (grad_input, grad_residual, grad_weight, grad_bias); grad_residual, defined for bn_add_relu only,
+// comes back in x's layout: input's when that is native, else contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, bool training) {
+  const bool add = out.defined();
   check_input(input, op);
-  check_grad_out(grad_out, input, op);
+  check_activation(grad_out, input, op, "grad_out");
+  if (add) check_activation(out, input, op, "out");
   TF_DEVICE_GUARD(guard, input.device());
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor w = channel_vector(weight, acc_type, input, op, "weight");
   const at::Tensor b = channel_vector(bias, acc_type, input, op, "bias");
   const at::Tensor m = channel_vector(mean, acc_type, input, op, "mean");
   const at::Tensor is = channel_vector(invstd, acc_type, input, op, "invstd");
-  const bool native = native_layout(input) && grad_out.strides() == input.strides();
+  const bool native = native_layout(input);
   const at::Tensor x = native ? input : input.contiguous();
-  const at::Tensor dy = native ? grad_out : grad_out.contiguous();
+  const at::Tensor dy = in_layout_of(grad_out, x);
+  const at::Tensor y = add ? in_layout_of(out, x) : at::Tensor();
   at::Tensor grad_in = at::empty_like(input);
   at::Tensor dx = native ? grad_in : at::empty_like(x);
+  at::Tensor grad_res = add ? at::empty_like(x) : at::Tensor();
   const int64_t C = input.size(1), numel = x.numel();
-  at::Tensor ch = at::zeros({kRows, C}, input.options().dtype(acc_type));
   at::Tensor grad_w = at::empty({C}, input.options().dtype(acc_type));
   at::Tensor grad_b = at::empty({C}, input.options().dtype(acc_type));
-  if (C == 0) return {grad_in, grad_w, grad_b};  // no channel: no launch
+  if (C == 0 || numel == 0) {  // no launch; an empty batch has zero parameter gradients
+    grad_w.zero_();
+    grad_b.zero_();
+    return {grad_in, grad_res, grad_w, grad_b};
+  }
+  at::Tensor ch = at::empty({kRows, C}, input.options().dtype(acc_type));
   const Stream stream = current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
@@ -578,24 +696,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
     TF_LAUNCH(cblocks, 128, 0, stream, saved_prepare_kernel<acc_t>)(C, m.data_ptr<acc_t>(), is.data_ptr<acc_t>(),
                                                              ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), chp);
     TF_LAUNCH_CHECK();
-    const int V = pick_vec<scalar_t>(sh, true, x.data_ptr(), dy.data_ptr(), nullptr);
-    const int64_t splits = numel > 0 ? splits_for(sh, V) : 1;
-    at::Tensor ws = at::zeros({C * splits * 2}, input.options().dtype(acc_type));
-    if (numel > 0) {
-      launch_reduce<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), sh, V, splits,
-                                     BackwardSumsOp<acc_t>{chp, C}, ws.data_ptr<acc_t>(), stream);
+    // bn_add_relu's reduction masks grad_out by out > 0 and writes it (grad_residual); in eval it
+    // also writes dx = gm * k0, which needs no sums: the whole backward in one pass.
+    const ReduceIO<scalar_t> io =
+        add ? ReduceIO<scalar_t>{x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                 grad_res.data_ptr<scalar_t>(), training ? nullptr : dx.data_ptr<scalar_t>()}
+            : ReduceIO<scalar_t>{x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()};
+    const int V = pick_vec<scalar_t>(sh, true, {io.x, io.dy, io.y, io.gm, io.dx});
+    const int64_t splits = splits_for(sh, V);
+    at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
+    if (add) {
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<acc_t, Mask::kFromOutput>{chp, C},
+                                     ws.data_ptr<acc_t>(), stream);
+    } else {
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<acc_t, Mask::kRecompute>{chp, C},
+                                     ws.data_ptr<acc_t>(), stream);
     }
-    TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
-                                                               training, chp, grad_w.data_ptr<acc_t>(),
-                                                               grad_b.data_ptr<acc_t>());
+    TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(
+        sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), training, chp, grad_w.data_ptr<acc_t>(),
+        grad_b.data_ptr<acc_t>());
     TF_LAUNCH_CHECK();
-    if (numel > 0) {
-      launch_elementwise<scalar_t, acc_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), sh,
-                                          BackwardOp<acc_t>{chp, C}, stream);
+    if (!add) {
+      launch_elementwise<scalar_t, acc_t>(io.x, io.dy, dx.data_ptr<scalar_t>(), sh,
+                                          BackwardOp<acc_t, Mask::kRecompute>{chp, C}, stream);
+    } else if (training) {
+      launch_elementwise<scalar_t, acc_t>(io.x, io.gm, dx.data_ptr<scalar_t>(), sh,
+                                          BackwardOp<acc_t, Mask::kApplied>{chp, C}, stream);
     }
   });
   if (!native) grad_in.copy_(dx);
-  return {grad_in, grad_w, grad_b};
+  return {grad_in, grad_res, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                const c10::optional<at::Tensor>& weight,
+                                                                const c10::optional<at::Tensor>& bias,
+                                                                const at::Tensor& mean, const at::Tensor& invstd,
+                                                                bool training) {
+  const auto grads = backward("bn_relu_bwd", grad_out, at::Tensor(), input, weight, bias, mean, invstd, training);
+  return {std::get<0>(grads), std::get<2>(grads), std::get<3>(grads)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training) {
+  return backward("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training);
 }
 
 }  // namespace
@@ -604,6 +749,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cuda(const at::Tensor
 TF_REGISTER_KERNELS(m) {
   m.impl("bn_relu_fwd", &cuda::bn_relu_fwd_cuda);
   m.impl("bn_relu_bwd", &cuda::bn_relu_bwd_cuda);
+  m.impl("bn_add_relu_fwd", &cuda::bn_add_relu_fwd_cuda);
+  m.impl("bn_add_relu_bwd", &cuda::bn_add_relu_bwd_cuda);
 }
 
 }  // namespace torchfast

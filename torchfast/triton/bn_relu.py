@@ -1,9 +1,17 @@
-"""Fused BatchNorm + ReLU in Triton, registered with torch.library.triton_op so torch.compile traces
-it (and its autograd formula) without graph breaks.
+"""Fused BatchNorm + ReLU and BatchNorm + residual add + ReLU in Triton, registered with
+torch.library.triton_op so torch.compile traces them (and their autograd formulas) without graph breaks.
+One set of kernels serves both ops; constexpr flags select the add variant (HAS_RESIDUAL in the forward
+elementwise pass, MASK_FROM_OUT in the backward reduction and elementwise passes).
 
-Passes over memory (T = tensor bytes): training forward = statistics (read x) + normalise+ReLU (read x,
-write y) = 3T; eval forward 2T; backward = reduction (read x, dy) + elementwise (read x, dy, write dx)
-= 5T, the ReLU mask recomputed from x with the forward's own formula x * scale + shift.
+Passes over memory (T = tensor bytes):
+  bn_relu     training forward = statistics (read x) + normalise+ReLU (read x, write y) = 3T; eval
+              forward 2T; backward = reduction (read x, dy) + elementwise (read x, dy, write dx) = 5T,
+              the ReLU mask recomputed from x with the forward's own formula x * scale + shift.
+  bn_add_relu training forward = statistics (read x) + normalise+add+ReLU (read x, residual, write y)
+              = 4T (3 reads + 1 write); eval forward 3T; backward = reduction (read dy, out, x; write
+              gm = dy * (out > 0), which is grad_residual) + elementwise (read gm, x; write dx) = 7T
+              (5 reads + 2 writes) in training, 6T in eval (the elementwise pass does not read x).
+              The ReLU mask is read from the saved output, so it is the forward's exactly.
 
 Every kernel works on 2-D tiles [rows, columns] of the tensor seen as a matrix, so no kernel divides
 an element index to find its channel (64-bit division per element would make the passes compute-
@@ -31,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast._ops import _register_bn_relu
+from torchfast._ops import _register_bn_add_relu, _register_bn_relu
 from torchfast.triton import INTERPRET, configs
 
 RED_TILE = 256 if INTERPRET else 2048  # elements per reduction tile
@@ -50,13 +58,21 @@ _EW_CONFIGS = configs(
 # ---------------------------------------------------------------------------------------- reductions
 
 @triton.jit
-def _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD: tl.constexpr):
+def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD: tl.constexpr,
+                MASK_FROM_OUT: tl.constexpr):
     """Adds one tile to the two sums: shifted moments sum(x - k), sum((x - k)^2) in the forward;
-    sum(dy * mask), sum(dy * mask * (x - mean)) in the backward, mask = (x * scale + shift > 0)."""
+    sum(gm), sum(gm * (x - mean)) in the backward, gm = dy * mask with mask = (x * scale + shift > 0),
+    or with MASK_FROM_OUT mask = (out > 0), and then gm is also stored (in dy's dtype, exactly: it is
+    dy or zero) for the elementwise pass and as the residual's gradient."""
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
+        if MASK_FROM_OUT:
+            o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            gm = tl.where(mask & (o > 0.0), g, 0.0)
+            tl.store(gm_ptr + off, gm.to(gm_ptr.dtype.element_ty), mask=mask)
+        else:
+            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
         a1 += gm
         a2 += gm * (x - mu)
     else:
@@ -67,8 +83,9 @@ def _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD: tl.co
 
 
 @triton.jit
-def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
-                        BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
+                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
     """Contiguous layout. Program (c, split) takes tiles split, split + SPLITS, ... of channel c's
     [N, S] rows, tile t covering rows n in tile t // s_tiles and columns in tile t % s_tiles."""
     c = tl.program_id(0).to(tl.int64)
@@ -77,8 +94,9 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N
     tiles = tl.cdiv(N, BLOCK_N) * s_tiles
     k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
-        sc = tl.load(scale_ptr + c)
-        sh = tl.load(shift_ptr + c)
+        if not MASK_FROM_OUT:
+            sc = tl.load(scale_ptr + c)
+            sh = tl.load(shift_ptr + c)
         mu = tl.load(mean_ptr + c)
     else:
         k = tl.load(x_ptr + c * S).to(tl.float32)  # shift: the channel's first element
@@ -90,15 +108,17 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N
         s = (t - tn * s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (n < N)[:, None] & (s < S)[None, :]
         off = (n.to(tl.int64)[:, None] * C + c) * S + s[None, :]
-        a1, a2 = _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD)
+        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD,
+                             MASK_FROM_OUT)
     out = ws_ptr + (c * SPLITS + split) * 2
     tl.store(out, tl.sum(tl.sum(a1, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
 
 
 @triton.jit
-def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
-                        BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
+                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     """channels_last / (N, C): program (channel block, split) takes row blocks split, split + SPLITS,
     ... of the [R = N*S, C] matrix, loading [BLOCK_R, BLOCK_C] tiles (coalesced along C)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -106,8 +126,9 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R
     cmask = c < C
     k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
-        sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)[None, :]
-        sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[None, :]
+        if not MASK_FROM_OUT:
+            sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)[None, :]
+            sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[None, :]
         mu = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
     else:
         k = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]  # row 0
@@ -117,7 +138,8 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (r < R)[:, None] & cmask[None, :]
         off = r[:, None] * C + c[None, :]
-        a1, a2 = _accumulate(x_ptr, dy_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD)
+        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD,
+                             MASK_FROM_OUT)
     out = ws_ptr + (c.to(tl.int64) * SPLITS + split) * 2
     tl.store(out, tl.sum(a1, axis=0), mask=cmask)
     tl.store(out + 1, tl.sum(a2, axis=0), mask=cmask)
@@ -238,13 +260,16 @@ def _tile(ROWS, COLS, C, ROW_CHANNEL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK
 
 @triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, ROW_CHANNEL: tl.constexpr,
-                    BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, r_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, ROW_CHANNEL: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """y = relu(x * scale + shift [+ residual]), formed in float32 and rounded once."""
     off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
     sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
     sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     v = x * sc + sh
+    if HAS_RESIDUAL:
+        v = v + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(v < 0.0, 0.0, v)  # NaN propagates, as in torch.relu
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -252,18 +277,28 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, ROW_CHANN
 @triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
 @triton.jit
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, ROWS, COLS, C,
-                     ROW_CHANNEL: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+                     ROW_CHANNEL: tl.constexpr, MASK_FROM_OUT: tl.constexpr, USE_BATCH_STATS: tl.constexpr,
+                     BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = k0 * gm - k1 - (x - mean) * k2 (training) or k0 * gm (eval). gm = dy * (x * scale + shift
+    > 0), or with MASK_FROM_OUT dy is gm already (masked by the reduction pass), and eval reads no x."""
     off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
-    sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
-    sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
-    mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
     k0 = tl.load(k0_ptr + ch, mask=chmask, other=0.0)
-    k1 = tl.load(k1_ptr + ch, mask=chmask, other=0.0)
-    k2 = tl.load(k2_ptr + ch, mask=chmask, other=0.0)
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    gm = tl.where(x * sc + sh > 0.0, g, 0.0)
-    dx = gm * k0 - k1 - (x - mu) * k2
+    if MASK_FROM_OUT:
+        gm = g
+    else:
+        sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
+        sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gm = tl.where(x * sc + sh > 0.0, g, 0.0)
+    dx = gm * k0
+    if USE_BATCH_STATS:
+        if MASK_FROM_OUT:
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
+        k1 = tl.load(k1_ptr + ch, mask=chmask, other=0.0)
+        k2 = tl.load(k2_ptr + ch, mask=chmask, other=0.0)
+        dx = dx - k1 - (x - mu) * k2
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -301,21 +336,39 @@ class _Geometry:
             tiles = triton.cdiv(self.n, self.row_block) * triton.cdiv(self.s, self.col_block)
         self.splits = max(1, min(MAX_SPLITS, triton.cdiv(tiles, TILES_PER_PROGRAM)))
 
-    def reduce(self, x, dy, scale, shift, mean, ws, backward):
+    def reduce(self, x, dy, scale, shift, mean, ws, backward, out=None, gm=None):
+        """Partial sums into ws. Backward with `out` given: the ReLU mask is out > 0 and the masked
+        gradient is written to `gm` (MASK_FROM_OUT); scale and shift are then unused."""
+        from_out = out is not None
+        o, gm = (out, gm) if from_out else (x, x)
         if self.cols_are_channels:
             grid = (triton.cdiv(self.c, self.col_block), self.splits)
-            wrap_triton(_reduce_cols_kernel)[grid](x, dy, scale, shift, mean, ws, self.rows, self.c, self.splits,
-                                                   BACKWARD=backward, BLOCK_R=self.row_block,
-                                                   BLOCK_C=self.col_block, num_warps=4)
+            wrap_triton(_reduce_cols_kernel)[grid](x, dy, o, gm, scale, shift, mean, ws, self.rows, self.c,
+                                                   self.splits, BACKWARD=backward, MASK_FROM_OUT=from_out,
+                                                   BLOCK_R=self.row_block, BLOCK_C=self.col_block, num_warps=4)
         else:
-            wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, scale, shift, mean, ws, self.n, self.c,
-                                                                   self.s, self.splits, BACKWARD=backward,
-                                                                   BLOCK_N=self.row_block, BLOCK_S=self.col_block,
-                                                                   num_warps=4)
+            wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, o, gm, scale, shift, mean, ws, self.n,
+                                                                   self.c, self.s, self.splits, BACKWARD=backward,
+                                                                   MASK_FROM_OUT=from_out, BLOCK_N=self.row_block,
+                                                                   BLOCK_S=self.col_block, num_warps=4)
 
     def ew_grid(self):
         return lambda meta: (triton.cdiv(self.rows, meta["BLOCK"] // self.col_block),
                              triton.cdiv(self.cols, self.col_block))
+
+
+def _memory_format(x):
+    """The layout _Geometry reads x in (x native): contiguous, else channels_last(_3d)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _check_like(t, input, name):
+    """The kernels index t with input's geometry: a wrong shape would read out of bounds."""
+    if t.shape != input.shape or t.dtype != input.dtype or t.device != input.device:
+        raise RuntimeError("torchfast: %s must have the input's shape, dtype and device (%s, %s, %s), got (%s, %s, %s)"
+                           % (name, tuple(input.shape), input.dtype, input.device, tuple(t.shape), t.dtype, t.device))
 
 
 def _fin_grid(c):
@@ -327,12 +380,14 @@ def _opt(t, like):
     return (t, True) if t is not None else (like, False)
 
 
-@triton_op("torchfast::bn_relu_fwd_triton", mutates_args=())
-def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
-                       eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bn_forward(input, residual, weight, bias, running_mean, running_var, training, eps):
+    """bn_relu_fwd (residual None) or bn_add_relu_fwd. A residual in another layout than the one x is
+    read in is brought to it first (one extra copy of the residual; the fast path wants input's)."""
+    if residual is not None:
+        _check_like(residual, input, "residual")
     native = _native(input)
     x = input if native else input.contiguous()
+    r = x if residual is None else residual.contiguous(memory_format=_memory_format(x))
     out = torch.empty_like(input)
     y = out if native else torch.empty_like(x)
     g = _Geometry(x)
@@ -360,11 +415,41 @@ def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias
                                                    c, eps, FROM_VAR=True, HAS_W=has_w, HAS_B=has_b,
                                                    BLOCK_C=FIN_BLOCK_C)
     if x.numel() > 0:
-        wrap_triton(_forward_kernel)[g.ew_grid()](x, y, scale, shift, g.rows, g.cols, c,
-                                                  ROW_CHANNEL=not g.cols_are_channels, BLOCK_COL=g.col_block)
+        wrap_triton(_forward_kernel)[g.ew_grid()](x, r, y, scale, shift, g.rows, g.cols, c,
+                                                  ROW_CHANNEL=not g.cols_are_channels,
+                                                  HAS_RESIDUAL=residual is not None, BLOCK_COL=g.col_block)
     if not native:
         out.copy_(y)
     return out, mean, invstd, var
+
+
+def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, shift, out=None, gm=None):
+    """Reduction, finish and elementwise passes of the backward (a non-empty batch); returns
+    (grad_weight, grad_bias). Without `out` the ReLU mask is x * scale + shift > 0 in both passes;
+    with it (MASK_FROM_OUT) the mask is out > 0, the reduction writes gm and the elementwise pass reads
+    gm instead of dy (scale and shift unused)."""
+    c = g.c
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grad_w, grad_b, k0, k1, k2 = (torch.empty(c, **f32) for _ in range(5))
+    w, has_w = _opt(weight, mean)
+    ws = torch.empty(c * g.splits * 2, **f32)
+    g.reduce(x, dy, scale, shift, mean, ws, backward=True, out=out, gm=gm)
+    wrap_triton(_backward_finish_kernel)[_fin_grid(c)](
+        ws, w, invstd, grad_w, grad_b, k0, k1, k2, c, g.splits, g.m, USE_BATCH_STATS=training, HAS_W=has_w,
+        BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
+    from_out = out is not None
+    wrap_triton(_backward_kernel)[g.ew_grid()](x, gm if from_out else dy, dx, scale, shift, mean, k0, k1, k2, g.rows,
+                                               g.cols, c, ROW_CHANNEL=not g.cols_are_channels,
+                                               MASK_FROM_OUT=from_out, USE_BATCH_STATS=training,
+                                               BLOCK_COL=g.col_block)
+    return grad_w, grad_b
+
+
+@triton_op("torchfast::bn_relu_fwd_triton", mutates_args=())
+def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bn_forward(input, None, weight, bias, running_mean, running_var, training, eps)
 
 
 @triton_op("torchfast::bn_relu_bwd_triton", mutates_args=())
@@ -379,28 +464,55 @@ def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Opti
     g = _Geometry(x)
     c = g.c
     f32 = dict(dtype=torch.float32, device=x.device)
-    grad_w, grad_b = torch.empty(c, **f32), torch.empty(c, **f32)
-    if c == 0:
-        return grad_in, grad_w, grad_b
+    if c == 0 or x.numel() == 0:  # an empty batch: zero parameter gradients (not 0 * NaN invstd)
+        return grad_in, torch.zeros(c, **f32), torch.zeros(c, **f32)
     mean = mean.float().contiguous()
-    scale, shift, k0, k1, k2 = (torch.empty(c, **f32) for _ in range(5))
+    scale, shift = torch.empty(c, **f32), torch.empty(c, **f32)
     w, has_w = _opt(weight, mean)
     b, has_b = _opt(bias, mean)
     wrap_triton(_prepare_kernel)[_fin_grid(c)](mean, invstd, w, b, mean, mean, mean, scale, shift, c, 0.0,
                                                FROM_VAR=False, HAS_W=has_w, HAS_B=has_b, BLOCK_C=FIN_BLOCK_C)
-    splits = g.splits if x.numel() > 0 else 1
-    ws = torch.zeros(c * splits * 2, **f32) if x.numel() == 0 else torch.empty(c * splits * 2, **f32)
-    if x.numel() > 0:
-        g.reduce(x, dy, scale, shift, mean, ws, backward=True)
-    wrap_triton(_backward_finish_kernel)[_fin_grid(c)](
-        ws, w, invstd, grad_w, grad_b, k0, k1, k2, c, splits, g.m, USE_BATCH_STATS=bool(training and g.m > 0),
-        HAS_W=has_w, BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
-    if x.numel() > 0:
-        wrap_triton(_backward_kernel)[g.ew_grid()](x, dy, dx, scale, shift, mean, k0, k1, k2, g.rows, g.cols, c,
-                                                   ROW_CHANNEL=not g.cols_are_channels, BLOCK_COL=g.col_block)
+    grad_w, grad_b = _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, shift)
     if not native:
         grad_in.copy_(dx)
     return grad_in, grad_w, grad_b
+
+
+@triton_op("torchfast::bn_add_relu_fwd_triton", mutates_args=())
+def bn_add_relu_fwd_triton(input: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], training: bool,
+                           eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bn_forward(input, residual, weight, bias, running_mean, running_var, training, eps)
+
+
+@triton_op("torchfast::bn_add_relu_bwd_triton", mutates_args=())
+def bn_add_relu_bwd_triton(grad_out: torch.Tensor, out: torch.Tensor, input: torch.Tensor,
+                           weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                           training: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduction pass: reads grad_out, out, x; writes gm = grad_out * (out > 0), the residual's
+    gradient, and the per-channel partial sums. Elementwise pass: reads gm (and x in training), writes
+    dx. grad_out and out in another layout than x's are brought to it first."""
+    _check_like(grad_out, input, "grad_out")
+    _check_like(out, input, "out")
+    native = _native(input)
+    x = input if native else input.contiguous()
+    fmt = _memory_format(x)
+    dy = grad_out.contiguous(memory_format=fmt)
+    o = out.contiguous(memory_format=fmt)
+    grad_in, grad_res = torch.empty_like(input), torch.empty_like(input)
+    dx, gm = (grad_in, grad_res) if native else (torch.empty_like(x), torch.empty_like(x))
+    g = _Geometry(x)
+    c = g.c
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if c == 0 or x.numel() == 0:  # an empty batch: zero parameter gradients (not 0 * NaN invstd)
+        return grad_in, grad_res, torch.zeros(c, **f32), torch.zeros(c, **f32)
+    mean = mean.float().contiguous()
+    grad_w, grad_b = _backward_passes(g, x, dy, dx, mean, invstd, weight, training, mean, mean, out=o, gm=gm)
+    if not native:
+        grad_in.copy_(dx)
+        grad_res.copy_(gm)
+    return grad_in, grad_res, grad_w, grad_b
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,3 +520,6 @@ def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Opti
 
 _register_bn_relu("torchfast::bn_relu_fwd_triton", "torchfast::bn_relu_bwd_triton", bn_relu_bwd_triton, fake=False)
 bn_relu_fwd = bn_relu_fwd_triton
+_register_bn_add_relu("torchfast::bn_add_relu_fwd_triton", "torchfast::bn_add_relu_bwd_triton", bn_add_relu_bwd_triton,
+                      fake=False)
+bn_add_relu_fwd = bn_add_relu_fwd_triton
