@@ -344,7 +344,7 @@ def test_bn_add_relu_mixed_layouts(emu, shape, layout, res_layout, grad_layout, 
                                           ((37, 12), "contiguous")], ids=str)
 @pytest.mark.parametrize("dtype", BN_DTYPES, ids=str)
 def test_bn_add_relu_zero_residual_is_bn_relu(emu, shape, layout, dtype):
-    """A zero residual adds +0 to x * scale + shift: the forward is bn_relu's, bitwise. In float32 the
+    """A zero residual adds +0 to fma(x - mean, scale, bias): the forward is bn_relu's, bitwise. In float32 the
     saved output holds that sum exactly, so out > 0 is bn_relu's recomputed mask and the backward
     (the same sums in the same order) is bitwise bn_relu's too."""
     x = _input(shape, layout, dtype, 31)
@@ -359,6 +359,51 @@ def test_bn_add_relu_zero_residual_is_bn_relu(emu, shape, layout, dtype):
             e_gi, e_gw, e_gb = ops().bn_relu_bwd(g, x, w, b, want[1], want[2], training)
             assert torch.equal(gi, e_gi) and torch.equal(gw, e_gw) and torch.equal(gb, e_gb), training
             assert torch.equal(gr, torch.where(got[0] > 0, g, torch.zeros(())))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout", [((6, 5, 7, 7), "contiguous"), ((4, 16, 5, 6), "channels_last"),
+                                          ((37, 12), "contiguous")], ids=str)
+def test_bn_large_mean_rounds_once(emu, shape, layout, training):
+    """|mean| >> std (late ResNet/DenseNet layers; here mean / std ~ 100): every pass normalises as
+    fma(x - mean, scale, bias). x - mean is exact here (Sterbenz), so each float32 output is the exact
+    value of that expression, with the kernel's own mean and scale = weight * invstd, rounded once
+    (plus one rounding for the residual add). The folded x * scale + (bias - mean * scale) would be off
+    by ulps of |mean * scale|, about 2^7 ulps of the output. bn_relu's backward recomputes the ReLU
+    mask with the forward's expression: its reduction's grad_bias is the sum of dy where the forward's
+    output is positive, and in eval dx = dy * k0 is nonzero exactly there."""
+    g = torch.Generator().manual_seed(41)
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    base = 64 + 64 * torch.rand(c, generator=g, dtype=torch.float64)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + base.view(view)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, _, _ = _params(c, torch.float32, 41)
+    rm, rv = base.float(), torch.ones(c)  # eval: running statistics in the same regime
+    res = _input(shape, layout, torch.float32, 42)
+    dy = _input(shape, layout, torch.float32, 43)
+    eps = torch.finfo(torch.float32).eps
+    dims = [0] + list(range(2, len(shape)))
+    for add in (False, True):
+        if add:
+            out, mean, invstd, _ = ops().bn_add_relu_fwd(x, res, w, b, rm, rv, training, 1e-5)
+        else:
+            out, mean, invstd, _ = ops().bn_relu_fwd(x, w, b, rm, rv, training, 1e-5)
+        scale = (w * invstd).double()  # the float32 product the kernels use
+        pre = (x.double() - mean.double().view(view)) * scale.view(view) + b.double().view(view)
+        bound = eps / 2 * pre.abs()
+        if add:
+            bound = bound + eps / 2 * (pre + res.double()).abs()
+            pre = pre + res.double()
+        err = (out.double() - pre.clamp_min(0)).abs()
+        assert (err <= bound * 1.001 + 1e-30).all(), (add, (err / (bound + 1e-30)).max().item())
+        if not add:
+            gi, _, gb = ops().bn_relu_bwd(dy, x, w, b, mean, invstd, training)
+            want_gb = torch.where(out > 0, dy.double(), 0.0).sum(dims)
+            torch.testing.assert_close(gb.double(), want_gb, rtol=0, atol=1e-4)
+            if not training:
+                assert torch.equal(gi != 0, out > 0)
 
 
 def test_bn_add_relu_nan_and_empty(emu):

@@ -56,7 +56,7 @@ def variants():
     for dt in (tl.float32, tl.bfloat16, tl.float16):
         d = ptr[dt]
         f = "*fp32"
-        common = {"x_ptr": d, "dy_ptr": d, "o_ptr": d, "gm_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f,
+        common = {"x_ptr": d, "dy_ptr": d, "o_ptr": d, "gm_ptr": d, "scale_ptr": f, "beta_ptr": f, "mean_ptr": f,
                   "ws_ptr": f}
         # bn_relu: forward statistics, backward with the mask from x; bn_add_relu: backward with the
         # mask from the saved output (MASK_FROM_OUT, which also writes the masked gradient).
@@ -67,8 +67,8 @@ def variants():
             out.append(("reduce_cols %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_cols_kernel,
                         common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "BLOCK_R": 32, "BLOCK_C": 64},
                         {"num_warps": 4}))
-        ew_fwd = {"x_ptr": d, "r_ptr": d, "y_ptr": d, "scale_ptr": f, "shift_ptr": f}
-        ew_bwd = {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "shift_ptr": f, "mean_ptr": f, "k0_ptr": f,
+        ew_fwd = {"x_ptr": d, "r_ptr": d, "y_ptr": d, "mean_ptr": f, "scale_ptr": f, "beta_ptr": f}
+        ew_bwd = {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "beta_ptr": f, "mean_ptr": f, "k0_ptr": f,
                   "k1_ptr": f, "k2_ptr": f}
         for row_channel in (True, False):
             out.append(("forward %s rows=%s" % (dt, row_channel), bn_relu._forward_kernel, ew_fwd,
@@ -87,7 +87,7 @@ def variants():
                      "BLOCK": 2048}, {"num_warps": 8}))
         out.append(("stats_finish %s" % dt, bn_relu._stats_finish_kernel,
                     {"ws_ptr": f, "x_ptr": d, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
-                     "scale_ptr": f, "shift_ptr": f, "eps": "fp32", "M": "i64"},
+                     "scale_ptr": f, "beta_ptr": f, "eps": "fp32", "M": "i64"},
                     {"CHANNELS_LAST": dt == tl.float16, "HAS_W": True, "HAS_B": dt != tl.bfloat16, "BLOCK_C": 64,
                      "BLOCK_SP": 32}, {}))
         out.append(("norm_chunks %s" % dt, clip_grad._norm_chunks_kernel,
@@ -107,7 +107,7 @@ def variants():
     # a constant, so the kernels must not call tensor methods on it.
     out.append(("stats_finish M=1", bn_relu._stats_finish_kernel,
                 {"ws_ptr": f, "x_ptr": f, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
-                 "scale_ptr": f, "shift_ptr": f, "eps": "fp32"},
+                 "scale_ptr": f, "beta_ptr": f, "eps": "fp32"},
                 {"M": 1, "CHANNELS_LAST": False, "HAS_W": False, "HAS_B": False, "BLOCK_C": 64, "BLOCK_SP": 32}, {}))
     for batch_stats in (True, False):
         out.append(("backward_finish batch=%s M=1" % batch_stats, bn_relu._backward_finish_kernel,
@@ -118,14 +118,14 @@ def variants():
     # eval backward (USE_BATCH_STATS=False: no k1/k2 term; with MASK_FROM_OUT no read of x)
     for from_out in (False, True):
         out.append(("backward eval bf16 from_out=%s" % from_out, bn_relu._backward_kernel,
-                    {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "scale_ptr": f, "shift_ptr": f,
+                    {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "scale_ptr": f, "beta_ptr": f,
                      "mean_ptr": f, "k0_ptr": f, "k1_ptr": f, "k2_ptr": f},
                     {"ROW_CHANNEL": from_out, "MASK_FROM_OUT": from_out, "USE_BATCH_STATS": False, "BLOCK_COL": 16,
                      "BLOCK": 1024}, {"num_warps": 4}))
     for from_var in (True, False):
         out.append(("prepare from_var=%s" % from_var, bn_relu._prepare_kernel,
                     {"mean_ptr": f, "v_ptr": "*fp16" if from_var else f, "w_ptr": f, "b_ptr": f, "mean_out": f,
-                     "var_out": f, "invstd_ptr": f, "scale_ptr": f, "shift_ptr": f, "eps": "fp32"},
+                     "var_out": f, "invstd_ptr": f, "scale_ptr": f, "beta_ptr": f, "eps": "fp32"},
                     {"FROM_VAR": from_var, "HAS_W": True, "HAS_B": True, "BLOCK_C": 64}, {}))
     for kind in (0, 2, 3):
         out.append(("norm_chunks kind=%d" % kind, clip_grad._norm_chunks_kernel,

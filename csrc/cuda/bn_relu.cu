@@ -4,12 +4,16 @@
 //   bn_relu: training forward = statistics (read x) + normalise+ReLU (read x, write y): 2T read,
 //     1T write; eval forward: 1T read, 1T write; backward = reduction (read x, dy) + elementwise (read
 //     x, dy, write dx): 4T read, 1T write, the ReLU mask recomputed from x with the forward's own
-//     formula x * scale + shift.
+//     expression bn_pre_relu (below).
 //   bn_add_relu: training forward = statistics (read x) + normalise+add+ReLU (read x and the
 //     residual, write y): 3T read, 1T write; eval forward: 2T read, 1T write. Backward: the mask is
 //     y > 0 on the saved output; training = reduction (read dy, y, x; write gm = the masked dy, which
 //     is grad_residual) + elementwise (read gm, x; write dx): 5T read, 2T write; eval = the reduction
 //     alone, which also writes dx = gm * weight * invstd: 3T read, 2T write.
+// The normalisation is fma(x - mean, scale, bias), scale = weight * invstd (bn_pre_relu), not
+// x * scale + (bias - mean * scale): when |mean| >> std (late ResNet/DenseNet layers) the folded
+// shift cancels catastrophically against x * scale. The fma is explicit so that the forward and
+// the bn_relu backward's recomputed mask round identically whatever the compiler contracts.
 // Per-channel work goes through a [C, splits] partial table folded by a second kernel in split
 // order, in double (deterministic, no atomics).
 //
@@ -63,17 +67,28 @@ struct Shape {
   __device__ __forceinline__ int64_t first(int64_t c) const { return channels_last ? c : c * S; }
 };
 
-// Per-channel table layout in `ch` (acc_t, 8 rows of C): 0 mean, 1 invstd, 2 var, 3 scale,
-// 4 shift, 5 k0, 6 k1, 7 k2.
-enum Row { kMean = 0, kInvstd, kVar, kScale, kShift, kK0, kK1, kK2, kRows };
+// Per-channel table layout in `ch` (acc_t, 8 rows of C): 0 mean, 1 invstd, 2 var, 3 scale =
+// weight * invstd, 4 bias (0 without one), 5 k0, 6 k1, 7 k2.
+enum Row { kMean = 0, kInvstd, kVar, kScale, kBias, kK0, kK1, kK2, kRows };
 
 template <typename T>
 struct Add {
   __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
 };
 
-// Fills the mean/invstd/var/scale/shift rows of channel c; scale/shift use the one formula the
-// backward's mask recomputation also uses.
+// a * b + c rounded once: an explicit fma, never left to the compiler's contraction choices.
+__device__ __forceinline__ float fused_madd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fused_madd(double a, double b, double c) { return fma(a, b, c); }
+
+// BatchNorm's value before the residual and the ReLU: t = x - mean (rounded in acc_t), then
+// fma(t, scale, bias). The one expression of the forward and of bn_relu's backward mask, so the
+// mask the backward recomputes is the forward's exactly.
+template <typename acc_t>
+__device__ __forceinline__ acc_t bn_pre_relu(acc_t x, acc_t mean, acc_t scale, acc_t bias) {
+  return fused_madd(x - mean, scale, bias);
+}
+
+// Fills the mean/invstd/var/scale/bias rows of channel c.
 template <typename acc_t>
 __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, acc_t invstd, acc_t var, const acc_t* w,
                                             const acc_t* b, acc_t* ch) {
@@ -82,12 +97,12 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
   ch[kVar * C + c] = var;
   const acc_t scale = (w ? w[c] : acc_t(1)) * invstd;
   ch[kScale * C + c] = scale;
-  ch[kShift * C + c] = (b ? b[c] : acc_t(0)) - mean * scale;
+  ch[kBias * C + c] = b ? b[c] : acc_t(0);
 }
 
 // Where a backward pass takes the ReLU mask from.
 enum class Mask {
-  kRecompute,   // bn_relu: x * scale + shift > 0, the forward's formula on the saved input
+  kRecompute,   // bn_relu: bn_pre_relu(x) > 0, the forward's expression on the saved input
   kFromOutput,  // bn_add_relu's reduction: y > 0 on the saved output; the masked dy is stored (gm)
   kApplied,     // bn_add_relu's elementwise pass: its gradient input is gm, already masked
 };
@@ -125,10 +140,10 @@ struct BackwardSumsOp {  // sum(gm), sum(gm * (x - mean)), gm = dy * mask
   int64_t C;
   static constexpr bool kNeedsDy = true;
   static constexpr bool kMaskFromOutput = kMask == Mask::kFromOutput;  // the kernel masks dy before add()
-  struct Channel { acc_t sc, sf, mu; };
-  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c]}; }
+  struct Channel { acc_t sc, bi, mu; };
+  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kBias * C + c], ch[kMean * C + c]}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t gv, acc_t& s1, acc_t& s2) const {
-    const acc_t gm = kMask == Mask::kFromOutput || xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm = kMask == Mask::kFromOutput || bn_pre_relu(xv, p.mu, p.sc, p.bi) > acc_t(0) ? gv : acc_t(0);
     s1 += gm;
     s2 += gm * (xv - p.mu);
   }
@@ -303,14 +318,14 @@ __global__ void saved_prepare_kernel(int64_t C, const acc_t* mean, const acc_t* 
 // Elementwise "ops": constants of channel c, then one output element from x and, when kNeedsAux,
 // the second input (the gradient, or the residual).
 template <typename acc_t, bool kResidual>
-struct ForwardOp {  // y = relu(x * scale + shift [+ residual]), the sum in acc_t, one rounding
+struct ForwardOp {  // y = relu(fma(x - mean, scale, bias) [+ residual]) in acc_t, one rounding to scalar_t
   const acc_t* ch;
   int64_t C;
   static constexpr bool kNeedsAux = kResidual;
-  struct Channel { acc_t sc, sf; };
-  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kShift * C + c]}; }
+  struct Channel { acc_t mu, sc, bi; };
+  __device__ Channel channel(int64_t c) const { return {ch[kMean * C + c], ch[kScale * C + c], ch[kBias * C + c]}; }
   __device__ acc_t apply(const Channel& p, acc_t xv, acc_t rv) const {
-    acc_t v = xv * p.sc + p.sf;
+    acc_t v = bn_pre_relu(xv, p.mu, p.sc, p.bi);
     if (kResidual) v = v + rv;
     return v < acc_t(0) ? acc_t(0) : v;  // NaN propagates, as in torch.relu
   }
@@ -322,13 +337,13 @@ struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked 
   const acc_t* ch;
   int64_t C;
   static constexpr bool kNeedsAux = true;
-  struct Channel { acc_t sc, sf, mu, k0, k1, k2; };
+  struct Channel { acc_t sc, bi, mu, k0, k1, k2; };
   __device__ Channel channel(int64_t c) const {
-    return {ch[kScale * C + c], ch[kShift * C + c], ch[kMean * C + c], ch[kK0 * C + c], ch[kK1 * C + c],
+    return {ch[kScale * C + c], ch[kBias * C + c], ch[kMean * C + c], ch[kK0 * C + c], ch[kK1 * C + c],
             ch[kK2 * C + c]};
   }
   __device__ acc_t apply(const Channel& p, acc_t xv, acc_t gv) const {
-    const acc_t gm = kMask == Mask::kApplied || xv * p.sc + p.sf > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm = kMask == Mask::kApplied || bn_pre_relu(xv, p.mu, p.sc, p.bi) > acc_t(0) ? gv : acc_t(0);
     return gm * p.k0 - p.k1 - (xv - p.mu) * p.k2;
   }
 };

@@ -6,12 +6,18 @@ elementwise pass, MASK_FROM_OUT in the backward reduction and elementwise passes
 Passes over memory (T = tensor bytes):
   bn_relu     training forward = statistics (read x) + normalise+ReLU (read x, write y) = 3T; eval
               forward 2T; backward = reduction (read x, dy) + elementwise (read x, dy, write dx) = 5T,
-              the ReLU mask recomputed from x with the forward's own formula x * scale + shift.
+              the ReLU mask recomputed from x with the forward's own expression (_pre_relu).
   bn_add_relu training forward = statistics (read x) + normalise+add+ReLU (read x, residual, write y)
               = 4T (3 reads + 1 write); eval forward 3T; backward = reduction (read dy, out, x; write
               gm = dy * (out > 0), which is grad_residual) + elementwise (read gm, x; write dx) = 7T
               (5 reads + 2 writes) in training, 6T in eval (the elementwise pass does not read x).
               The ReLU mask is read from the saved output, so it is the forward's exactly.
+
+Normalisation: fma(x - mean, scale, beta) with scale = weight * invstd and beta = bias (0 without
+one), per channel in float32 (_pre_relu), not x * scale + (bias - mean * scale): when |mean| >> std
+(late ResNet/DenseNet layers) that folded shift cancels catastrophically against x * scale. The fma
+is explicit (tl.fma) so that the forward and bn_relu's recomputed backward mask round identically
+whatever the compiler contracts.
 
 Every kernel works on 2-D tiles [rows, columns] of the tensor seen as a matrix, so no kernel divides
 an element index to find its channel (64-bit division per element would make the passes compute-
@@ -58,10 +64,19 @@ _EW_CONFIGS = configs(
 # ---------------------------------------------------------------------------------------- reductions
 
 @triton.jit
-def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD: tl.constexpr,
+def _pre_relu(x, mu, sc, beta):
+    """BatchNorm's value before the residual and the ReLU, in float32: t = x - mean, then one fma
+    with the channel's scale and beta (broadcast to t: tl.fma does not broadcast). The one expression
+    of the forward and of bn_relu's backward mask, so the recomputed mask is the forward's exactly."""
+    t = x - mu
+    return tl.fma(t, tl.broadcast_to(sc, t.shape), tl.broadcast_to(beta, t.shape))
+
+
+@triton.jit
+def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD: tl.constexpr,
                 MASK_FROM_OUT: tl.constexpr):
     """Adds one tile to the two sums: shifted moments sum(x - k), sum((x - k)^2) in the forward;
-    sum(gm), sum(gm * (x - mean)) in the backward, gm = dy * mask with mask = (x * scale + shift > 0),
+    sum(gm), sum(gm * (x - mean)) in the backward, gm = dy * mask with mask = (_pre_relu(x) > 0),
     or with MASK_FROM_OUT mask = (out > 0), and then gm is also stored (in dy's dtype, exactly: it is
     dy or zero) for the elementwise pass and as the residual's gradient."""
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +87,7 @@ def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, 
             gm = tl.where(mask & (o > 0.0), g, 0.0)
             tl.store(gm_ptr + off, gm.to(gm_ptr.dtype.element_ty), mask=mask)
         else:
-            gm = tl.where(mask & (x * sc + sh > 0.0), g, 0.0)
+            gm = tl.where(mask & (_pre_relu(x, mu, sc, beta) > 0.0), g, 0.0)
         a1 += gm
         a2 += gm * (x - mu)
     else:
@@ -83,7 +98,7 @@ def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, 
 
 
 @triton.jit
-def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
+def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
                         BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_S: tl.constexpr):
     """Contiguous layout. Program (c, split) takes tiles split, split + SPLITS, ... of channel c's
@@ -92,11 +107,11 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean
     split = tl.program_id(1)
     s_tiles = tl.cdiv(S, BLOCK_S)
     tiles = tl.cdiv(N, BLOCK_N) * s_tiles
-    k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
+    k, sc, beta, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
         if not MASK_FROM_OUT:
             sc = tl.load(scale_ptr + c)
-            sh = tl.load(shift_ptr + c)
+            beta = tl.load(beta_ptr + c)
         mu = tl.load(mean_ptr + c)
     else:
         k = tl.load(x_ptr + c * S).to(tl.float32)  # shift: the channel's first element
@@ -108,7 +123,7 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean
         s = (t - tn * s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (n < N)[:, None] & (s < S)[None, :]
         off = (n.to(tl.int64)[:, None] * C + c) * S + s[None, :]
-        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD,
+        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD,
                              MASK_FROM_OUT)
     out = ws_ptr + (c * SPLITS + split) * 2
     tl.store(out, tl.sum(tl.sum(a1, axis=1), axis=0))
@@ -116,7 +131,7 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean
 
 
 @triton.jit
-def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
+def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
                         BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """channels_last / (N, C): program (channel block, split) takes row blocks split, split + SPLITS,
@@ -124,11 +139,11 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     cmask = c < C
-    k, sc, sh, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
+    k, sc, beta, mu = 0.0, 0.0, 0.0, 0.0  # the constants the pass does not use
     if BACKWARD:
         if not MASK_FROM_OUT:
             sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)[None, :]
-            sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[None, :]
+            beta = tl.load(beta_ptr + c, mask=cmask, other=0.0)[None, :]
         mu = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
     else:
         k = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]  # row 0
@@ -138,7 +153,7 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, shift_ptr, mean
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (r < R)[:, None] & cmask[None, :]
         off = r[:, None] * C + c[None, :]
-        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, sh, mu, a1, a2, BACKWARD,
+        a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD,
                              MASK_FROM_OUT)
     out = ws_ptr + (c.to(tl.int64) * SPLITS + split) * 2
     tl.store(out, tl.sum(a1, axis=0), mask=cmask)
@@ -160,21 +175,21 @@ def _fold(ws_ptr, c, cmask, SPLITS, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexp
 
 
 @triton.jit
-def _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W: tl.constexpr,
-                 HAS_B: tl.constexpr):
-    """scale = weight * invstd, shift = bias - mean * scale: the one formula every pass uses."""
+def _scale_beta(c, cmask, invstd, w_ptr, b_ptr, scale_ptr, beta_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The per-channel constants of _pre_relu besides the mean: scale = weight * invstd, beta = bias
+    (0 without one), both float32."""
     scale = invstd
     if HAS_W:
         scale = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32) * invstd
-    shift = -mean * scale
+    beta = tl.zeros_like(invstd)
     if HAS_B:
-        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32) + shift
+        beta = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, shift, mask=cmask)
+    tl.store(beta_ptr + c, beta, mask=cmask)
 
 
 @triton.jit
-def _stats_finish_kernel(ws_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, scale_ptr, shift_ptr,
+def _stats_finish_kernel(ws_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, scale_ptr, beta_ptr,
                          C, S, SPLITS, M, eps, CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr,
                          HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -193,11 +208,11 @@ def _stats_finish_kernel(ws_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, invstd, mask=cmask)
     tl.store(var_ptr + c, var.to(tl.float32), mask=cmask)
-    _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+    _scale_beta(c, cmask, invstd, w_ptr, b_ptr, scale_ptr, beta_ptr, HAS_W, HAS_B)
 
 
 @triton.jit
-def _prepare_kernel(mean_ptr, v_ptr, w_ptr, b_ptr, mean_out, var_out, invstd_ptr, scale_ptr, shift_ptr, C, eps,
+def _prepare_kernel(mean_ptr, v_ptr, w_ptr, b_ptr, mean_out, var_out, invstd_ptr, scale_ptr, beta_ptr, C, eps,
                     FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel constants from given statistics: eval forward (running mean/var, copied out as
     float32) or backward (saved mean/invstd)."""
@@ -212,7 +227,7 @@ def _prepare_kernel(mean_ptr, v_ptr, w_ptr, b_ptr, mean_out, var_out, invstd_ptr
         tl.store(invstd_ptr + c, invstd, mask=cmask)
     else:
         invstd = tl.load(v_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    _scale_shift(c, cmask, mean, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+    _scale_beta(c, cmask, invstd, w_ptr, b_ptr, scale_ptr, beta_ptr, HAS_W, HAS_B)
 
 
 @triton.jit
@@ -260,14 +275,15 @@ def _tile(ROWS, COLS, C, ROW_CHANNEL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK
 
 @triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
 @triton.jit
-def _forward_kernel(x_ptr, r_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, ROW_CHANNEL: tl.constexpr,
+def _forward_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, ROWS, COLS, C, ROW_CHANNEL: tl.constexpr,
                     HAS_RESIDUAL: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """y = relu(x * scale + shift [+ residual]), formed in float32 and rounded once."""
+    """y = relu(fma(x - mean, scale, beta) [+ residual]), formed in float32 and rounded once."""
     off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
+    mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
     sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
-    sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
+    beta = tl.load(beta_ptr + ch, mask=chmask, other=0.0)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    v = x * sc + sh
+    v = _pre_relu(x, mu, sc, beta)
     if HAS_RESIDUAL:
         v = v + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(v < 0.0, 0.0, v)  # NaN propagates, as in torch.relu
@@ -276,26 +292,27 @@ def _forward_kernel(x_ptr, r_ptr, y_ptr, scale_ptr, shift_ptr, ROWS, COLS, C, RO
 
 @triton.autotune(configs=_EW_CONFIGS, key=["ROWS", "COLS"])
 @triton.jit
-def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, ROWS, COLS, C,
+def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, beta_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, ROWS, COLS, C,
                      ROW_CHANNEL: tl.constexpr, MASK_FROM_OUT: tl.constexpr, USE_BATCH_STATS: tl.constexpr,
                      BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = k0 * gm - k1 - (x - mean) * k2 (training) or k0 * gm (eval). gm = dy * (x * scale + shift
-    > 0), or with MASK_FROM_OUT dy is gm already (masked by the reduction pass), and eval reads no x."""
+    """dx = k0 * gm - k1 - (x - mean) * k2 (training) or k0 * gm (eval). gm = dy * (_pre_relu(x) > 0),
+    or with MASK_FROM_OUT dy is gm already (masked by the reduction pass), and eval reads no x."""
     off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
     k0 = tl.load(k0_ptr + ch, mask=chmask, other=0.0)
     g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if MASK_FROM_OUT:
         gm = g
     else:
+        mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
         sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
-        sh = tl.load(shift_ptr + ch, mask=chmask, other=0.0)
+        beta = tl.load(beta_ptr + ch, mask=chmask, other=0.0)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        gm = tl.where(x * sc + sh > 0.0, g, 0.0)
+        gm = tl.where(_pre_relu(x, mu, sc, beta) > 0.0, g, 0.0)
     dx = gm * k0
     if USE_BATCH_STATS:
         if MASK_FROM_OUT:
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
+            mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0)
         k1 = tl.load(k1_ptr + ch, mask=chmask, other=0.0)
         k2 = tl.load(k2_ptr + ch, mask=chmask, other=0.0)
         dx = dx - k1 - (x - mu) * k2
@@ -336,18 +353,18 @@ class _Geometry:
             tiles = triton.cdiv(self.n, self.row_block) * triton.cdiv(self.s, self.col_block)
         self.splits = max(1, min(MAX_SPLITS, triton.cdiv(tiles, TILES_PER_PROGRAM)))
 
-    def reduce(self, x, dy, scale, shift, mean, ws, backward, out=None, gm=None):
+    def reduce(self, x, dy, scale, beta, mean, ws, backward, out=None, gm=None):
         """Partial sums into ws. Backward with `out` given: the ReLU mask is out > 0 and the masked
-        gradient is written to `gm` (MASK_FROM_OUT); scale and shift are then unused."""
+        gradient is written to `gm` (MASK_FROM_OUT); scale and beta are then unused."""
         from_out = out is not None
         o, gm = (out, gm) if from_out else (x, x)
         if self.cols_are_channels:
             grid = (triton.cdiv(self.c, self.col_block), self.splits)
-            wrap_triton(_reduce_cols_kernel)[grid](x, dy, o, gm, scale, shift, mean, ws, self.rows, self.c,
+            wrap_triton(_reduce_cols_kernel)[grid](x, dy, o, gm, scale, beta, mean, ws, self.rows, self.c,
                                                    self.splits, BACKWARD=backward, MASK_FROM_OUT=from_out,
                                                    BLOCK_R=self.row_block, BLOCK_C=self.col_block, num_warps=4)
         else:
-            wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, o, gm, scale, shift, mean, ws, self.n,
+            wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, o, gm, scale, beta, mean, ws, self.n,
                                                                    self.c, self.s, self.splits, BACKWARD=backward,
                                                                    MASK_FROM_OUT=from_out, BLOCK_N=self.row_block,
                                                                    BLOCK_S=self.col_block, num_warps=4)
@@ -401,21 +418,21 @@ def _bn_forward(input, residual, weight, bias, running_mean, running_var, traini
         var.fill_(float("nan"))
         invstd.fill_(float("nan"))
         return out, mean, invstd, var
-    scale, shift = torch.empty(c, **f32), torch.empty(c, **f32)
+    scale, beta = torch.empty(c, **f32), torch.empty(c, **f32)
     w, has_w = _opt(weight, mean)
     b, has_b = _opt(bias, mean)
     if training:
         ws = torch.empty(c * g.splits * 2, **f32)
         g.reduce(x, x, mean, mean, mean, ws, backward=False)
         wrap_triton(_stats_finish_kernel)[_fin_grid(c)](
-            ws, x, w, b, mean, invstd, var, scale, shift, c, g.s, g.splits, g.m, eps,
+            ws, x, w, b, mean, invstd, var, scale, beta, c, g.s, g.splits, g.m, eps,
             CHANNELS_LAST=g.cols_are_channels, HAS_W=has_w, HAS_B=has_b, BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
     else:
-        wrap_triton(_prepare_kernel)[_fin_grid(c)](running_mean, running_var, w, b, mean, var, invstd, scale, shift,
+        wrap_triton(_prepare_kernel)[_fin_grid(c)](running_mean, running_var, w, b, mean, var, invstd, scale, beta,
                                                    c, eps, FROM_VAR=True, HAS_W=has_w, HAS_B=has_b,
                                                    BLOCK_C=FIN_BLOCK_C)
     if x.numel() > 0:
-        wrap_triton(_forward_kernel)[g.ew_grid()](x, r, y, scale, shift, g.rows, g.cols, c,
+        wrap_triton(_forward_kernel)[g.ew_grid()](x, r, y, mean, scale, beta, g.rows, g.cols, c,
                                                   ROW_CHANNEL=not g.cols_are_channels,
                                                   HAS_RESIDUAL=residual is not None, BLOCK_COL=g.col_block)
     if not native:
@@ -423,22 +440,22 @@ def _bn_forward(input, residual, weight, bias, running_mean, running_var, traini
     return out, mean, invstd, var
 
 
-def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, shift, out=None, gm=None):
+def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, beta, out=None, gm=None):
     """Reduction, finish and elementwise passes of the backward (a non-empty batch); returns
-    (grad_weight, grad_bias). Without `out` the ReLU mask is x * scale + shift > 0 in both passes;
-    with it (MASK_FROM_OUT) the mask is out > 0, the reduction writes gm and the elementwise pass reads
-    gm instead of dy (scale and shift unused)."""
+    (grad_weight, grad_bias). Without `out` the ReLU mask is _pre_relu(x) > 0 in both passes, the
+    forward's expression; with it (MASK_FROM_OUT) the mask is out > 0, the reduction writes gm and the
+    elementwise pass reads gm instead of dy (scale and beta unused)."""
     c = g.c
     f32 = dict(dtype=torch.float32, device=x.device)
     grad_w, grad_b, k0, k1, k2 = (torch.empty(c, **f32) for _ in range(5))
     w, has_w = _opt(weight, mean)
     ws = torch.empty(c * g.splits * 2, **f32)
-    g.reduce(x, dy, scale, shift, mean, ws, backward=True, out=out, gm=gm)
+    g.reduce(x, dy, scale, beta, mean, ws, backward=True, out=out, gm=gm)
     wrap_triton(_backward_finish_kernel)[_fin_grid(c)](
         ws, w, invstd, grad_w, grad_b, k0, k1, k2, c, g.splits, g.m, USE_BATCH_STATS=training, HAS_W=has_w,
         BLOCK_C=FIN_BLOCK_C, BLOCK_SP=FIN_BLOCK_SP)
     from_out = out is not None
-    wrap_triton(_backward_kernel)[g.ew_grid()](x, gm if from_out else dy, dx, scale, shift, mean, k0, k1, k2, g.rows,
+    wrap_triton(_backward_kernel)[g.ew_grid()](x, gm if from_out else dy, dx, scale, beta, mean, k0, k1, k2, g.rows,
                                                g.cols, c, ROW_CHANNEL=not g.cols_are_channels,
                                                MASK_FROM_OUT=from_out, USE_BATCH_STATS=training,
                                                BLOCK_COL=g.col_block)
@@ -467,12 +484,12 @@ def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Opti
     if c == 0 or x.numel() == 0:  # an empty batch: zero parameter gradients (not 0 * NaN invstd)
         return grad_in, torch.zeros(c, **f32), torch.zeros(c, **f32)
     mean = mean.float().contiguous()
-    scale, shift = torch.empty(c, **f32), torch.empty(c, **f32)
+    scale, beta = torch.empty(c, **f32), torch.empty(c, **f32)
     w, has_w = _opt(weight, mean)
     b, has_b = _opt(bias, mean)
-    wrap_triton(_prepare_kernel)[_fin_grid(c)](mean, invstd, w, b, mean, mean, mean, scale, shift, c, 0.0,
+    wrap_triton(_prepare_kernel)[_fin_grid(c)](mean, invstd, w, b, mean, mean, mean, scale, beta, c, 0.0,
                                                FROM_VAR=False, HAS_W=has_w, HAS_B=has_b, BLOCK_C=FIN_BLOCK_C)
-    grad_w, grad_b = _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, shift)
+    grad_w, grad_b = _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, beta)
     if not native:
         grad_in.copy_(dx)
     return grad_in, grad_w, grad_b
