@@ -1,10 +1,13 @@
-// Fused BatchNorm + ReLU on the CPU.
+// Fused BatchNorm + ReLU and BatchNorm + residual add + ReLU on the CPU.
 //
-// Passes over memory (M = N * spatial elements per channel, tensor of T bytes):
-//   training forward: statistics pass (read x), normalise+ReLU pass (read x, write y): 2 reads, 1 write
-//   eval forward:     one pass (read x, write y)
-//   backward:         reduction pass (read x, dy) and elementwise pass (read x, dy, write dx);
-//                     the ReLU mask is recomputed from x, no intermediate tensor is materialised.
+// Passes over memory (M = N * spatial elements per channel; counts in activation-sized tensors):
+//   bn_relu training forward: statistics pass (read x), normalise+ReLU pass (read x, write y): 2 reads, 1 write
+//   bn_relu eval forward:     one pass (read x, write y)
+//   bn_relu backward:         reduction pass (read x, dy) and elementwise pass (read x, dy, write dx): 4 reads,
+//                             1 write; the ReLU mask is recomputed from x, nothing intermediate is materialised.
+//   bn_add_relu forward:      as bn_relu, the elementwise pass also reads the residual: 3 reads, 1 write
+//   bn_add_relu backward:     reduction pass (read dy, out, x; write grad_residual = dy masked by out > 0) and
+//                             elementwise pass (read grad_residual, x; write dx): 5 reads, 2 writes.
 // Layouts handled natively: contiguous (N, C, *), seen as rows of length S per (n, c), and
 // channels_last (N, *, C), seen as N*S rows of C channels. Any other stride pattern is copied to
 // contiguous first (output keeps the input's layout through empty_like).
@@ -149,7 +152,10 @@ inline acc_t masked_grad(acc_t y, acc_t g) {
   return y > acc_t(0) ? g : acc_t(0);
 }
 
-// y = x * scale + shift, the single formula used by the forward and by the backward's mask.
+// The normalised value is (x - mean) * scale + shift with scale = weight * invstd and shift = bias: the
+// single formula of the forward and of the backward's recomputed mask. (x * scale + (bias - mean *
+// scale) would round x * scale at |mean| / std times the result's scale: 3.5x stock's error at the
+// mean/std of 2.6 seen in DenseNet's layers.)
 template <typename acc_t>
 void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& w,
                  const std::vector<acc_t>& b, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
@@ -158,19 +164,22 @@ void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invst
   shift.resize(C);
   for (size_t c = 0; c < C; ++c) {
     scale[c] = w[c] * invstd[c];
-    shift[c] = b[c] - mean[c] * scale[c];
+    shift[c] = b[c];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Per-row kernels (one contiguous run of elements of one channel, or one row of C channels).
 
+// Sums over a row are accumulated in double, as stock's CPU kernels do: float partials over a 56x56 row
+// put 4e-7 relative error into the variance, several ulps into every output.
 template <typename scalar_t, typename acc_t>
-void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
-  acc_t a1 = 0, a2 = 0;
+void row_moments(const scalar_t* x, int64_t n, acc_t K, double& s1, double& s2) {
+  const double Kd = static_cast<double>(K);
+  double a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = to_acc<acc_t>(x[i]) - K;
+    const double d = static_cast<double>(to_acc<acc_t>(x[i])) - Kd;
     a1 += d;
     a2 += d * d;
   }
@@ -178,51 +187,52 @@ void row_moments(const scalar_t* x, int64_t n, acc_t K, acc_t& s1, acc_t& s2) {
   s2 = a2;
 }
 
-// y = relu(x * sc + sh [+ r]) over one run of one channel; r (the residual) may be null.
+// y = relu((x - mu) * sc + sh [+ r]) over one run of one channel; r (the residual) may be null.
 template <typename scalar_t, typename acc_t>
-void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t sc, acc_t sh) {
+void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t mu, acc_t sc, acc_t sh) {
   if (r == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = to_acc<acc_t>(x[i]) * sc + sh;
+      const acc_t v = (to_acc<acc_t>(x[i]) - mu) * sc + sh;
       y[i] = from_acc<scalar_t, acc_t>(relu(v));
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = to_acc<acc_t>(x[i]) * sc + sh + to_acc<acc_t>(r[i]);
+      const acc_t v = (to_acc<acc_t>(x[i]) - mu) * sc + sh + to_acc<acc_t>(r[i]);
       y[i] = from_acc<scalar_t, acc_t>(relu(v));
     }
   }
 }
 
-// The backward's masked gradient gm = (m * msc + msh > 0) ? dy : 0. For bn_relu the mask source m is
-// the input with the forward's scale and shift (the forward's own formula); for bn_add_relu it is
-// the saved output with msc = 1, msh = 0 (exactly out > 0) in the reduction pass, and null (no mask:
-// dy is already gm) in the elementwise pass.
+// The backward's masked gradient gm = ((m - mmu) * msc + msh > 0) ? dy : 0. For bn_relu the mask
+// source m is the input with the forward's mean, scale and shift (the forward's own formula); for
+// bn_add_relu it is the saved output with mmu = 0, msc = 1, msh = 0 (exactly out > 0) in the
+// reduction pass, and null (no mask: dy is already gm) in the elementwise pass.
 
 // sum(gm) and sum(gm * (x - mean)) over one run of one channel; gm is also stored to gm_out unless
 // that is null.
 template <typename scalar_t, typename acc_t>
 void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* gm_out, int64_t n,
-                       acc_t msc, acc_t msh, acc_t mu, acc_t& s1, acc_t& s2) {
-  acc_t a1 = 0, a2 = 0;
+                       acc_t mmu, acc_t msc, acc_t msh, acc_t mu, double& s1, double& s2) {
+  const double mud = static_cast<double>(mu);
+  double a1 = 0, a2 = 0;
   if (gm_out == nullptr) {
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
-      a1 += gm;
-      a2 += gm * (xv - mu);
+      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+      a1 += static_cast<double>(gm);
+      a2 += static_cast<double>(gm) * (static_cast<double>(xv) - mud);
     }
   } else {
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
+      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
       gm_out[i] = from_acc<scalar_t, acc_t>(gm);
-      a1 += gm;
-      a2 += gm * (xv - mu);
+      a1 += static_cast<double>(gm);
+      a2 += static_cast<double>(gm) * (static_cast<double>(xv) - mud);
     }
   }
   s1 = a1;
@@ -231,8 +241,8 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m,
 
 // dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel (gm = dy when m is null).
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, int64_t n, acc_t msc,
-                  acc_t msh, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
+void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, int64_t n, acc_t mmu,
+                  acc_t msc, acc_t msh, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
   if (m == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -243,7 +253,7 @@ void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scal
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad(to_acc<acc_t>(m[i]) * msc + msh, to_acc<acc_t>(dy[i]));
+      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
       dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
     }
   }
@@ -259,13 +269,13 @@ template <typename T>
 constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 template <typename T>
-void row_moments_blocked(const T* x, int64_t n, float K, float& s1, float& s2) {
+void row_moments_blocked(const T* x, int64_t n, float K, double& s1, double& s2) {
   float bx[kHalfBlock];
-  float a1 = 0, a2 = 0;
+  double a1 = 0, a2 = 0;
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t m = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, m);
-    float b1, b2;
+    double b1, b2;
     row_moments<float, float>(bx, m, K, b1, b2);
     a1 += b1;
     a2 += b2;
@@ -275,13 +285,13 @@ void row_moments_blocked(const T* x, int64_t n, float K, float& s1, float& s2) {
 }
 
 template <typename T>
-void normalize_row_blocked(const T* x, const T* r, T* y, int64_t n, float sc, float sh) {
+void normalize_row_blocked(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
   float bx[kHalfBlock], br[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t m = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, m);
     if (r != nullptr) f16c::to_float(r + i, br, m);
-    normalize_row<float, float>(bx, r ? br : nullptr, bx, m, sc, sh);  // in place: element i reads and writes i
+    normalize_row<float, float>(bx, r ? br : nullptr, bx, m, mu, sc, sh);  // in place: element i reads and writes i
     f16c::from_float(bx, y + i, m);
   }
 }
@@ -296,18 +306,18 @@ const float* mask_block(const T* m, const T* x, int64_t i, int64_t len, const fl
 }
 
 template <typename T>
-void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float msc, float msh,
-                               float mu, float& s1, float& s2) {
+void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
+                               float msh, float mu, double& s1, double& s2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
-  float a1 = 0, a2 = 0;
+  double a1 = 0, a2 = 0;
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, len);
     f16c::to_float(dy + i, bg, len);
     const float* mb = mask_block(m, x, i, len, bx, bm);
-    float b1, b2;
+    double b1, b2;
     // gm into the dy buffer, in place (element i only reads and writes i)
-    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, msc, msh, mu, b1, b2);
+    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, mmu, msc, msh, mu, b1, b2);
     if (gm_out != nullptr) f16c::from_float(bg, gm_out + i, len);
     a1 += b1;
     a2 += b2;
@@ -317,37 +327,37 @@ void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, i
 }
 
 template <typename T>
-void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float msc, float msh, float mu,
-                          float k0, float k1, float k2) {
+void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, float msh,
+                          float mu, float k0, float k1, float k2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, len);
     f16c::to_float(dy + i, bg, len);
     const float* mb = mask_block(m, x, i, len, bx, bm);
-    backward_row<float, float>(bx, bg, mb, bg, len, msc, msh, mu, k0, k1, k2);  // dx into the dy buffer, in place
+    backward_row<float, float>(bx, bg, mb, bg, len, mmu, msc, msh, mu, k0, k1, k2);  // dx into the dy buffer, in place
     f16c::from_float(bg, dx + i, len);
   }
 }
 
 #define TORCHFAST_BLOCKED_ROWS(T)                                                                          \
   template <>                                                                                              \
-  void row_moments<T, float>(const T* x, int64_t n, float K, float& s1, float& s2) {                       \
+  void row_moments<T, float>(const T* x, int64_t n, float K, double& s1, double& s2) {                     \
     row_moments_blocked(x, n, K, s1, s2);                                                                  \
   }                                                                                                        \
   template <>                                                                                              \
-  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float sc, float sh) {              \
-    normalize_row_blocked(x, r, y, n, sc, sh);                                                             \
+  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {    \
+    normalize_row_blocked(x, r, y, n, mu, sc, sh);                                                         \
   }                                                                                                        \
   template <>                                                                                              \
-  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float msc,   \
-                                   float msh, float mu, float& s1, float& s2) {                            \
-    backward_row_sums_blocked(x, dy, m, gm_out, n, msc, msh, mu, s1, s2);                                  \
+  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,   \
+                                   float msc, float msh, float mu, double& s1, double& s2) {               \
+    backward_row_sums_blocked(x, dy, m, gm_out, n, mmu, msc, msh, mu, s1, s2);                             \
   }                                                                                                        \
   template <>                                                                                              \
-  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float msc, float msh, \
-                              float mu, float k0, float k1, float k2) {                                    \
-    backward_row_blocked(x, dy, m, dx, n, msc, msh, mu, k0, k1, k2);                                       \
+  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, \
+                              float msh, float mu, float k0, float k1, float k2) {                         \
+    backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mu, k0, k1, k2);                                  \
   }
 TORCHFAST_BLOCKED_ROWS(c10::Half)
 TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
@@ -388,70 +398,75 @@ inline size_t half_buffer(int64_t C) {
 // third of the elementwise pass's memory traffic. Same operations, same order, same results as
 // normalize_row / backward_row (SSE2 is baseline x86-64; maxps(0, v) returns v when v is NaN, as
 // relu() does, and the compare-and-mask zeroes the gradient there like masked_grad).
-inline void normalize_row_stream(const float* x, const float* r, float* y, int64_t n, float sc, float sh) {
+inline void normalize_row_stream(const float* x, const float* r, float* y, int64_t n, float mu, float sc,
+                                 float sh) {
   int64_t i = 0;
   auto scalar = [&](int64_t j) {
-    float v = x[j] * sc + sh;
+    float v = (x[j] - mu) * sc + sh;
     if (r != nullptr) v = v + r[j];
     y[j] = relu(v);
   };
   for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) scalar(i);
-  const __m128 vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
+  const __m128 vmu = _mm_set1_ps(mu), vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
   if (r == nullptr) {
     for (; i + 4 <= n; i += 4)
-      _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh)));
+      _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(x + i), vmu), vsc), vsh)));
   } else {
     for (; i + 4 <= n; i += 4) {
-      const __m128 v = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + i), vsc), vsh), _mm_loadu_ps(r + i));
+      const __m128 t = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(x + i), vmu), vsc), vsh);
+      const __m128 v = _mm_add_ps(t, _mm_loadu_ps(r + i));
       _mm_stream_ps(y + i, _mm_max_ps(zero, v));
     }
   }
   for (; i < n; ++i) scalar(i);
 }
 
-// gm = (m * msc + msh > 0) ? dy : 0, four lanes; dy itself when m is null.
-inline __m128 masked_grad4(const float* m, const float* dy, __m128 msc, __m128 msh) {
+// gm = ((m - mmu) * msc + msh > 0) ? dy : 0, four lanes; dy itself when m is null.
+inline __m128 masked_grad4(const float* m, const float* dy, __m128 mmu, __m128 msc, __m128 msh) {
   if (m == nullptr) return _mm_loadu_ps(dy);
-  const __m128 mask = _mm_cmpgt_ps(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(m), msc), msh), _mm_setzero_ps());
+  const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m), mmu), msc), msh);
+  const __m128 mask = _mm_cmpgt_ps(v, _mm_setzero_ps());
   return _mm_and_ps(mask, _mm_loadu_ps(dy));
 }
 
-inline void backward_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t n, float msc,
-                                float msh, float mu, float k0, float k1, float k2) {
+inline void backward_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t n, float mmu,
+                                float msc, float msh, float mu, float k0, float k1, float k2) {
   int64_t i = 0;
   auto scalar = [&](int64_t j) {
-    const float gm = m == nullptr ? dy[j] : masked_grad(m[j] * msc + msh, dy[j]);
+    const float gm = m == nullptr ? dy[j] : masked_grad((m[j] - mmu) * msc + msh, dy[j]);
     dx[j] = gm * k0 - k1 - (x[j] - mu) * k2;
   };
   for (; i < n && (reinterpret_cast<uintptr_t>(dx + i) & 15); ++i) scalar(i);
-  const __m128 vsc = _mm_set1_ps(msc), vsh = _mm_set1_ps(msh), vmu = _mm_set1_ps(mu);
+  const __m128 vmmu = _mm_set1_ps(mmu), vsc = _mm_set1_ps(msc), vsh = _mm_set1_ps(msh), vmu = _mm_set1_ps(mu);
   const __m128 vk0 = _mm_set1_ps(k0), vk1 = _mm_set1_ps(k1), vk2 = _mm_set1_ps(k2);
   for (; i + 4 <= n; i += 4) {
     const __m128 xv = _mm_loadu_ps(x + i);
-    const __m128 gm = masked_grad4(m ? m + i : nullptr, dy + i, vsc, vsh);
+    const __m128 gm = masked_grad4(m ? m + i : nullptr, dy + i, vmmu, vsc, vsh);
     _mm_stream_ps(dx + i, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, vk0), vk1), _mm_mul_ps(_mm_sub_ps(xv, vmu), vk2)));
   }
   for (; i < n; ++i) scalar(i);
 }
 
 // channels_last rows (C % 4 == 0, 16-byte aligned output): the same two formulas per channel.
-inline void normalize_cl_row_stream(const float* x, const float* r, float* y, int64_t C, const float* scale,
-                                    const float* shift) {
+inline void normalize_cl_row_stream(const float* x, const float* r, float* y, int64_t C, const float* mean,
+                                    const float* scale, const float* shift) {
   const __m128 zero = _mm_setzero_ps();
   for (int64_t c = 0; c < C; c += 4) {
-    __m128 v = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(scale + c)), _mm_loadu_ps(shift + c));
+    const __m128 t = _mm_sub_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(mean + c));
+    __m128 v = _mm_add_ps(_mm_mul_ps(t, _mm_loadu_ps(scale + c)), _mm_loadu_ps(shift + c));
     if (r != nullptr) v = _mm_add_ps(v, _mm_loadu_ps(r + c));
     _mm_stream_ps(y + c, _mm_max_ps(zero, v));
   }
 }
 
 inline void backward_cl_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t C,
-                                   const float* mscale, const float* mshift, const float* mean, const float* k0,
-                                   const float* k1, const float* k2) {
+                                   const float* mmean, const float* mscale, const float* mshift, const float* mean,
+                                   const float* k0, const float* k1, const float* k2) {
   for (int64_t c = 0; c < C; c += 4) {
     const __m128 xv = _mm_loadu_ps(x + c);
     const __m128 gm = m == nullptr ? _mm_loadu_ps(dy + c)
-                                   : masked_grad4(m + c, dy + c, _mm_loadu_ps(mscale + c), _mm_loadu_ps(mshift + c));
+                                   : masked_grad4(m + c, dy + c, _mm_loadu_ps(mmean + c), _mm_loadu_ps(mscale + c),
+                                                  _mm_loadu_ps(mshift + c));
     _mm_stream_ps(dx + c, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, _mm_loadu_ps(k0 + c)), _mm_loadu_ps(k1 + c)),
                                      _mm_mul_ps(_mm_sub_ps(xv, _mm_loadu_ps(mean + c)), _mm_loadu_ps(k2 + c))));
   }
@@ -501,22 +516,22 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
       const acc_t K = to_acc<acc_t>(x[c * S]);
       double S1 = 0, S2 = 0;
       for (int64_t n = 0; n < N; ++n) {
-        acc_t s1, s2;
+        double s1, s2;
         row_moments<scalar_t, acc_t>(x + (n * C + c) * S, S, K, s1, s2);
         S1 += static_cast<double>(s1);
         S2 += static_cast<double>(s2);
       }
       finish_stats<acc_t>(S1, S2, static_cast<double>(K), M, eps, mean[c], var[c], invstd[c]);
-      const acc_t sc = w[c] * invstd[c], sh = b[c] - mean[c] * sc;  // scale_shift's formula
+      const acc_t mu = mean[c], sc = w[c] * invstd[c], sh = b[c];  // scale_shift's formula
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * C + c) * S;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, sc, sh);
+          normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
           continue;
         }
 #endif
-        normalize_row<scalar_t, acc_t>(x + o, res ? res + o : nullptr, y + o, S, sc, sh);
+        normalize_row<scalar_t, acc_t>(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
       }
     }
 #ifdef TORCHFAST_STREAM_STORES
@@ -531,6 +546,7 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
 template <typename scalar_t, typename acc_t>
 struct MaskSource {
   const scalar_t* m;
+  const acc_t* mmu;
   const acc_t* msc;
   const acc_t* msh;
   scalar_t* gm_out;
@@ -546,10 +562,10 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
     for (int64_t c = cb; c < ce; ++c) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t n = 0; n < N; ++n) {
-        acc_t s1, s2;
+        double s1, s2;
         const int64_t o = (n * C + c) * S;
-        backward_row_sums<scalar_t, acc_t>(x + o, dy + o, ms.m + o, ms.gm_out ? ms.gm_out + o : nullptr, S, ms.msc[c],
-                                           ms.msh[c], mean[c], s1, s2);
+        backward_row_sums<scalar_t, acc_t>(x + o, dy + o, ms.m + o, ms.gm_out ? ms.gm_out + o : nullptr, S, ms.mmu[c],
+                                           ms.msc[c], ms.msh[c], mean[c], s1, s2);
         sum_dy += static_cast<double>(s1);
         sum_dy_xmu += static_cast<double>(s2);
       }
@@ -562,11 +578,12 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
         const scalar_t* mo = ms.gm_out ? nullptr : ms.m + o;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
+          backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
           continue;
         }
 #endif
-        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
+        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1,
+                                      k2);
       }
     }
 #ifdef TORCHFAST_STREAM_STORES
@@ -585,7 +602,7 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
   std::vector<double> S1(C, 0.0), S2(C, 0.0), K(C, 0.0);
   if (g.layout == Layout::kNCS) {
     for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c * S]));
-    std::vector<acc_t> r1(N * C), r2(N * C);
+    std::vector<double> r1(N * C), r2(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
@@ -599,30 +616,28 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
   } else {
     const int64_t R = N * S;
     for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c]));
-    std::vector<acc_t> Kc(C);
-    for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<acc_t> a1(C), a2(C);
+      std::vector<double> a1(C), a2(C);
       std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C));
       for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(a1.begin(), a1.end(), acc_t(0));
-        std::fill(a2.begin(), a2.end(), acc_t(0));
+        std::fill(a1.begin(), a1.end(), 0.0);
+        std::fill(a2.begin(), a2.end(), 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
         const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);  // the block's rows, converted at once
         for (int64_t r = r0; r < r_end; ++r) {
           const auto* row = xb + (r - r0) * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
+            const double d = static_cast<double>(to_acc<acc_t>(row[c])) - K[c];
             a1[c] += d;
             a2[c] += d * d;
           }
         }
         for (int64_t c = 0; c < C; ++c) {
-          p1[blk * C + c] = static_cast<double>(a1[c]);
-          p2[blk * C + c] = static_cast<double>(a2[c]);
+          p1[blk * C + c] = a1[c];
+          p2[blk * C + c] = a2[c];
         }
       }
     });
@@ -636,13 +651,13 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, const acc_t* scale,
-                    const acc_t* shift) {
+void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, const acc_t* mean,
+                    const acc_t* scale, const acc_t* shift) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r)
-        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, scale[r % C],
+        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, mean[r % C], scale[r % C],
                                        shift[r % C]);
     });
   } else {
@@ -651,7 +666,7 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
       if (cl_streamable(y, C)) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
           for (int64_t r = b; r < e; ++r)
-            normalize_cl_row_stream(x + r * C, res ? res + r * C : nullptr, y + r * C, C, scale, shift);
+            normalize_cl_row_stream(x + r * C, res ? res + r * C : nullptr, y + r * C, C, mean, scale, shift);
           _mm_sfence();
         });
         return;
@@ -673,14 +688,14 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
           if (rg == nullptr) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c];
+              acc_t v = (to_acc<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c];
               yr[c] = from_acc<out_t, acc_t>(relu(v));
             }
           } else {
             const auto* rr = rg + (r - g0) * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              acc_t v = to_acc<acc_t>(xr[c]) * scale[c] + shift[c] + to_acc<acc_t>(rr[c]);
+              acc_t v = (to_acc<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c] + to_acc<acc_t>(rr[c]);
               yr[c] = from_acc<out_t, acc_t>(relu(v));
             }
           }
@@ -699,12 +714,12 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
   std::fill(sum_dy, sum_dy + C, 0.0);
   std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
   if (g.layout == Layout::kNCS) {
-    std::vector<acc_t> r1(N * C), r2(N * C);
+    std::vector<double> r1(N * C), r2(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
         backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, ms.m + r * S, ms.gm_out ? ms.gm_out + r * S : nullptr,
-                                           S, ms.msc[c], ms.msh[c], mean[c], r1[r], r2[r]);
+                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], r1[r], r2[r]);
       }
     });
     for (int64_t r = 0; r < N * C; ++r) {
@@ -716,13 +731,13 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<acc_t> a1(C), a2(C);
+      std::vector<double> a1(C), a2(C);
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       const bool own_mask = ms.m != x;
       std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
       for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(a1.begin(), a1.end(), acc_t(0));
-        std::fill(a2.begin(), a2.end(), acc_t(0));
+        std::fill(a1.begin(), a1.end(), 0.0);
+        std::fill(a2.begin(), a2.end(), 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
         const auto* xb = as_acc_row(x + r0 * C, len, fx);
         const auto* gb = as_acc_row(dy + r0 * C, len, fg);
@@ -737,26 +752,28 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
-              a1[c] += gm;
-              a2[c] += gm * (xv - mean[c]);
+              const acc_t gm =
+                  masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
+              a1[c] += static_cast<double>(gm);
+              a2[c] += static_cast<double>(gm) * (static_cast<double>(xv) - static_cast<double>(mean[c]));
             }
           } else {
             out_t* orow = ob + (r - r0) * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
+              const acc_t gm =
+                  masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
               orow[c] = from_acc<out_t, acc_t>(gm);
-              a1[c] += gm;
-              a2[c] += gm * (xv - mean[c]);
+              a1[c] += static_cast<double>(gm);
+              a2[c] += static_cast<double>(gm) * (static_cast<double>(xv) - static_cast<double>(mean[c]));
             }
           }
         }
         if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
         for (int64_t c = 0; c < C; ++c) {
-          p1[blk * C + c] = static_cast<double>(a1[c]);
-          p2[blk * C + c] = static_cast<double>(a2[c]);
+          p1[blk * C + c] = a1[c];
+          p2[blk * C + c] = a2[c];
         }
       }
     });
@@ -771,15 +788,15 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
 // dx from the masked gradient: gm = dy masked by m (see backward_row_sums), or dy itself when m is null.
 template <typename scalar_t, typename acc_t>
 void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, const Geometry& g,
-                          const acc_t* msc, const acc_t* msh, const acc_t* mean, const acc_t* k0, const acc_t* k1,
-                          const acc_t* k2) {
+                          const acc_t* mmu, const acc_t* msc, const acc_t* msh, const acc_t* mean, const acc_t* k0,
+                          const acc_t* k1, const acc_t* k2) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, msc[c], msh[c],
-                                      mean[c], k0[c], k1[c], k2[c]);
+        backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, mmu[c], msc[c],
+                                      msh[c], mean[c], k0[c], k1[c], k2[c]);
       }
     });
   } else {
@@ -788,8 +805,8 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
       if (cl_streamable(dx, C)) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
           for (int64_t r = b; r < e; ++r)
-            backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, msc, msh, mean, k0,
-                                   k1, k2);
+            backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh, mean,
+                                   k0, k1, k2);
           _mm_sfence();
         });
         return;
@@ -822,7 +839,7 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm = masked_grad(to_acc<acc_t>(mr[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]));
+              const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]));
               dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
             }
           }
@@ -930,7 +947,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     if (numel == 0) return;
     std::vector<acc_t> m(mp, mp + C), is(ip, ip + C), scale, shift;
     scale_shift(m, is, per_channel<acc_t>(weight, C, 1), per_channel<acc_t>(bias, C, 0), scale, shift);
-    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, scale.data(), shift.data());
+    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, m.data(), scale.data(),
+                                    shift.data());
   });
   if (!native) out.copy_(y);
   return {out, mean, invstd, var};
@@ -989,17 +1007,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const Geometry g = geometry(x);
     std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
-    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), msc, msh;
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), mmu, msc, msh;
     if (add) {
-      msc.assign(C, acc_t(1));  // out * 1 + 0 > 0: exactly out > 0
+      mmu.assign(C, acc_t(0));  // (out - 0) * 1 + 0 > 0: exactly out > 0
+      msc.assign(C, acc_t(1));
       msh.assign(C, acc_t(0));
     } else {
+      mmu = m;
       scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), msc, msh);
     }
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     scalar_t* dxp = grad_in.data_ptr<scalar_t>();
-    const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, msc.data(), msh.data(),
+    const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, mmu.data(), msc.data(), msh.data(),
                                          add ? grad_res.data_ptr<scalar_t>() : nullptr};
     acc_t* gw = grad_w.data_ptr<acc_t>();
     acc_t* gb = grad_b.data_ptr<acc_t>();
@@ -1016,8 +1036,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     if (x.numel() > 0) {
       // bn_add_relu: the stored gm, no mask; bn_relu: dy masked again from x.
       const scalar_t* gsrc = add ? ms.gm_out : dyp;
-      backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, msc.data(), msh.data(), m.data(),
-                                            k0.data(), k1.data(), k2.data());
+      backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, mmu.data(), msc.data(), msh.data(),
+                                            m.data(), k0.data(), k1.data(), k2.data());
     }
   });
   if (!native) {

@@ -177,6 +177,14 @@ def _add_operands(node: fx.Node, bn_node: fx.Node):
     return other, None
 
 
+def _act_kind(module: nn.Module):
+    """For a fusable BatchNorm: "relu" when the layer applies a ReLU itself (timm's BatchNormAct2d),
+    None when it is a plain BatchNorm (a BatchNormAct2d whose activation and dropout are Identity)."""
+    if type(module) in _STOCK_BN or isinstance(getattr(module, "act", None), nn.Identity):
+        return None
+    return "relu"
+
+
 def _fusable_bn(module: nn.Module):
     """None if the pass may replace calls of `module`, else the reason."""
     if isinstance(module, nn.SyncBatchNorm):
@@ -188,6 +196,9 @@ def _fusable_bn(module: nn.Module):
     if type(module) in _STOCK_BN:
         return None
     if type(module).__name__ == "BatchNormAct2d" and isinstance(module, nn.BatchNorm2d):
+        if isinstance(getattr(module, "act", None), nn.Identity) and isinstance(getattr(module, "drop", None),
+                                                                                 (nn.Identity, type(None))):
+            return None  # a plain BatchNorm
         try:
             _modules._activation_of(module)
         except ValueError as e:
@@ -197,9 +208,20 @@ def _fusable_bn(module: nn.Module):
         type(module).__name__)
 
 
+def _drop_identities(graph: fx.Graph, root: nn.Module):
+    """Calls of nn.Identity modules (timm's drop_block / drop_path when disabled) return their input:
+    take them out of the graph so that they do not hide a BatchNorm -> ReLU."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(root.get_submodule(node.target)) is nn.Identity and len(node.args) == 1 \
+                and not node.kwargs and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) -> int:
     """Replace the patterns in `graph` by fused calls; returns how many."""
     done = 0
+    fused_by = {}  # residual node -> name of the BatchNorm whose fused add took it
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -215,9 +237,8 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
         if len(node.args) != 1 or node.kwargs:
             report.left.append((name, "called with extra arguments"))
             continue
-        has_act = type(module) not in _STOCK_BN  # BatchNormAct2d(act=ReLU): the ReLU is inside
         users = list(node.users)
-        if has_act:
+        if _act_kind(module) == "relu":  # BatchNormAct2d(act=ReLU): the ReLU is inside
             with graph.inserting_before(node):
                 bn_ref = graph.get_attr(node.target)
                 fused = graph.call_function(_modules.bn_relu_module, (bn_ref, node.args[0]))
@@ -240,6 +261,9 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
             report.pairs.append(name)
             done += 1
             continue
+        if user.op == "call_function" and user.target is _modules.bn_add_relu_module and user.args[2] is node:
+            report.left.append((name, "feeds the residual side of the add fused with %s" % fused_by.get(user, "?")))
+            continue
         residual, why = _add_operands(user, node)
         if residual is None:
             report.left.append((name, why or "followed by %s, not a ReLU or an add" % _describe(user, root)))
@@ -257,6 +281,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
         graph.erase_node(relu)
         graph.erase_node(user)
         graph.erase_node(node)
+        fused_by[fused] = name
         report.triples.append(name)
         done += 1
     graph.lint()
@@ -323,6 +348,7 @@ def _fuse_module(module: nn.Module, prefix: str, report: FuseReport):
         for name, child in module.named_children():
             _fuse_module(child, prefix + name + ".", report)
         return
+    _drop_identities(graph, module)
     if _rewrite(graph, module, prefix, report):
         _install(module, graph)
         report.rewritten.append(prefix.rstrip("."))

@@ -3,7 +3,8 @@ backend, on any device/dtype.
 
 Same contract as the compiled ops declared in csrc/ops.cpp: statistics in float32 (float64 for
 float64 inputs), output in the input dtype and memory layout, the ReLU mask recomputed in the
-backward from the saved input with the forward's own formula ``x * scale + shift``.
+backward from the saved input with the forward's own formula ``(x - mean) * scale + bias``
+(bn_relu), or read from the saved output (bn_add_relu).
 """
 import torch
 
@@ -20,13 +21,13 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view([1, -1] + [1] * (x.dim() - 2))
 
 
-def _scale_shift(mean, invstd, weight, bias):
+def _normalize(x, mean, invstd, weight, bias):
+    """(x - mean) * scale + bias with scale = weight * invstd: the kernels' formula (rather than
+    x * scale + (bias - mean * scale), which loses |mean| / std times more to rounding)."""
     acc = mean.dtype
     scale = invstd * weight.to(acc) if weight is not None else invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = bias.to(acc) + shift
-    return scale, shift
+    v = (x - _bcast(mean, x)) * _bcast(scale, x)
+    return v + _bcast(bias.to(acc), x) if bias is not None else v
 
 
 def _batch_or_running_stats(x, running_mean, running_var, training: bool, eps: float):
@@ -48,8 +49,7 @@ def bn_relu_fwd(input, weight, bias, running_mean, running_var, training: bool, 
     acc = stat_dtype(input.dtype)
     x = input.to(acc)
     mean, invstd, var = _batch_or_running_stats(x, running_mean, running_var, training, eps)
-    scale, shift = _scale_shift(mean, invstd, weight, bias)
-    out = torch.relu(x * _bcast(scale, x) + _bcast(shift, x)).to(input.dtype)
+    out = torch.relu(_normalize(x, mean, invstd, weight, bias)).to(input.dtype)
     return out, mean, invstd, var
 
 
@@ -75,20 +75,18 @@ def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
     acc = mean.dtype
     x = input.to(acc)
     g = grad_out.to(acc)
-    scale, shift = _scale_shift(mean, invstd, weight, bias)
-    gm = torch.where(x * _bcast(scale, x) + _bcast(shift, x) > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    gm = torch.where(_normalize(x, mean, invstd, weight, bias) > 0, g, torch.zeros((), dtype=acc, device=g.device))
     dx, grad_w, grad_b = _bn_backward(gm, x, mean, invstd, weight, training)
     return dx.to(input.dtype), grad_w, grad_b
 
 
 def bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var, training: bool, eps: float):
     """relu(batch_norm(input) + residual): the statistics of bn_relu_fwd, the residual added to
-    x * scale + shift in the statistics dtype before the ReLU, one rounding to the input dtype."""
+    (x - mean) * scale + bias in the statistics dtype before the ReLU, one rounding to the input dtype."""
     acc = stat_dtype(input.dtype)
     x = input.to(acc)
     mean, invstd, var = _batch_or_running_stats(x, running_mean, running_var, training, eps)
-    scale, shift = _scale_shift(mean, invstd, weight, bias)
-    v = x * _bcast(scale, x) + _bcast(shift, x) + residual.to(acc)
+    v = _normalize(x, mean, invstd, weight, bias) + residual.to(acc)
     return torch.relu(v).to(input.dtype), mean, invstd, var
 
 
