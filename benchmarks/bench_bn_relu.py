@@ -3,6 +3,7 @@
 Byte counts of the minimal algorithm (T = bytes of the activation): eval forward 2T (read x, write y),
 training forward 3T (statistics read, then read x / write y), training forward+backward 8T
 (3T forward + backward reduction reading x, dy and the elementwise pass reading x, dy, writing dx).
+The BatchNorm+add+ReLU benchmark (bench_bn_add_relu.py) runs through the same code with add=True.
 """
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfast
-from torchfast.nn import BatchNormReLU2d
+from torchfast.nn import BatchNormAddReLU2d, BatchNormReLU2d
 
 import common
 
@@ -19,26 +20,35 @@ GPU_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256,
 CPU_SHAPES = [(32, 64, 56, 56), (16, 256, 28, 28), (16, 1024, 7, 7)]
 CPU_QUICK = [(32, 64, 56, 56)]
 MODES = {"fwd-eval": 2, "fwd-train": 3, "fwd+bwd": 8}
+# BatchNorm+add+ReLU: the residual is one more read in the forward; the backward reads dy, out, x and
+# writes grad_residual, then reads it and x and writes dx (5 reads + 2 writes).
+ADD_MODES = {"fwd-eval": 3, "fwd-train": 4, "fwd+bwd": 11}
 
 
-def _stock(c, device, dtype):
+def _stock(c, device, dtype, add):
     bn = nn.BatchNorm2d(c, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
 
     def f(x):
         return F.relu(bn(x), inplace=True)
-    return bn, f
+
+    def f_add(x, r):  # a ResNet block's tail, as torchvision writes it
+        out = bn(x)
+        out += r
+        return F.relu(out, inplace=True)
+    return bn, f_add if add else f
 
 
-def _step(mod_fn, mode, x, gy):
+def _step(mod_fn, mode, inputs, gy):
     if mode == "fwd+bwd":
         def run():
-            x.grad = None
-            y = mod_fn(x)
+            for t in inputs:
+                t.grad = None  # gradients are not accumulated into the activations
+            y = mod_fn(*inputs)
             y.backward(gy)
     else:
         def run():
             with torch.no_grad():
-                mod_fn(x)
+                mod_fn(*inputs)
     return run
 
 
@@ -60,12 +70,15 @@ def cases(device, quick, dtypes=None):
                     yield shape, dtype, layout, mode
 
 
-def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None):
+def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None, add=False,
+        all_cases=None):
     device = torch.device(device)
     copy_bw = common.copy_bandwidth(device)
     rows = []
     backends = backends or [b for b in torchfast.available_backends(device) if b != "reference"]
-    all_cases = list(cases(device, quick, dtypes))
+    all_cases = list(all_cases or cases(device, quick, dtypes))
+    op, bytes_per_mode = ("bn_add_relu", ADD_MODES) if add else ("bn_relu", MODES)
+    fused_cls = BatchNormAddReLU2d if add else BatchNormReLU2d
     for shape, dtype, layout, mode in all_cases:
         c = shape[1]
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -73,11 +86,16 @@ def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, prog
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         training = mode != "fwd-eval"
-        x.requires_grad_(mode == "fwd+bwd")
+        inputs = [x]
+        if add:  # the residual arrives in the block's layout
+            inputs.append(torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(
+                memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format))
+        for t in inputs:
+            t.requires_grad_(mode == "fwd+bwd")
         gy = torch.randn_like(x) if mode == "fwd+bwd" else None
-        nbytes = MODES[mode] * x.numel() * x.element_size()
+        nbytes = bytes_per_mode[mode] * x.numel() * x.element_size()
         impls = []
-        bn, stock_fn = _stock(c, device, dtype)
+        bn, stock_fn = _stock(c, device, dtype, add)
         bn.train(training)
         impls.append(("stock eager", stock_fn))
         if compile_stock:
@@ -85,26 +103,25 @@ def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, prog
             if compiled is not None:
                 impls.append(("stock compile", compiled))
         for b in backends:
-            layer = BatchNormReLU2d(c, device=device, dtype=bn.weight.dtype)
+            layer = fused_cls(c, device=device, dtype=bn.weight.dtype)
             layer.train(training)
 
-            def fused(x, layer=layer, b=b):
+            def fused(*args, layer=layer, b=b):
                 with torchfast.use_backend(b):
-                    return layer(x)
+                    return layer(*args)
             impls.append(("torchfast " + b, fused))
         shape_s = common.fmt_shape(shape)
         for name, fn in impls:
-            step = _step(fn, mode, x, gy)
+            step = _step(fn, mode, inputs, gy)
             try:
                 t = common.bench(step, device)
             except Exception as e:  # noqa: BLE001 - e.g. compile failing for one dtype
                 print("\n%s %s %s failed: %s" % (name, shape_s, mode, str(e).splitlines()[0][:200]))
                 continue
             peak = common.peak_memory(step, device) if mode == "fwd+bwd" else None
-            rows.append(common.make_row(device, "bn_relu", mode, shape_s, dtype, layout, name, t, nbytes, copy_bw,
-                                        peak))
+            rows.append(common.make_row(device, op, mode, shape_s, dtype, layout, name, t, nbytes, copy_bw, peak))
         if progress:
-            progress.step("bn_relu %s %s" % (shape_s, mode))
+            progress.step("%s %s %s" % (op, shape_s, mode))
     return rows, len(all_cases)
 
 

@@ -1,133 +1,122 @@
-"""End to end: training steps of a ResNet-style CNN with its BatchNorm+ReLU pairs as torchfast layers,
-its gradients clipped by torchfast.clip_grad_norm_ and its weights initialized by torchfast.init,
-against the same model in stock PyTorch from the same weights, on the same seeded data.
+"""End to end: training steps of unmodified torchvision ResNets, stock against the same model fused by
+``torchfast.nn.fuse`` (and against ``torch.compile`` of stock), from the same weights on the same
+seeded data, in the layouts CNN training uses.
 
-The model is defined here rather than taken from torchvision: torchvision's blocks apply ReLU inside
-forward() through a shared module, so their BatchNorm+ReLU pairs cannot be swapped without
-rewriting the blocks. This ResNet-18-shaped net has the same structure with the pairs as modules.
+Each step is what a training loop runs: zero_grad(set_to_none), forward, cross-entropy, backward,
+clip (torch.nn.utils.clip_grad_norm_ for stock, torchfast.clip_grad_norm_ for torchfast), SGD with
+momentum. Stock and fused steps are interleaved (one of each per iteration) so that load on a shared
+machine hits both alike. Reports the median step time, the ratio to stock eager and to stock
+compiled, the bytes saved for backward (CPU) or the peak memory (GPU), and a loss-curve plot.
 """
+import copy
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import torchfast
-from torchfast.nn import BatchNormReLU2d
 
 import common
 
 
-class StockBNReLU(nn.BatchNorm2d):
-    """nn.BatchNorm2d followed by ReLU, with BatchNorm2d's state_dict (so weights move between nets)."""
-
-    def forward(self, x):
-        return F.relu(super().forward(x), inplace=True)
-
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride, bnrelu):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bnrelu1 = bnrelu(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.bnrelu1(self.conv1(x))))
-        return F.relu(out + (x if self.down is None else self.down(x)))
+def _configs(device, quick):
+    """(model name, batch, image size, layout, dtype under autocast or None)."""
+    if device.type == "cpu":
+        layouts = ("channels_last",) if quick else ("channels_last", "contiguous")
+        return [(m, 16, 224, layout, None) for m in ("resnet50", "resnet18") for layout in layouts]
+    layouts = ("channels_last",) if quick else ("channels_last", "contiguous")
+    return [(m, 128, 224, layout, torch.bfloat16) for m in ("resnet50", "resnet18") for layout in layouts]
 
 
-class ResNet(nn.Module):
-    def __init__(self, bnrelu, width=32, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), bnrelu(width))
-        layers, cin = [], width
-        for i, mult in enumerate((1, 2, 4, 8)):
-            for b in range(2):
-                layers.append(Block(cin, width * mult, 2 if (b == 0 and i > 0) else 1, bnrelu))
-                cin = width * mult
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
-
-
-def _train(model, clip, data, device, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses, times = [], []
-    for i in range(steps):
-        x, y = data[i % len(data)]
-        common.sync(device)
-        t0 = time.perf_counter()
+def _step_fn(model, opt, clip, amp_dtype, device):
+    def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
         loss.backward()
-        clip(model.parameters(), 1.0)
+        clip(model.parameters(), 5.0)
         opt.step()
-        common.sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return losses, times
+        return loss
+    return step
+
+
+def _train_interleaved(steps_by_name, data, device, n):
+    """Run n iterations, one step of each model per iteration; {name: (losses, times)}."""
+    out = {name: ([], []) for name in steps_by_name}
+    for i in range(n):
+        x, y = data[i % len(data)]
+        for name, step in steps_by_name.items():
+            common.sync(device)
+            t0 = time.perf_counter()
+            loss = step(x, y)
+            common.sync(device)
+            out[name][1].append(time.perf_counter() - t0)
+            out[name][0].append(loss.item())
+    return out
 
 
 def cases(device, quick):
-    yield "train step"
+    return _configs(device, quick)
 
 
-def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None, out_dir=None):
+def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None):
+    import torchvision
+
     device = torch.device(device)
-    batch, size, steps = (16, 32, 30) if device.type == "cpu" else (128, 64, 40)
+    rows = []
+    warm, timed = (2, 6) if device.type == "cpu" else (5, 20)
     if not quick:
-        steps *= 2
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last),
-             torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(4)]
+        timed *= 2
+    for name, batch, size, layout, amp_dtype in _configs(device, quick):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt),
+                 torch.randint(0, 1000, (batch,), generator=g).to(device)) for _ in range(2)]
+        torch.manual_seed(0)
+        stock = getattr(torchvision.models, name)().to(device).to(memory_format=fmt)
+        fused, report = torchfast.nn.fuse(copy.deepcopy(stock), return_report=True)
+        models = {"stock eager": stock, "torchfast auto": fused}
+        steps = {}
+        for impl, model in models.items():
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            clip = torchfast.clip_grad_norm_ if impl.startswith("torchfast") else torch.nn.utils.clip_grad_norm_
+            steps[impl] = _step_fn(model, opt, clip, amp_dtype, device)
+        if compile_stock:
+            compiled_model = copy.deepcopy(stock)
+            compiled = torch.compile(compiled_model)
+            opt = torch.optim.SGD(compiled_model.parameters(), lr=0.01, momentum=0.9)
+            steps["stock compile"] = _step_fn(compiled, opt, torch.nn.utils.clip_grad_norm_, amp_dtype, device)
+        peaks = {}
+        for impl, model in list(models.items()) + ([("stock compile", compiled)] if compile_stock else []):
+            x, y = data[0]
 
-    torch.manual_seed(0)
-    stock = ResNet(StockBNReLU).to(device).to(memory_format=torch.channels_last)
-    fused = ResNet(BatchNormReLU2d).to(device).to(memory_format=torch.channels_last)
-    # torchfast.init in one batched call, then both nets start from exactly these weights.
-    t0 = time.perf_counter()
-    torchfast.init.reset_parameters(fused, seed=0)
-    common.sync(device)
-    init_s = time.perf_counter() - t0
-    stock.load_state_dict(fused.state_dict())
-
-    peaks = {}
-    for name, model in (("stock", stock), ("torchfast", fused)):
-        x, y = data[0]
-        peaks[name] = common.peak_memory(lambda: F.cross_entropy(model(x), y).backward(), device)
-        model.zero_grad(set_to_none=True)
-    stock_losses, stock_times = _train(stock, torch.nn.utils.clip_grad_norm_, data, device, steps)
-    fast_losses, fast_times = _train(fused, torchfast.clip_grad_norm_, data, device, steps)
-
-    def med(ts):
-        ts = sorted(ts[3:])  # drop warm-up steps
-        return ts[len(ts) // 2]
-    shape = "resnet18-w32 %dx3x%dx%d" % (batch, size, size)
-    rows = [common.make_row(device, "e2e", "train step", shape, torch.float32, "channels_last", "stock eager",
-                            med(stock_times), None, None, peaks["stock"]),
-            common.make_row(device, "e2e", "train step", shape, torch.float32, "channels_last", "torchfast auto",
-                            med(fast_times), None, None, peaks["torchfast"])]
-    diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(stock_losses, fast_losses)]
-    print("\ne2e on %s: torchfast.init.reset_parameters %.1f ms; losses stock %.4f -> %.4f, torchfast %.4f -> %.4f; "
-          "relative loss difference: step 0 %.1e, step 1 %.1e, max over %d steps %.1e (last-bit differences "
-          "grow through the training dynamics)" % (
-              device.type, init_s * 1e3, stock_losses[0], stock_losses[-1], fast_losses[0], fast_losses[-1],
-              diffs[0], diffs[1], steps, max(diffs)))
-    _plot_losses(stock_losses, fast_losses, device, out_dir or common.RESULTS_DIR)
-    if progress:
-        progress.step("e2e train steps")
-    return rows, 1
+            def fwd_bwd(model=model):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    F.cross_entropy(model(x), y).backward()
+            peaks[impl] = common.peak_memory(fwd_bwd, device)  # also the compile's first call
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+        res = _train_interleaved(steps, data, device, warm + timed)
+        shape = "%s %dx3x%dx%d" % (name, batch, size, size)
+        dtype = amp_dtype or torch.float32
+        for impl, (losses, times) in res.items():
+            t = sorted(times[warm:])[len(times[warm:]) // 2]
+            rows.append(common.make_row(device, "e2e", "train step", shape, dtype, layout, impl, t, None, None,
+                                        peaks[impl]))
+        s, f = res["stock eager"][0], res["torchfast auto"][0]
+        print("\ne2e %s %s %s: fuse %d BatchNorm->ReLU + %d BatchNorm->add->ReLU; loss stock %.3f -> %.3f, torchfast "
+              "%.3f -> %.3f (step 0 relative difference %.1e; later steps drift apart as float32 rounding grows "
+              "through training)" % (device.type, name, layout, len(report.pairs), len(report.triples), s[0], s[-1],
+                                     f[0], f[-1], abs(s[0] - f[0]) / abs(s[0])))
+        if layout == "channels_last":
+            _plot_losses(res, name, device, out_dir or common.RESULTS_DIR)
+        if progress:
+            progress.step("e2e %s %s" % (name, layout))
+    return rows, len(rows)
 
 
-def _plot_losses(a, b, device, out_dir):
+def _plot_losses(res, name, device, out_dir):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -136,19 +125,20 @@ def _plot_losses(a, b, device, out_dir):
         return
     os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(a, label="stock PyTorch", lw=2)
-    ax.plot(b, label="torchfast", lw=1, ls="--")
+    styles = {"stock eager": dict(lw=2), "torchfast auto": dict(lw=1, ls="--"), "stock compile": dict(lw=1, ls=":")}
+    for impl, (losses, _) in res.items():
+        ax.plot(losses, label=impl, **styles.get(impl, {}))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("ResNet-style CNN, same weights and data (%s)" % device.type, fontsize=9)
+    ax.set_title("torchvision %s, same weights and data (%s)" % (name, device.type), fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "e2e-loss-%s.png" % device.type), dpi=110)
+    fig.savefig(os.path.join(out_dir, "e2e-loss-%s-%s.png" % (name, device.type)), dpi=110)
     plt.close(fig)
 
 
 def count(device, quick, dtypes=None):
-    return 1
+    return len(_configs(torch.device(device), quick))
 
 
 if __name__ == "__main__":

@@ -276,8 +276,9 @@ def standalone(run):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steady-alloc", action="store_true", help="see steady_cpu_allocator (off: the default allocator)")
     args = ap.parse_args()
-    if args.device == "cpu":
+    if args.device == "cpu" and args.steady_alloc:
         steady_cpu_allocator()
     rows, _ = run(torch.device(args.device), args.quick)
     print_table(add_ratios(rows))

@@ -15,13 +15,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_bn_add_relu  # noqa: E402
 import bench_bn_relu  # noqa: E402
 import bench_clip_grad  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_init  # noqa: E402
 import common  # noqa: E402
 
-OPS = {"bn_relu": bench_bn_relu, "clip_grad": bench_clip_grad, "init": bench_init, "e2e": bench_e2e}
+OPS = {"bn_relu": bench_bn_relu, "bn_add_relu": bench_bn_add_relu, "clip_grad": bench_clip_grad, "init": bench_init,
+       "e2e": bench_e2e}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases (a few minutes on a 2-core CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder for CSV and plots")
+    ap.add_argument("--steady-alloc", action="store_true",
+                    help="keep large blocks in glibc's heap (less page-fault noise; not what a user's process does, "
+                         "so off by default)")
     args = ap.parse_args(argv)
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -47,7 +52,7 @@ def main(argv=None):
 
     import torchfast.info
     print(torchfast.info.report().split("\n\nwhy")[0])
-    if "cpu" in devices and common.steady_cpu_allocator():
+    if "cpu" in devices and args.steady_alloc and common.steady_cpu_allocator():
         print("\n(glibc malloc: large blocks kept in the heap between iterations; see common.steady_cpu_allocator)")
     print()
     started = time.time()
