@@ -44,6 +44,8 @@ namespace torchfast {
 namespace {
 
 constexpr int64_t kRowsPerBlock = 64;  // channels_last rows folded per partial
+constexpr int64_t kFoldRows = 16;      // channels_last rows summed in acc_t before folding into double
+constexpr int64_t kMinChannelRow = 256;  // see by_channel
 
 enum class Layout { kNCS, kNSC };
 
@@ -171,20 +173,28 @@ void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invst
 // ---------------------------------------------------------------------------------------------
 // Per-row kernels (one contiguous run of elements of one channel, or one row of C channels).
 
-// Sums over a row are accumulated in double, as stock's CPU kernels do: float partials over a 56x56 row
-// put 4e-7 relative error into the variance, several ulps into every output.
+// Sums over a row: vectorised acc_t partials over chunks of kSumChunk elements, folded into double
+// (double throughout would not vectorise with the float compare of the backward and measured 5x
+// slower; acc_t partials over whole rows put 4e-7 relative error into the variance).
+constexpr int64_t kSumChunk = 32;
+
 template <typename scalar_t, typename acc_t>
 void row_moments(const scalar_t* x, int64_t n, acc_t K, double& s1, double& s2) {
-  const double Kd = static_cast<double>(K);
-  double a1 = 0, a2 = 0;
+  double d1 = 0, d2 = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    acc_t a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(to_acc<acc_t>(x[i])) - Kd;
-    a1 += d;
-    a2 += d * d;
+    for (int64_t i = b; i < e; ++i) {
+      const acc_t d = to_acc<acc_t>(x[i]) - K;
+      a1 += d;
+      a2 += d * d;
+    }
+    d1 += static_cast<double>(a1);
+    d2 += static_cast<double>(a2);
   }
-  s1 = a1;
-  s2 = a2;
+  s1 = d1;
+  s2 = d2;
 }
 
 // y = relu((x - mu) * sc + sh [+ r]) over one run of one channel; r (the residual) may be null.
@@ -215,28 +225,33 @@ void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n,
 template <typename scalar_t, typename acc_t>
 void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* gm_out, int64_t n,
                        acc_t mmu, acc_t msc, acc_t msh, acc_t mu, double& s1, double& s2) {
-  const double mud = static_cast<double>(mu);
-  double a1 = 0, a2 = 0;
-  if (gm_out == nullptr) {
+  double d1 = 0, d2 = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    acc_t a1 = 0, a2 = 0;
+    if (gm_out == nullptr) {
 #pragma omp simd reduction(+ : a1, a2)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
-      a1 += static_cast<double>(gm);
-      a2 += static_cast<double>(gm) * (static_cast<double>(xv) - mud);
-    }
-  } else {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t xv = to_acc<acc_t>(x[i]);
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+        a1 += gm;
+        a2 += gm * (xv - mu);
+      }
+    } else {
 #pragma omp simd reduction(+ : a1, a2)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
-      gm_out[i] = from_acc<scalar_t, acc_t>(gm);
-      a1 += static_cast<double>(gm);
-      a2 += static_cast<double>(gm) * (static_cast<double>(xv) - mud);
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t xv = to_acc<acc_t>(x[i]);
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+        gm_out[i] = from_acc<scalar_t, acc_t>(gm);
+        a1 += gm;
+        a2 += gm * (xv - mu);
+      }
     }
+    d1 += static_cast<double>(a1);
+    d2 += static_cast<double>(a2);
   }
-  s1 = a1;
-  s2 = a2;
+  s1 = d1;
+  s2 = d2;
 }
 
 // dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel (gm = dy when m is null).
@@ -488,6 +503,34 @@ void finish_stats(double S1, double S2, double K, double M, double eps, acc_t& m
   invstd = to_acc<acc_t>(1.0 / std::sqrt(v + eps));
 }
 
+// The shift K of the shifted sums: the mean of each channel's first elements (up to 256 of them). With
+// K = the first element, which can sit 2 std from the mean, sum((x-K)^2)/M and (sum(x-K)/M)^2 are each
+// 5x the variance and their difference keeps a fifth of the precision.
+template <typename scalar_t, typename acc_t>
+std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
+  constexpr int64_t kSamples = 256;
+  const int64_t N = g.N, C = g.C, S = g.S;
+  std::vector<double> K(C, 0.0);
+  int64_t count = 0;
+  if (g.layout == Layout::kNCS) {
+    count = std::min(kSamples, N * S);
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t left = count;
+      for (int64_t n = 0; n < N && left > 0; ++n) {
+        const scalar_t* row = x + (n * C + c) * S;
+        for (int64_t i = 0; i < std::min(S, left); ++i) K[c] += static_cast<double>(to_acc<acc_t>(row[i]));
+        left -= std::min(S, left);
+      }
+    }
+  } else {
+    count = std::min(kSamples, N * S);
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t c = 0; c < C; ++c) K[c] += static_cast<double>(to_acc<acc_t>(x[r * C + c]));
+  }
+  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(count ? K[c] / count : 0.0));
+  return K;
+}
+
 // Per-channel backward coefficients: dx = w*invstd * (gm - sum_dy/M - (x-mean) * invstd^2 * sum_dy_xmu/M)
 // = gm * k0 - k1 - (x - mean) * k2 in training, gm * k0 in eval.
 template <typename acc_t>
@@ -511,9 +554,10 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
                               const acc_t* b, acc_t* mean, acc_t* invstd, acc_t* var) {
   const int64_t N = g.N, C = g.C, S = g.S;
   const double M = static_cast<double>(N * S);
+  const std::vector<double> shifts = channel_shifts<scalar_t, acc_t>(x, g);
   at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      const acc_t K = to_acc<acc_t>(x[c * S]);
+      const acc_t K = to_acc<acc_t>(shifts[c]);
       double S1 = 0, S2 = 0;
       for (int64_t n = 0; n < N; ++n) {
         double s1, s2;
@@ -599,9 +643,9 @@ template <typename scalar_t, typename acc_t>
 void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
   const int64_t N = g.N, C = g.C, S = g.S;
   const double M = static_cast<double>(N * S);
-  std::vector<double> S1(C, 0.0), S2(C, 0.0), K(C, 0.0);
+  std::vector<double> S1(C, 0.0), S2(C, 0.0);
+  const std::vector<double> K = channel_shifts<scalar_t, acc_t>(x, g);
   if (g.layout == Layout::kNCS) {
-    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c * S]));
     std::vector<double> r1(N * C), r2(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -615,29 +659,34 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
     }
   } else {
     const int64_t R = N * S;
-    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(x[c]));
+    std::vector<acc_t> Kc(C);
+    for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<double> a1(C), a2(C);
+      std::vector<acc_t> a1(C), a2(C);
       std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C));
       for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(a1.begin(), a1.end(), 0.0);
-        std::fill(a2.begin(), a2.end(), 0.0);
+        std::fill(p1.begin() + blk * C, p1.begin() + (blk + 1) * C, 0.0);
+        std::fill(p2.begin() + blk * C, p2.begin() + (blk + 1) * C, 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
         const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);  // the block's rows, converted at once
-        for (int64_t r = r0; r < r_end; ++r) {
-          const auto* row = xb + (r - r0) * C;
+        for (int64_t f0 = r0; f0 < r_end; f0 += kFoldRows) {  // acc_t partials over kFoldRows rows, then double
+          std::fill(a1.begin(), a1.end(), acc_t(0));
+          std::fill(a2.begin(), a2.end(), acc_t(0));
+          for (int64_t r = f0; r < std::min(r_end, f0 + kFoldRows); ++r) {
+            const auto* row = xb + (r - r0) * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = static_cast<double>(to_acc<acc_t>(row[c])) - K[c];
-            a1[c] += d;
-            a2[c] += d * d;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
+              a1[c] += d;
+              a2[c] += d * d;
+            }
           }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          p1[blk * C + c] = a1[c];
-          p2[blk * C + c] = a2[c];
+          for (int64_t c = 0; c < C; ++c) {
+            p1[blk * C + c] += static_cast<double>(a1[c]);
+            p2[blk * C + c] += static_cast<double>(a2[c]);
+          }
         }
       }
     });
@@ -731,13 +780,15 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<double> a1(C), a2(C);
+      std::vector<acc_t> a1(C), a2(C);
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       const bool own_mask = ms.m != x;
       std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
       for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(a1.begin(), a1.end(), 0.0);
-        std::fill(a2.begin(), a2.end(), 0.0);
+        std::fill(p1.begin() + blk * C, p1.begin() + (blk + 1) * C, 0.0);
+        std::fill(p2.begin() + blk * C, p2.begin() + (blk + 1) * C, 0.0);
+        std::fill(a1.begin(), a1.end(), acc_t(0));
+        std::fill(a2.begin(), a2.end(), acc_t(0));
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
         const auto* xb = as_acc_row(x + r0 * C, len, fx);
         const auto* gb = as_acc_row(dy + r0 * C, len, fg);
@@ -754,8 +805,8 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
               const acc_t xv = to_acc<acc_t>(xr[c]);
               const acc_t gm =
                   masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
-              a1[c] += static_cast<double>(gm);
-              a2[c] += static_cast<double>(gm) * (static_cast<double>(xv) - static_cast<double>(mean[c]));
+              a1[c] += gm;
+              a2[c] += gm * (xv - mean[c]);
             }
           } else {
             out_t* orow = ob + (r - r0) * C;
@@ -765,16 +816,19 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
               const acc_t gm =
                   masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
               orow[c] = from_acc<out_t, acc_t>(gm);
-              a1[c] += static_cast<double>(gm);
-              a2[c] += static_cast<double>(gm) * (static_cast<double>(xv) - static_cast<double>(mean[c]));
+              a1[c] += gm;
+              a2[c] += gm * (xv - mean[c]);
+            }
+          }
+          if ((r - r0) % kFoldRows == kFoldRows - 1 || r == r_end - 1) {  // acc_t partials folded into double
+            for (int64_t c = 0; c < C; ++c) {
+              p1[blk * C + c] += static_cast<double>(a1[c]);
+              p2[blk * C + c] += static_cast<double>(a2[c]);
+              a1[c] = a2[c] = acc_t(0);
             }
           }
         }
         if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
-        for (int64_t c = 0; c < C; ++c) {
-          p1[blk * C + c] = a1[c];
-          p2[blk * C + c] = a2[c];
-        }
       }
     });
     for (int64_t blk = 0; blk < nblk; ++blk)
@@ -851,7 +905,9 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
 }
 
 // Whole channels per thread pays off when every thread gets channels to work on.
-bool by_channel(const Geometry& g) { return g.layout == Layout::kNCS && g.C >= at::get_num_threads() && g.S > 1; }
+bool by_channel(const Geometry& g) {
+  return g.layout == Layout::kNCS && g.C >= at::get_num_threads() && g.S >= kMinChannelRow;
+}
 
 // ---------------------------------------------------------------------------------------------
 
