@@ -61,7 +61,11 @@ def cases(device, quick):
 
 
 def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None):
-    import torchvision
+    try:
+        import torchvision
+    except ImportError:
+        print("\ne2e skipped: torchvision is not installed (pip install .[bench])")
+        return [], 0
 
     device = torch.device(device)
     rows = []

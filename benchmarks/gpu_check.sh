@@ -42,10 +42,14 @@ stamp "benchmarks"
 # A run stopped by `timeout` (SIGTERM) still writes the rows it measured.
 # BatchNorm+ReLU against stock eager and torch.compile; the multi-tensor ops against eager only
 # (compiling stock clipping over ~150 gradients takes longer than the whole budget allows).
-timeout -k 20 120 $PY benchmarks/run.py --device cuda --quick --ops bn_relu --out "$OUT" > "$OUT/bench.log" 2>&1
+timeout -k 20 140 $PY benchmarks/run.py --device cuda --quick --ops bn_relu,bn_add_relu --out "$OUT" > "$OUT/bench.log" 2>&1
 bench_rc=$?
-timeout -k 20 60 $PY benchmarks/run.py --device cuda --quick --ops clip_grad,init,e2e --no-compile --out "$OUT" \
+timeout -k 20 40 $PY benchmarks/run.py --device cuda --quick --ops clip_grad,init --no-compile --out "$OUT" \
   >> "$OUT/bench.log" 2>&1
+bench_rc=$(( bench_rc | $? ))
+# torchvision resnet50/resnet18 fused by torchfast.nn.fuse vs stock, bf16 autocast, channels_last
+# (skipped with a message when torchvision is not installed).
+timeout -k 20 40 $PY benchmarks/run.py --device cuda --quick --ops e2e --no-compile --out "$OUT" >> "$OUT/bench.log" 2>&1
 bench_rc=$(( bench_rc | $? ))
 tail -5 "$OUT/bench.log"
 

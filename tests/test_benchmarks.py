@@ -34,3 +34,18 @@ def test_stopped_run_writes_the_rows_it_measured(tmp_path, monkeypatch):
     (path,) = glob.glob(str(tmp_path / "cpu-*.csv"))
     rows = list(csv.DictReader(open(path)))
     assert [(r["op"], r["case"], r["impl"]) for r in rows] == [("fake", "case 1", "stock eager")]
+
+
+def test_bn_benchmarks_time_every_backend_against_stock():
+    """bench_bn_relu's code, with and without the residual, on a tiny case (stock eager + each backend)."""
+    import bench_bn_relu
+
+    for add in (False, True):
+        cases = [((2, 4, 3, 3), torch.float32, layout, mode) for layout in ("contiguous", "channels_last")
+                 for mode in ("fwd-train", "fwd+bwd")]
+        rows, n = bench_bn_relu.run(torch.device("cpu"), compile_stock=False, backends=["reference"], add=add,
+                                    all_cases=cases)
+        assert n == 4
+        assert {r["op"] for r in rows} == {"bn_add_relu" if add else "bn_relu"}
+        assert sorted({r["impl"] for r in rows}) == ["stock eager", "torchfast reference"]
+        assert len(rows) == 8 and all(r["median_ms"] > 0 for r in rows)
