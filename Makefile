@@ -15,11 +15,12 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 .PHONY: setup build test bench info clean
 
 # Python deps. torch comes from PyPI as-is (a CUDA build on Linux x86-64); the extension links
-# against it, which is why it is installed before, not by, the build.
+# against it, which is why it is installed before, not by, the build. torchvision and timm are the
+# test and benchmark extras (real-model checks of torchfast.nn.fuse), never runtime dependencies.
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install "torch>=2.6" "setuptools>=64" wheel ninja pytest numpy scipy hypothesis matplotlib
+	$(PIP) install "torch>=2.6" "setuptools>=64" wheel ninja pytest numpy scipy hypothesis matplotlib torchvision timm
 	touch $@
 
 setup: $(VENV)/.deps
