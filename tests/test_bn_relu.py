@@ -460,3 +460,55 @@ def test_cpu_half_precision_paths_agree(cpu_backend_built, tmp_path):
                 assert torch.equal(a, b), key
             else:
                 torch.testing.assert_close(a.float(), b.float(), rtol=2 * 2.0 ** -10, atol=1e-5, msg=str(key))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_float64(device, backend, training):
+    """Double backward (gradient penalties such as WGAN-GP and R1) works, through a differentiable
+    composite backward that runs only under create_graph=True."""
+    skip_unsupported(backend, "bn_relu", device, torch.float64)
+    x = _make_input((3, 4, 3, 5), "contiguous", torch.float64, device).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = (torch.randn(4, dtype=torch.float64, device=device) * 0.2).requires_grad_()
+    rm = torch.randn(4, dtype=torch.float64, device=device) * 0.1
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    torchfast.set_backend(backend)
+
+    def f(x, w, b):
+        return batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_empty_batch_gradients_are_stock(device, backend):
+    torchfast.set_backend(backend)
+    m = BatchNormReLU2d(3).to(device)
+    x = torch.randn(0, 3, 2, 2, device=device, requires_grad=True)
+    m(x).sum().backward()
+    assert torch.equal(m.weight.grad, torch.zeros(3, device=device))  # stock: zeros (was NaN)
+    assert torch.equal(m.bias.grad, torch.zeros(3, device=device))
+
+
+def test_conversion_keeps_objects_flags_and_hooks():
+    """from_batchnorm / convert_batchnorm_relu share the Parameters and buffers, keep requires_grad,
+    training mode and hooks: an optimizer built before the conversion keeps updating the layer."""
+    bn = nn.BatchNorm2d(4)
+    calls = []
+    bn.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    frozen = nn.BatchNorm2d(4).eval()
+    frozen.requires_grad_(False)
+    torchfast.nn.convert_batchnorm_relu(model)
+    fused = model[1]
+    assert isinstance(fused, BatchNormReLU2d)
+    assert fused.weight is bn.weight and fused.bias is bn.bias and fused.running_mean is bn.running_mean
+    before = bn.weight.detach().clone()
+    model(torch.randn(2, 3, 5, 5)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(bn.weight, before), "the optimizer built before conversion must still update it"
+    assert calls == [torch.Size([2, 4, 5, 5])]
+    f2 = BatchNormReLU2d.from_batchnorm(frozen)
+    assert not f2.weight.requires_grad and not f2.training

@@ -47,17 +47,52 @@ def _fake_bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training):
 # Autograd: forward saves the input and the per-channel statistics (plus the parameters), nothing
 # full-size besides the input; backward recomputes the ReLU mask from them.
 
+def _composite_bn_backward(gm, input, weight, bias, mean, invstd, training, eps, needs):
+    """BatchNorm's backward from the ReLU-masked gradient gm, written with differentiable torch ops:
+    the double-backward path (backward under create_graph=True, e.g. gradient penalties). In training
+    the statistics are recomputed from the input, so their dependence on it is differentiated too.
+    Returns (grad_input, grad_weight, grad_bias) for the entries of `needs`."""
+    acc = mean.dtype
+    x = input.to(acc)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training and input.numel() > 0:
+        var, mu = torch.var_mean(x, dim=dims, correction=0)
+        inv = torch.rsqrt(var + eps)
+    else:
+        mu, inv = mean, invstd
+    y = (x - mu.view(shape)) * inv.view(shape)
+    if weight is not None:
+        y = y * weight.to(acc).view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    wrt = [t for t, need in zip((input, weight, bias), needs) if need]
+    grads = iter(torch.autograd.grad(y, wrt, gm.to(acc), create_graph=True, allow_unused=True) if wrt else ())
+    return tuple(next(grads) if need else None for need in needs)
+
+
 def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
-        input, weight, bias, _rm, _rv, training, _eps = inputs
+        input, weight, bias, _rm, _rv, training, eps = inputs
         _out, mean, invstd, _var = output
         ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.training = training
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd, _var)
 
     def backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            with torch.no_grad():
+                mask = ref_bn_relu.relu_mask(input, weight, bias, mean, invstd)
+            gm = torch.where(mask, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+            grad_in, grad_w, grad_b = _composite_bn_backward(gm, input, weight, bias, mean, invstd, ctx.training,
+                                                             ctx.eps, (need_in, need_w, need_b))
+            return (grad_in.to(input.dtype) if need_in else None,
+                    grad_w.to(weight.dtype) if need_w else None,
+                    grad_b.to(bias.dtype) if need_b else None,
+                    None, None, None, None)
         grad_in, grad_w, grad_b = bwd_op(grad_out, input, weight, bias, mean, invstd, ctx.training)
         return (grad_in if need_in else None,
                 grad_w.to(weight.dtype) if need_w else None,
@@ -75,10 +110,11 @@ def _make_add_autograd(bwd_op):
     """bn_add_relu: saves the output (the ReLU mask, exactly the forward's; in a network the output is
     the next layer's saved input anyway), the input and the per-channel statistics."""
     def setup_context(ctx, inputs, output):
-        input, _residual, weight, _bias, _rm, _rv, training, _eps = inputs
+        input, _residual, weight, _bias, _rm, _rv, training, eps = inputs
         out, mean, invstd, var = output
         ctx.save_for_backward(out, input, weight, mean, invstd)
         ctx.training = training
+        ctx.eps = eps
         ctx.param_dtypes = (weight.dtype if weight is not None else None,
                             _bias.dtype if _bias is not None else None)
         ctx.mark_non_differentiable(mean, invstd, var)
@@ -86,8 +122,20 @@ def _make_add_autograd(bwd_op):
     def backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
         out, input, weight, mean, invstd = ctx.saved_tensors
         need_in, need_res, need_w, need_b = ctx.needs_input_grad[:4]
-        grad_in, grad_res, grad_w, grad_b = bwd_op(grad_out, out, input, weight, mean, invstd, ctx.training)
         w_dtype, b_dtype = ctx.param_dtypes
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            grad_res = torch.where(out.detach() > 0, grad_out,
+                                   torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+            # The bias only shifts the output: its gradient is sum(gm), whatever the bias is.
+            grad_in, grad_w, _ = _composite_bn_backward(grad_res, input, weight, None, mean, invstd, ctx.training,
+                                                        ctx.eps, (need_in, need_w, False))
+            grad_b = grad_res.to(mean.dtype).sum([0] + list(range(2, input.dim()))) if need_b else None
+            return (grad_in.to(input.dtype) if need_in else None,
+                    grad_res if need_res else None,
+                    grad_w.to(w_dtype) if need_w else None,
+                    grad_b.to(b_dtype) if need_b else None,
+                    None, None, None, None)
+        grad_in, grad_res, grad_w, grad_b = bwd_op(grad_out, out, input, weight, mean, invstd, ctx.training)
         return (grad_in if need_in else None,
                 grad_res if need_res else None,
                 grad_w.to(w_dtype) if need_w else None,

@@ -71,6 +71,11 @@ def _bn_backward(gm, x, mean, invstd, weight, training: bool):
     return dx, grad_w, sum_dy
 
 
+def relu_mask(input, weight, bias, mean, invstd):
+    """The ReLU mask bn_relu's backward recomputes: (x - mean) * scale + bias > 0 in the statistics dtype."""
+    return _normalize(input.to(mean.dtype), mean, invstd, weight, bias) > 0
+
+
 def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
     acc = mean.dtype
     x = input.to(acc)
