@@ -512,3 +512,47 @@ def test_conversion_keeps_objects_flags_and_hooks():
     assert calls == [torch.Size([2, 4, 5, 5])]
     f2 = BatchNormReLU2d.from_batchnorm(frozen)
     assert not f2.weight.requires_grad and not f2.training
+
+
+@pytest.mark.parametrize("fused_cls,add", [(BatchNormReLU2d, False), (torchfast.nn.BatchNormAddReLU2d, True)],
+                         ids=["bn_relu", "bn_add_relu"])
+def test_forward_ad_and_torch_func_follow_stock(fused_cls, add):
+    """Forward-mode AD and torch.func transforms get stock's tangents, gradients and errors (the
+    stock composition runs under them), never a silent zero tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    fused, stock = fused_cls(3), nn.BatchNorm2d(3)
+    x, t, r = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def run_fused(m, v):
+        return m(v, r) if add else m(v)
+
+    def run_stock(m, v):
+        return F.relu(m(v) + r) if add else F.relu(m(v))
+
+    for mode in (True, False):
+        fused.train(mode)
+        stock.train(mode)
+        with fwAD.dual_level():
+            tf = fwAD.unpack_dual(run_fused(fused, fwAD.make_dual(x, t))).tangent
+            ts = fwAD.unpack_dual(run_stock(stock, fwAD.make_dual(x, t))).tangent
+        torch.testing.assert_close(tf, ts)
+        assert tf.abs().sum() > 0
+        if not mode:  # in training both update the captured num_batches_tracked, which torch.func refuses
+            _, tf = torch.func.jvp(lambda v: run_fused(fused, v), (x,), (t,))
+            torch.testing.assert_close(tf, ts)
+        gf = torch.func.grad(lambda p, b: torch.func.functional_call(fused, (p, b), (x, r) if add else (x,)).sum())(
+            dict(fused.named_parameters()), dict(fused.named_buffers()))
+        gs = torch.func.grad(lambda p, b: (torch.func.functional_call(stock, (p, b), (x,)) + (r if add else 0))
+                             .relu().sum())(dict(stock.named_parameters()), dict(stock.named_buffers()))
+        for k in gs:
+            torch.testing.assert_close(gf[k], gs[k])
+    fused.eval()
+    stock.eval()
+    torch.testing.assert_close(torch.func.vmap(lambda v: run_fused(fused, v.unsqueeze(0)))(x),
+                               torch.func.vmap(lambda v: run_stock(stock, v.unsqueeze(0)))(x))
+    with fwAD.dual_level():
+        rm = fwAD.make_dual(torch.zeros(3), torch.ones(3))
+        with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+            torchfast.nn.functional.batch_norm_relu(fwAD.make_dual(x, t), rm, torch.ones(3), training=False)

@@ -1,12 +1,18 @@
 """Functional form of the fused layers: ``batch_norm_relu`` == ``relu(F.batch_norm(...))`` and
 ``batch_norm_add_relu`` == ``relu(F.batch_norm(...) + residual)``."""
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+import torch.autograd.forward_ad as _forward_ad
 
 from torchfast import _backends
 from torchfast._ops import impl
 
 __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _check_channel_vector(op: str, t, name: str, c: int, input: Tensor):
@@ -44,6 +50,18 @@ def _check_bn_args(op: str, input, running_mean, running_var, weight, bias, trai
                          % (input.size(),))
 
 
+def _stock_semantics_needed(*tensors) -> bool:
+    """True under forward-mode AD or a torch.func transform (grad, vmap, jvp, functional_call under
+    grad): the fused ops have no forward-mode formula or batching rule, so the stock composition runs
+    instead, with stock's results and errors, never a silent zero tangent. Not consulted while
+    torch.compile traces (dynamo cannot trace the check; a compiled graph holds no dual tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _forward_ad._current_level >= 0:
+        return True
+    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+
+
 def _update_running_stats(input, running_mean, running_var, mean, var, training, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as stock."""
     c = input.shape[1]
@@ -66,6 +84,8 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     statistics are kept for it.
     """
     _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
+    if _stock_semantics_needed(input, running_mean, running_var, weight, bias):
+        return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     backend = _backends.choose("bn_relu", input.device, input.dtype)
     out, mean, _invstd, var = impl(backend).bn_relu_fwd(input, weight, bias, running_mean, running_var,
                                                          bool(training), float(eps))
@@ -89,9 +109,10 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     """
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
     if (not isinstance(residual, Tensor) or residual.shape != input.shape or residual.dtype != input.dtype
-            or residual.device != input.device):
-        return torch.relu(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
-                                                         momentum, eps) + residual)
+            or residual.device != input.device
+            or _stock_semantics_needed(input, residual, running_mean, running_var, weight, bias)):
+        return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+                          + residual)
     backend = _backends.choose("bn_add_relu", input.device, input.dtype)
     out, mean, _invstd, var = impl(backend).bn_add_relu_fwd(input, residual, weight, bias, running_mean,
                                                              running_var, bool(training), float(eps))
