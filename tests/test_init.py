@@ -341,3 +341,54 @@ def test_cpu_vector_paths_agree(cpu_backend_built, tmp_path):
         for kind in ("n", "t"):
             for a, b in zip(results[name][kind], results["default"][kind]):
                 torch.testing.assert_close(a, b, rtol=4e-6, atol=4e-6)
+
+
+def test_every_torch_nn_init_function_is_there():
+    """`import torchfast.init as init` is a drop-in for code using any public torch.nn.init function,
+    the deprecated un-underscored aliases included."""
+    import warnings
+
+    public = [n for n in dir(torch.nn.init) if not n.startswith("_") and callable(getattr(torch.nn.init, n))
+              and getattr(getattr(torch.nn.init, n), "__module__", "") == "torch.nn.init"]
+    assert "orthogonal_" in public and "sparse" in public
+    missing = [n for n in public if not callable(getattr(torchfast.init, n, None))]
+    assert not missing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torchfast.init.kaiming_uniform(torch.empty(3, 4), seed=0)
+    assert out.shape == (3, 4) and caught and issubclass(caught[0].category, FutureWarning)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (4, 3, 3, 3)])
+def test_orthogonal_is_orthogonal_and_seeded(shape):
+    ws = [torch.empty(shape), torch.empty(shape)]
+    torchfast.init.orthogonal_(ws, gain=2.0, seed=5)
+    for w in ws:
+        f = w.reshape(shape[0], -1)
+        small = min(f.shape)
+        gram = f @ f.t() if f.shape[0] == small else f.t() @ f
+        torch.testing.assert_close(gram, 4.0 * torch.eye(small), atol=1e-5, rtol=0)
+    assert not torch.equal(ws[0], ws[1])  # each tensor its own stream
+    again = torchfast.init.orthogonal_(torch.empty(shape), gain=2.0, seed=5)
+    torch.testing.assert_close(again, ws[0])
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        torchfast.init.orthogonal_(torch.empty(3))
+
+
+def test_eye_dirac_sparse_match_torch():
+    e = torchfast.init.eye_(torch.empty(3, 5))
+    assert torch.equal(e, torch.nn.init.eye_(torch.empty(3, 5)))
+    d = torchfast.init.dirac_(torch.empty(4, 2, 3, 3), groups=2)
+    assert torch.equal(d, torch.nn.init.dirac_(torch.empty(4, 2, 3, 3), groups=2))
+    s = torchfast.init.sparse_(torch.empty(20, 7), 0.3, std=0.5, seed=1)
+    assert ((s == 0).sum(0) >= 6).all()  # ceil(0.3 * 20) rows zeroed per column
+    assert 0.3 < s[s != 0].std().item() < 0.7
+    with pytest.raises(ValueError, match="2 dimensions"):
+        torchfast.init.sparse_(torch.empty(3, 4, 5), 0.1)
+
+
+def test_trunc_normal_float64_stays_in_bounds():
+    for seed in range(8):
+        t = torch.empty(200_000, dtype=torch.float64)
+        torchfast.init.trunc_normal_(t, mean=0.3, std=1.0, a=-0.7, b=0.9, seed=seed)
+        assert t.min().item() >= -0.7 and t.max().item() <= 0.9

@@ -26,7 +26,11 @@ from torchfast._ops import impl
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
 
 __all__ = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-           "kaiming_normal_", "zeros_", "ones_", "constant_", "reset_parameters", "calculate_gain"]
+           "kaiming_normal_", "zeros_", "ones_", "constant_", "eye_", "dirac_", "orthogonal_", "sparse_",
+           "reset_parameters", "calculate_gain",
+           # torch.nn.init's deprecated aliases, kept for drop-in compatibility
+           "uniform", "normal", "constant", "eye", "dirac", "xavier_uniform", "xavier_normal", "kaiming_uniform",
+           "kaiming_normal", "orthogonal", "sparse"]
 
 _SEED_LIMIT = 2 ** 63
 
@@ -92,6 +96,12 @@ def _fill(tensors, specs, seed):
             impl(backend).philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
             for t, buf in copies:
                 t.copy_(buf)
+            if dtype == torch.float64:
+                # Values are generated and clamped in float32; widened to float64 they can sit
+                # outside [a, b] by less than a float32 step. Clamp again at full precision.
+                for k in ks:
+                    if specs[k][0] == TRUNC_NORMAL:
+                        tensors[k].clamp_(specs[k][1][2], specs[k][1][3])
 
 
 def _params(*values):
@@ -328,3 +338,104 @@ def reset_parameters(module: nn.Module, generator=None, *, seed=None) -> nn.Modu
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None:
                 m.weight[m.padding_idx].fill_(0)
     return module
+
+
+# ------------------------------------------------------------------------------------------------
+# The rest of torch.nn.init's surface. eye_ and dirac_ draw no random numbers (torch's own per
+# tensor); orthogonal_ and sparse_ draw their normal values in one batched Philox call for the whole
+# list, then need per-tensor work that does not batch: a QR decomposition (orthogonal_) and a random
+# choice of rows per column (sparse_, from a torch.Generator seeded from the same seed).
+
+def eye_(tensor):
+    """Fill 2-D tensors with the identity (``torch.nn.init.eye_``); a list is filled tensor by tensor."""
+    single, tensors = _as_list(tensor, "eye_")
+    for t in tensors:
+        nn.init.eye_(t)
+    return tensor if single else tensors
+
+
+def dirac_(tensor, groups: int = 1):
+    """Fill {3,4,5}-D tensors with the Dirac delta (``torch.nn.init.dirac_``), tensor by tensor."""
+    single, tensors = _as_list(tensor, "dirac_")
+    for t in tensors:
+        nn.init.dirac_(t, groups)
+    return tensor if single else tensors
+
+
+def orthogonal_(tensor, gain: float = 1.0, generator=None, *, seed=None):
+    """A (semi-)orthogonal matrix, as ``torch.nn.init.orthogonal_``: torch's algorithm (QR of a
+    standard normal matrix, signs fixed by R's diagonal, scaled by `gain`), with the normal matrices
+    of the whole list drawn in one seeded Philox call."""
+    single, tensors = _as_list(tensor, "orthogonal_")
+    _check_float(tensors, "orthogonal_")
+    for t in tensors:
+        if t.ndimension() < 2:
+            raise ValueError("Only tensors with 2 or more dimensions are supported")
+    work = [t for t in tensors if t.numel() > 0]
+    flats = []
+    for t in work:
+        rows = t.size(0)
+        cols = t.numel() // rows
+        flats.append(t.new_empty((rows, cols)))
+    if flats:
+        _fill(flats, [_normal_spec(0.0, 1.0)] * len(flats), _draw_seed(seed, generator))
+    with torch.no_grad():
+        for t, flat in zip(work, flats):
+            rows, cols = flat.shape
+            if rows < cols:
+                flat.t_()
+            q, r = torch.linalg.qr(flat)
+            q *= torch.diag(r, 0).sign()
+            if rows < cols:
+                q.t_()
+            t.view_as(q).copy_(q)
+            t.mul_(gain)
+    return tensor if single else tensors
+
+
+def sparse_(tensor, sparsity, std: float = 0.01, generator=None, *, seed=None):
+    """2-D tensors from N(0, std^2) with a fraction `sparsity` of each column zeroed, as
+    ``torch.nn.init.sparse_``; normal values in one batched call, zeroed rows chosen per column
+    by a torch.Generator seeded from the same seed."""
+    single, tensors = _as_list(tensor, "sparse_")
+    _check_float(tensors, "sparse_")
+    for t in tensors:
+        if t.ndimension() != 2:
+            raise ValueError("Only tensors with 2 dimensions are supported")
+    seed = _draw_seed(seed, generator)
+    _fill(tensors, [_normal_spec(0.0, std)] * len(tensors), seed)
+    picker = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in tensors:
+            rows, cols = t.shape
+            num_zeros = int(math.ceil(sparsity * rows))
+            for col_idx in range(cols):
+                row_indices = torch.randperm(rows, generator=picker)
+                t[row_indices[:num_zeros].to(t.device), col_idx] = 0
+    return tensor if single else tensors
+
+
+def _deprecated(new):
+    old = new.__name__[:-1]
+
+    def alias(*args, **kwargs):
+        warnings.warn("torchfast.init.%s is now deprecated in favor of torchfast.init.%s." % (old, new.__name__),
+                      FutureWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = old
+    alias.__doc__ = "Deprecated alias of :func:`%s`, as in torch.nn.init." % new.__name__
+    return alias
+
+
+uniform = _deprecated(uniform_)
+normal = _deprecated(normal_)
+constant = _deprecated(constant_)
+eye = _deprecated(eye_)
+dirac = _deprecated(dirac_)
+xavier_uniform = _deprecated(xavier_uniform_)
+xavier_normal = _deprecated(xavier_normal_)
+kaiming_uniform = _deprecated(kaiming_uniform_)
+kaiming_normal = _deprecated(kaiming_normal_)
+orthogonal = _deprecated(orthogonal_)
+sparse = _deprecated(sparse_)
