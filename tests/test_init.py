@@ -392,3 +392,47 @@ def test_trunc_normal_float64_stays_in_bounds():
         t = torch.empty(200_000, dtype=torch.float64)
         torchfast.init.trunc_normal_(t, mean=0.3, std=1.0, a=-0.7, b=0.9, seed=seed)
         assert t.min().item() >= -0.7 and t.max().item() <= 0.9
+
+
+@pytest.mark.parametrize("name,left", [("torchvision:vit_b_16", "class_token"),
+                                       ("torchvision:swin_t", "relative_position_bias_table"),
+                                       ("torchvision:convnext_tiny", "layer_scale"),
+                                       ("timm:vit_tiny_patch16_224", None)])
+def test_reset_parameters_never_leaves_a_tensor_unwritten_silently(name, left):
+    """After a meta build + to_empty, every parameter and floating buffer is either written (known
+    layers batched; modules' own reset_parameters/_reset_parameters/init_weights called) or named."""
+    import warnings
+
+    lib, arch = name.split(":")
+    mod = pytest.importorskip(lib, reason="%s is a test extra (pip install .[test])" % lib)
+    with torch.device("meta"):
+        model = mod.create_model(arch) if lib == "timm" else getattr(mod.models, arch)()
+    model.to_empty(device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tfi.reset_parameters(model, seed=0)
+    msgs = [str(w.message) for w in caught if "reset_parameters" in str(w.message)]
+    if left is None:
+        assert not msgs
+        assert all(torch.isfinite(p).all() and p.abs().max() < 1e3 for p in model.parameters())
+    else:
+        assert len(msgs) == 1 and left in msgs[0]
+        with pytest.raises(RuntimeError, match=left):
+            tfi.reset_parameters(model, seed=0, strict=True)
+
+
+def test_reset_parameters_calls_a_module_own_init():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.empty(4))
+
+        def reset_parameters(self):
+            nn.init.ones_(self.scale)
+
+    m = Scaled()
+    with torch.no_grad():
+        m.scale.fill_(float("nan"))
+    tfi.reset_parameters(m, seed=0, strict=True)
+    assert torch.equal(m.scale.detach(), torch.ones(4))

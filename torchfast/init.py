@@ -306,28 +306,63 @@ def _module_specs(m):
     return None
 
 
-def reset_parameters(module: nn.Module, generator=None, *, seed=None) -> nn.Module:
+_OWN_INIT_METHODS = ("reset_parameters", "_reset_parameters", "init_weights")
+
+
+def _own_init(m):
+    """m's own init method (reset_parameters, _reset_parameters or init_weights) if it can be called
+    without arguments, else None."""
+    import inspect
+
+    for name in _OWN_INIT_METHODS:
+        fn = getattr(m, name, None)
+        if not callable(fn):
+            continue
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params):
+            return fn
+    return None
+
+
+def reset_parameters(module: nn.Module, generator=None, *, seed=None, strict: bool = False) -> nn.Module:
     """Re-initialize every standard layer of `module` (Linear, Bilinear, Conv*/ConvTranspose*,
     Embedding(Bag), BatchNorm/InstanceNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention,
     RNN/LSTM/GRU) with its PyTorch default distribution, all in one batched call. Running
     statistics are reset and Embedding padding rows zeroed, as the layers' own reset_parameters do.
 
-    Other modules that hold parameters of their own and define ``reset_parameters`` get it called
-    (the stock, unbatched path); parameters of modules with neither are left as they are.
+    Then every other module that holds parameters or floating-point buffers of its own and has an
+    init method callable without arguments (``reset_parameters``, ``_reset_parameters`` or
+    ``init_weights``, e.g. timm's VisionTransformer) gets it called, innermost first (the stock,
+    unbatched path; an outer model's init_weights may re-initialize its layers its own way).
+
+    A parameter or floating buffer that none of this writes (after a meta-device build and
+    ``to_empty`` it holds garbage: ViT class tokens and position embeddings, Swin's relative position
+    bias tables, ConvNeXt layer scales) is named in a warning, or raises with ``strict=True``.
     Returns `module`.
     """
     specs = {}  # id(tensor) -> (tensor, spec); later (outer) modules override inner ones
+    covered = set()
+    own = []  # modules whose own init method runs after the batched fill
 
     def visit(m):
         for child in m.children():
             visit(child)
         found = _module_specs(m)
         if found is None:
-            if any(True for _ in m.parameters(recurse=False)) and callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
+            direct = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)
+                                                           if b.is_floating_point()]
+            fn = _own_init(m) if direct else None
+            if fn is not None:
+                own.append((fn, direct))
             return
         for t, spec in found:
             specs[id(t)] = (t, spec)
+        covered.update(id(t) for t in m.parameters(recurse=False))
+        covered.update(id(b) for b in m.buffers(recurse=False))  # running statistics: reset above
 
     visit(module)
     if specs:
@@ -337,6 +372,18 @@ def reset_parameters(module: nn.Module, generator=None, *, seed=None) -> nn.Modu
         for m in module.modules():
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None:
                 m.weight[m.padding_idx].fill_(0)
+    for fn, direct in own:
+        fn()
+        covered.update(id(t) for t in direct)
+    left = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_floating_point() and id(t) not in covered]
+    if left:
+        msg = ("torchfast.init.reset_parameters: %d tensor(s) have no known init and no reset_parameters/"
+               "_reset_parameters/init_weights method to call, and were left as they were: %s"
+               % (len(left), ", ".join(left[:20]) + (", ..." if len(left) > 20 else "")))
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return module
 
 
