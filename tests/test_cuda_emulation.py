@@ -406,6 +406,96 @@ def test_bn_large_mean_rounds_once(emu, shape, layout, training):
                 assert torch.equal(gi != 0, out > 0)
 
 
+# ReLU outputs that round to zero: the largest float32 value that rounds to 0 in the output dtype
+# (round to nearest even; the value itself is a tie with the smallest subnormal and goes to even, 0).
+RELU_ZERO_MAX = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 0.0}
+
+
+def _tiny_pre_relu_case(shape, layout, dtype, offset):
+    """Eval-mode bn_relu inputs whose pre-ReLU values v = fma(x - mean, weight * invstd, bias) land on
+    and around T = RELU_ZERO_MAX[dtype]: running_var = 1 and eps = 0 make invstd = 1, and x = 0 makes
+    x - mean = -mean exact, so channel c's mean puts v exactly (or within one rounding) on its target:
+    the smallest float32 subnormal, T / 2, T and its float32 neighbours, 1.5 T, 2 T, 4 T, 0 and
+    negatives, under several (weight, bias). The other elements (x = +-1, 0.5, -2) are ordinary.
+    Returns x, dy (positive integers), weight, bias, running_mean, running_var and v (float32, as
+    the kernel forms it)."""
+    g = torch.Generator().manual_seed(77)
+    c = shape[1]
+    T = RELU_ZERO_MAX[dtype]
+    t32 = torch.tensor(T, dtype=torch.float32)
+    below = torch.nextafter(t32, torch.tensor(-1.0)).item()
+    above = torch.nextafter(t32, torch.tensor(1.0)).item()
+    targets = [2.0 ** -149, T / 2, below, T, above, 1.5 * T, 2 * T, 4 * T, 0.0, -(2.0 ** -149), -T, -above]
+    variants = [(1.0, 0.0), (0.25, 0.0), (3.0, 0.0), (1.0, T), (0.5, -T), (0.125, T)]
+    tgt = torch.tensor([targets[k % len(targets)] for k in range(c)], dtype=torch.float64)
+    w = torch.tensor([variants[(k // len(targets)) % len(variants)][0] for k in range(c)], dtype=torch.float64)
+    b = torch.tensor([variants[(k // len(targets)) % len(variants)][1] for k in range(c)], dtype=torch.float64)
+    rm = (-(tgt - b) / w).float()  # v = fma(0 - rm, w, b) = tgt wherever (tgt - b) / w is a float32
+    w, b, rv = w.float(), b.float(), torch.ones(c)
+    choices = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -2.0], dtype=torch.float64)
+    x = choices[torch.randint(0, len(choices), shape, generator=g)]
+    dy = torch.randint(1, 5, shape, generator=g).double()
+    view = [1, c] + [1] * (len(shape) - 2)
+    t = x.float() - rm.view(view)  # float32, as the kernel rounds x - mean
+    v = (t.double() * w.double().view(view) + b.double().view(view)).float()  # the fma: exact, then rounded once
+
+    def place(a):
+        a = a.to(dtype)
+        if offset:  # one element into a larger buffer: not 16-byte aligned, the scalar paths
+            buf = torch.empty(a.numel() + 1, dtype=dtype)
+            a = buf[1:].view(shape).copy_(a)
+        elif layout == "channels_last":
+            a = a.contiguous(memory_format=torch.channels_last)
+        return a
+
+    return place(x), place(dy), w, b, rm, rv, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,layout,offset", [((3, 72, 5, 4), "contiguous", False),
+                                                 ((3, 72, 5, 4), "channels_last", False),
+                                                 ((40, 72), "contiguous", False),
+                                                 ((3, 72, 5, 4), "contiguous", True)], ids=str)
+def test_bn_relu_backward_mask_is_output_nonzero(emu, shape, layout, offset, dtype):
+    """bn_relu's backward recomputes the ReLU mask from x, but the forward's output is relu(v) rounded
+    to the input dtype: a positive v up to T = RELU_ZERO_MAX[dtype] (2^-25 in float16, 2^-134 in
+    bfloat16) gives an output of exactly 0, and no gradient may pass there (stock PyTorch masks with
+    out > 0). The mask is v > T in both backward passes: grad_bias (the reduction's sum of masked dy)
+    and grad_input (the elementwise pass: masked dy * weight * invstd in eval) must see gradient
+    exactly where the output is nonzero."""
+    x, dy, w, b, rm, rv, v = _tiny_pre_relu_case(shape, layout, dtype, offset)
+    T = RELU_ZERO_MAX[dtype]
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    dims = [0] + list(range(2, len(shape)))
+    out, mean, invstd, _ = ops().bn_relu_fwd(x, w, b, rm, rv, False, 0.0)
+    assert torch.equal(invstd, torch.ones(c)) and torch.equal(mean, rm)
+    assert torch.equal(out, v.clamp_min(0).to(dtype)), "the forward rounds relu(v) once"
+    if T > 0:  # the inputs reach both sides of T: zero outputs from positive v, nonzero just above T
+        assert ((v > 0) & (v <= T) & (out == 0)).sum() >= 20
+        assert ((v > T) & (v <= 1.5 * T) & (out != 0)).sum() >= 10
+        assert (v == T).any() and (v == torch.nextafter(torch.tensor(T), torch.tensor(1.0))).any()
+    live = out > 0
+    gm = torch.where(live, dy.double(), 0.0)
+    want_gb = gm.sum(dims).float()  # small integers: exact in any order
+    for training in (False, True):
+        gi, gw, gb = ops().bn_relu_bwd(dy, x, w, b, mean, invstd, training)
+        assert gi.stride() == x.stride()
+        assert torch.equal(gb, want_gb), (training, (gb - want_gb).abs().max().item())
+        if not training:  # dx = gm * weight * invstd: exact here, and nonzero exactly where out is
+            assert torch.equal(gi, (gm * w.double().view(view)).to(dtype))
+            assert torch.equal(gi != 0, live)
+        else:  # dx = gm * k0 - k1 - (x - mean) * k2; a wrong mask is off by dy * weight >= weight
+            m = out.numel() // c
+            xmu = x.double() - mean.double().view(view)
+            k1 = w.double() * gm.sum(dims) / m
+            k2 = w.double() * (gm * xmu).sum(dims) / m
+            want = gm * w.double().view(view) - k1.view(view) - xmu * k2.view(view)
+            err = (gi.double() - want).abs()
+            tol = want.abs() * 2.0 ** -7 + w.double().view(view) * 2.0 ** -4
+            assert (err <= tol).all(), (err / tol).max().item()
+
+
 def test_bn_add_relu_nan_and_empty(emu):
     x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
     res = _input((4, 8, 3, 3), "contiguous", torch.float32, 6)

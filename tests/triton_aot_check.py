@@ -16,6 +16,7 @@ import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -53,8 +54,10 @@ def variants():
     """(name, kernel, types, constexprs, options)."""
     out = []
     ptr = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
+    torch_dtype = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
     for dt in (tl.float32, tl.bfloat16, tl.float16):
         d = ptr[dt]
+        zero_max = bn_relu.relu_zero_max(torch_dtype[dt])  # bn_relu's backward mask: v > zero_max
         f = "*fp32"
         common = {"x_ptr": d, "dy_ptr": d, "o_ptr": d, "gm_ptr": d, "scale_ptr": f, "beta_ptr": f, "mean_ptr": f,
                   "ws_ptr": f}
@@ -62,11 +65,11 @@ def variants():
         # mask from the saved output (MASK_FROM_OUT, which also writes the masked gradient).
         for backward, from_out in ((False, False), (True, False), (True, True)):
             out.append(("reduce_rows %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_rows_kernel,
-                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "BLOCK_N": 32, "BLOCK_S": 64},
-                        {"num_warps": 4}))
+                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "RELU_ZERO_MAX": zero_max,
+                                 "BLOCK_N": 32, "BLOCK_S": 64}, {"num_warps": 4}))
             out.append(("reduce_cols %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_cols_kernel,
-                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "BLOCK_R": 32, "BLOCK_C": 64},
-                        {"num_warps": 4}))
+                        common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "RELU_ZERO_MAX": zero_max,
+                                 "BLOCK_R": 32, "BLOCK_C": 64}, {"num_warps": 4}))
         ew_fwd = {"x_ptr": d, "r_ptr": d, "y_ptr": d, "mean_ptr": f, "scale_ptr": f, "beta_ptr": f}
         ew_bwd = {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "beta_ptr": f, "mean_ptr": f, "k0_ptr": f,
                   "k1_ptr": f, "k2_ptr": f}
@@ -76,15 +79,15 @@ def variants():
                         {"num_warps": 8}))
             out.append(("backward %s rows=%s" % (dt, row_channel), bn_relu._backward_kernel, ew_bwd,
                         {"ROW_CHANNEL": row_channel, "MASK_FROM_OUT": False, "USE_BATCH_STATS": True,
-                         "BLOCK_COL": 1024, "BLOCK": 1024}, {"num_warps": 4}))
+                         "RELU_ZERO_MAX": zero_max, "BLOCK_COL": 1024, "BLOCK": 1024}, {"num_warps": 4}))
         # bn_add_relu's elementwise passes: one layout per dtype (the flags do not touch the tiling)
         add_rows = dt != tl.bfloat16
         out.append(("forward add %s rows=%s" % (dt, add_rows), bn_relu._forward_kernel, ew_fwd,
                     {"ROW_CHANNEL": add_rows, "HAS_RESIDUAL": True, "BLOCK_COL": 64, "BLOCK": 2048},
                     {"num_warps": 8}))
         out.append(("backward add %s rows=%s" % (dt, add_rows), bn_relu._backward_kernel, ew_bwd,
-                    {"ROW_CHANNEL": add_rows, "MASK_FROM_OUT": True, "USE_BATCH_STATS": True, "BLOCK_COL": 64,
-                     "BLOCK": 2048}, {"num_warps": 8}))
+                    {"ROW_CHANNEL": add_rows, "MASK_FROM_OUT": True, "USE_BATCH_STATS": True,
+                     "RELU_ZERO_MAX": zero_max, "BLOCK_COL": 64, "BLOCK": 2048}, {"num_warps": 8}))
         out.append(("stats_finish %s" % dt, bn_relu._stats_finish_kernel,
                     {"ws_ptr": f, "x_ptr": d, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
                      "scale_ptr": f, "beta_ptr": f, "eps": "fp32", "M": "i64"},
@@ -120,8 +123,9 @@ def variants():
         out.append(("backward eval bf16 from_out=%s" % from_out, bn_relu._backward_kernel,
                     {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "scale_ptr": f, "beta_ptr": f,
                      "mean_ptr": f, "k0_ptr": f, "k1_ptr": f, "k2_ptr": f},
-                    {"ROW_CHANNEL": from_out, "MASK_FROM_OUT": from_out, "USE_BATCH_STATS": False, "BLOCK_COL": 16,
-                     "BLOCK": 1024}, {"num_warps": 4}))
+                    {"ROW_CHANNEL": from_out, "MASK_FROM_OUT": from_out, "USE_BATCH_STATS": False,
+                     "RELU_ZERO_MAX": bn_relu.relu_zero_max(torch.bfloat16), "BLOCK_COL": 16, "BLOCK": 1024},
+                    {"num_warps": 4}))
     for from_var in (True, False):
         out.append(("prepare from_var=%s" % from_var, bn_relu._prepare_kernel,
                     {"mean_ptr": f, "v_ptr": "*fp16" if from_var else f, "w_ptr": f, "b_ptr": f, "mean_out": f,

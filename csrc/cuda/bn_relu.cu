@@ -4,7 +4,8 @@
 //   bn_relu: training forward = statistics (read x) + normalise+ReLU (read x, write y): 2T read,
 //     1T write; eval forward: 1T read, 1T write; backward = reduction (read x, dy) + elementwise (read
 //     x, dy, write dx): 4T read, 1T write, the ReLU mask recomputed from x with the forward's own
-//     expression bn_pre_relu (below).
+//     expression bn_pre_relu (below), compared with ReluOutput<scalar_t>::kZeroMax rather than 0 so
+//     that it is the forward's rounded output > 0.
 //   bn_add_relu: training forward = statistics (read x) + normalise+add+ReLU (read x and the
 //     residual, write y): 3T read, 1T write; eval forward: 2T read, 1T write. Backward: the mask is
 //     y > 0 on the saved output; training = reduction (read dy, y, x; write gm = the masked dy, which
@@ -88,6 +89,30 @@ __device__ __forceinline__ acc_t bn_pre_relu(acc_t x, acc_t mean, acc_t scale, a
   return fused_madd(x - mean, scale, bias);
 }
 
+// The forward stores relu(v) rounded to scalar_t (round to nearest even), so a positive v up to
+// kZeroMax, the largest acc_t value that rounds to 0 in scalar_t, gives an output of exactly 0; the
+// mask bn_relu's backward recomputes is v > kZeroMax, the forward's output > 0 (as stock PyTorch's
+// mask), not v > 0. kZeroMax is itself a tie between 0 and scalar_t's smallest subnormal, and rounds
+// to even, 0. NaN v: false, no gradient.
+template <typename scalar_t>
+struct ReluOutput {  // float, double: every positive acc_t value is a positive output
+  static constexpr at::opmath_type<scalar_t> kZeroMax = 0;
+};
+template <>
+struct ReluOutput<at::Half> {  // half the smallest float16 subnormal 2^-24
+  static constexpr float kZeroMax = 0x1p-25f;
+};
+template <>
+struct ReluOutput<at::BFloat16> {  // half the smallest bfloat16 subnormal 2^-133 (a float32 subnormal)
+  static constexpr float kZeroMax = 0x1p-134f;
+};
+
+// bn_relu's backward mask: whether the forward's output at v = bn_pre_relu(x) is nonzero (positive).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool relu_output_positive(acc_t v) {
+  return v > acc_t(ReluOutput<scalar_t>::kZeroMax);
+}
+
 // Fills the mean/invstd/var/scale/bias rows of channel c.
 template <typename acc_t>
 __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, acc_t invstd, acc_t var, const acc_t* w,
@@ -102,7 +127,7 @@ __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, ac
 
 // Where a backward pass takes the ReLU mask from.
 enum class Mask {
-  kRecompute,   // bn_relu: bn_pre_relu(x) > 0, the forward's expression on the saved input
+  kRecompute,   // bn_relu: relu_output_positive(bn_pre_relu(x)), the forward's expression on the saved input
   kFromOutput,  // bn_add_relu's reduction: y > 0 on the saved output; the masked dy is stored (gm)
   kApplied,     // bn_add_relu's elementwise pass: its gradient input is gm, already masked
 };
@@ -133,7 +158,7 @@ struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's 
   }
 };
 
-template <typename acc_t, Mask kMask>
+template <typename scalar_t, typename acc_t, Mask kMask>
 struct BackwardSumsOp {  // sum(gm), sum(gm * (x - mean)), gm = dy * mask
   static_assert(kMask != Mask::kApplied, "a reduction masks grad_out itself");
   const acc_t* ch;
@@ -143,7 +168,8 @@ struct BackwardSumsOp {  // sum(gm), sum(gm * (x - mean)), gm = dy * mask
   struct Channel { acc_t sc, bi, mu; };
   __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kBias * C + c], ch[kMean * C + c]}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t gv, acc_t& s1, acc_t& s2) const {
-    const acc_t gm = kMask == Mask::kFromOutput || bn_pre_relu(xv, p.mu, p.sc, p.bi) > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm =
+        kMask == Mask::kFromOutput || relu_output_positive<scalar_t>(bn_pre_relu(xv, p.mu, p.sc, p.bi)) ? gv : acc_t(0);
     s1 += gm;
     s2 += gm * (xv - p.mu);
   }
@@ -331,7 +357,7 @@ struct ForwardOp {  // y = relu(fma(x - mean, scale, bias) [+ residual]) in acc_
   }
 };
 
-template <typename acc_t, Mask kMask>
+template <typename scalar_t, typename acc_t, Mask kMask>
 struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked gradient
   static_assert(kMask != Mask::kFromOutput, "the elementwise pass does not read the saved output");
   const acc_t* ch;
@@ -343,7 +369,8 @@ struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked 
             ch[kK2 * C + c]};
   }
   __device__ acc_t apply(const Channel& p, acc_t xv, acc_t gv) const {
-    const acc_t gm = kMask == Mask::kApplied || bn_pre_relu(xv, p.mu, p.sc, p.bi) > acc_t(0) ? gv : acc_t(0);
+    const acc_t gm =
+        kMask == Mask::kApplied || relu_output_positive<scalar_t>(bn_pre_relu(xv, p.mu, p.sc, p.bi)) ? gv : acc_t(0);
     return gm * p.k0 - p.k1 - (xv - p.mu) * p.k2;
   }
 };
@@ -721,10 +748,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const int64_t splits = splits_for(sh, V);
     at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
     if (add) {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<acc_t, Mask::kFromOutput>{chp, C},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{chp, C},
                                      ws.data_ptr<acc_t>(), stream);
     } else {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<acc_t, Mask::kRecompute>{chp, C},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{chp, C},
                                      ws.data_ptr<acc_t>(), stream);
     }
     TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(
@@ -733,10 +760,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     TF_LAUNCH_CHECK();
     if (!add) {
       launch_elementwise<scalar_t, acc_t>(io.x, io.dy, dx.data_ptr<scalar_t>(), sh,
-                                          BackwardOp<acc_t, Mask::kRecompute>{chp, C}, stream);
+                                          BackwardOp<scalar_t, acc_t, Mask::kRecompute>{chp, C}, stream);
     } else if (training) {
       launch_elementwise<scalar_t, acc_t>(io.x, io.gm, dx.data_ptr<scalar_t>(), sh,
-                                          BackwardOp<acc_t, Mask::kApplied>{chp, C}, stream);
+                                          BackwardOp<scalar_t, acc_t, Mask::kApplied>{chp, C}, stream);
     }
   });
   if (!native) grad_in.copy_(dx);

@@ -6,7 +6,8 @@ elementwise pass, MASK_FROM_OUT in the backward reduction and elementwise passes
 Passes over memory (T = tensor bytes):
   bn_relu     training forward = statistics (read x) + normalise+ReLU (read x, write y) = 3T; eval
               forward 2T; backward = reduction (read x, dy) + elementwise (read x, dy, write dx) = 5T,
-              the ReLU mask recomputed from x with the forward's own expression (_pre_relu).
+              the ReLU mask recomputed from x with the forward's own expression (_pre_relu),
+              compared with RELU_ZERO_MAX (below) so that it is the forward's rounded output > 0.
   bn_add_relu training forward = statistics (read x) + normalise+add+ReLU (read x, residual, write y)
               = 4T (3 reads + 1 write); eval forward 3T; backward = reduction (read dy, out, x; write
               gm = dy * (out > 0), which is grad_residual) + elementwise (read gm, x; write dx) = 7T
@@ -56,6 +57,18 @@ MAX_SPLITS = 1024
 FIN_BLOCK_C = 32 if INTERPRET else 64  # channels per finish program
 FIN_BLOCK_SP = 32  # splits folded per step of a finish program
 
+# The largest float32 value that rounds to 0 in each output dtype (round to nearest even; the value
+# itself is a tie between 0 and the dtype's smallest subnormal, 2^-24 and 2^-133, and goes to even, 0).
+# The forward stores relu(v) in the input dtype, so a positive v up to this gives an output of exactly
+# 0: bn_relu's recomputed backward mask is v > RELU_ZERO_MAX (a constexpr of the kernels, per dtype),
+# the forward's output > 0 as in stock PyTorch, not v > 0. float32: every positive v is a positive output.
+_RELU_ZERO_MAX = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
+
+
+def relu_zero_max(dtype: torch.dtype) -> float:
+    return _RELU_ZERO_MAX.get(dtype, 0.0)
+
+
 _EW_CONFIGS = configs(
     [triton.Config({"BLOCK": b}, num_warps=w) for b in (2048, 4096, 1024) for w in (4, 8)],
     triton.Config({"BLOCK": 1024}, num_warps=4))
@@ -73,12 +86,22 @@ def _pre_relu(x, mu, sc, beta):
 
 
 @triton.jit
+def _relu_output_positive(v, RELU_ZERO_MAX: tl.constexpr):
+    """bn_relu's recomputed backward mask: v = _pre_relu(x) > RELU_ZERO_MAX, the forward's rounded
+    output > 0. One float32 compare: the bound is made a float32 constant first (a bare Python float
+    below float32's normal range, as bfloat16's 2^-134, would become a float64 constant and the
+    compare float64)."""
+    return v > tl.full([], RELU_ZERO_MAX, tl.float32)
+
+
+@triton.jit
 def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD: tl.constexpr,
-                MASK_FROM_OUT: tl.constexpr):
+                MASK_FROM_OUT: tl.constexpr, RELU_ZERO_MAX: tl.constexpr):
     """Adds one tile to the two sums: shifted moments sum(x - k), sum((x - k)^2) in the forward;
-    sum(gm), sum(gm * (x - mean)) in the backward, gm = dy * mask with mask = (_pre_relu(x) > 0),
-    or with MASK_FROM_OUT mask = (out > 0), and then gm is also stored (in dy's dtype, exactly: it is
-    dy or zero) for the elementwise pass and as the residual's gradient."""
+    sum(gm), sum(gm * (x - mean)) in the backward, gm = dy * mask with mask = (_pre_relu(x) >
+    RELU_ZERO_MAX), the forward's output > 0, or with MASK_FROM_OUT mask = (out > 0), and then gm is
+    also stored (in dy's dtype, exactly: it is dy or zero) for the elementwise pass and as the
+    residual's gradient."""
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -87,7 +110,7 @@ def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2
             gm = tl.where(mask & (o > 0.0), g, 0.0)
             tl.store(gm_ptr + off, gm.to(gm_ptr.dtype.element_ty), mask=mask)
         else:
-            gm = tl.where(mask & (_pre_relu(x, mu, sc, beta) > 0.0), g, 0.0)
+            gm = tl.where(mask & _relu_output_positive(_pre_relu(x, mu, sc, beta), RELU_ZERO_MAX), g, 0.0)
         a1 += gm
         a2 += gm * (x - mu)
     else:
@@ -99,8 +122,8 @@ def _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2
 
 @triton.jit
 def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_ptr, ws_ptr, N, C, S, SPLITS,
-                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, RELU_ZERO_MAX: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Contiguous layout. Program (c, split) takes tiles split, split + SPLITS, ... of channel c's
     [N, S] rows, tile t covering rows n in tile t // s_tiles and columns in tile t % s_tiles."""
     c = tl.program_id(0).to(tl.int64)
@@ -124,7 +147,7 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_
         mask = (n < N)[:, None] & (s < S)[None, :]
         off = (n.to(tl.int64)[:, None] * C + c) * S + s[None, :]
         a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD,
-                             MASK_FROM_OUT)
+                             MASK_FROM_OUT, RELU_ZERO_MAX)
     out = ws_ptr + (c * SPLITS + split) * 2
     tl.store(out, tl.sum(tl.sum(a1, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
@@ -132,8 +155,8 @@ def _reduce_rows_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_
 
 @triton.jit
 def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_ptr, ws_ptr, R, C, SPLITS,
-                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BACKWARD: tl.constexpr, MASK_FROM_OUT: tl.constexpr, RELU_ZERO_MAX: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """channels_last / (N, C): program (channel block, split) takes row blocks split, split + SPLITS,
     ... of the [R = N*S, C] matrix, loading [BLOCK_R, BLOCK_C] tiles (coalesced along C)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -154,7 +177,7 @@ def _reduce_cols_kernel(x_ptr, dy_ptr, o_ptr, gm_ptr, scale_ptr, beta_ptr, mean_
         mask = (r < R)[:, None] & cmask[None, :]
         off = r[:, None] * C + c[None, :]
         a1, a2 = _accumulate(x_ptr, dy_ptr, o_ptr, gm_ptr, off, mask, k, sc, beta, mu, a1, a2, BACKWARD,
-                             MASK_FROM_OUT)
+                             MASK_FROM_OUT, RELU_ZERO_MAX)
     out = ws_ptr + (c.to(tl.int64) * SPLITS + split) * 2
     tl.store(out, tl.sum(a1, axis=0), mask=cmask)
     tl.store(out + 1, tl.sum(a2, axis=0), mask=cmask)
@@ -294,9 +317,10 @@ def _forward_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, ROWS, CO
 @triton.jit
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, beta_ptr, mean_ptr, k0_ptr, k1_ptr, k2_ptr, ROWS, COLS, C,
                      ROW_CHANNEL: tl.constexpr, MASK_FROM_OUT: tl.constexpr, USE_BATCH_STATS: tl.constexpr,
-                     BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = k0 * gm - k1 - (x - mean) * k2 (training) or k0 * gm (eval). gm = dy * (_pre_relu(x) > 0),
-    or with MASK_FROM_OUT dy is gm already (masked by the reduction pass), and eval reads no x."""
+                     RELU_ZERO_MAX: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = k0 * gm - k1 - (x - mean) * k2 (training) or k0 * gm (eval). gm = dy * (_pre_relu(x) >
+    RELU_ZERO_MAX), the forward's output > 0, or with MASK_FROM_OUT dy is gm already (masked by the
+    reduction pass), and eval reads no x."""
     off, mask, ch, chmask = _tile(ROWS, COLS, C, ROW_CHANNEL, BLOCK // BLOCK_COL, BLOCK_COL)
     k0 = tl.load(k0_ptr + ch, mask=chmask, other=0.0)
     g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -307,7 +331,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, beta_ptr, mean_ptr, k0_pt
         sc = tl.load(scale_ptr + ch, mask=chmask, other=0.0)
         beta = tl.load(beta_ptr + ch, mask=chmask, other=0.0)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        gm = tl.where(_pre_relu(x, mu, sc, beta) > 0.0, g, 0.0)
+        gm = tl.where(_relu_output_positive(_pre_relu(x, mu, sc, beta), RELU_ZERO_MAX), g, 0.0)
     dx = gm * k0
     if USE_BATCH_STATS:
         if MASK_FROM_OUT:
@@ -362,12 +386,15 @@ class _Geometry:
             grid = (triton.cdiv(self.c, self.col_block), self.splits)
             wrap_triton(_reduce_cols_kernel)[grid](x, dy, o, gm, scale, beta, mean, ws, self.rows, self.c,
                                                    self.splits, BACKWARD=backward, MASK_FROM_OUT=from_out,
-                                                   BLOCK_R=self.row_block, BLOCK_C=self.col_block, num_warps=4)
+                                                   RELU_ZERO_MAX=relu_zero_max(x.dtype), BLOCK_R=self.row_block,
+                                                   BLOCK_C=self.col_block, num_warps=4)
         else:
             wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, o, gm, scale, beta, mean, ws, self.n,
                                                                    self.c, self.s, self.splits, BACKWARD=backward,
-                                                                   MASK_FROM_OUT=from_out, BLOCK_N=self.row_block,
-                                                                   BLOCK_S=self.col_block, num_warps=4)
+                                                                   MASK_FROM_OUT=from_out,
+                                                                   RELU_ZERO_MAX=relu_zero_max(x.dtype),
+                                                                   BLOCK_N=self.row_block, BLOCK_S=self.col_block,
+                                                                   num_warps=4)
 
     def ew_grid(self):
         return lambda meta: (triton.cdiv(self.rows, meta["BLOCK"] // self.col_block),
@@ -442,9 +469,10 @@ def _bn_forward(input, residual, weight, bias, running_mean, running_var, traini
 
 def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, beta, out=None, gm=None):
     """Reduction, finish and elementwise passes of the backward (a non-empty batch); returns
-    (grad_weight, grad_bias). Without `out` the ReLU mask is _pre_relu(x) > 0 in both passes, the
-    forward's expression; with it (MASK_FROM_OUT) the mask is out > 0, the reduction writes gm and the
-    elementwise pass reads gm instead of dy (scale and beta unused)."""
+    (grad_weight, grad_bias). Without `out` the ReLU mask is _pre_relu(x) > RELU_ZERO_MAX in both
+    passes, the forward's expression and its rounded output > 0; with it (MASK_FROM_OUT) the mask is
+    out > 0, the reduction writes gm and the elementwise pass reads gm instead of dy (scale and beta
+    unused)."""
     c = g.c
     f32 = dict(dtype=torch.float32, device=x.device)
     grad_w, grad_b, k0, k1, k2 = (torch.empty(c, **f32) for _ in range(5))
@@ -458,7 +486,7 @@ def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, beta, 
     wrap_triton(_backward_kernel)[g.ew_grid()](x, gm if from_out else dy, dx, scale, beta, mean, k0, k1, k2, g.rows,
                                                g.cols, c, ROW_CHANNEL=not g.cols_are_channels,
                                                MASK_FROM_OUT=from_out, USE_BATCH_STATS=training,
-                                               BLOCK_COL=g.col_block)
+                                               RELU_ZERO_MAX=relu_zero_max(x.dtype), BLOCK_COL=g.col_block)
     return grad_w, grad_b
 
 
