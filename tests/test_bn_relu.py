@@ -556,3 +556,28 @@ def test_forward_ad_and_torch_func_follow_stock(fused_cls, add):
         rm = fwAD.make_dual(torch.zeros(3), torch.ones(3))
         with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
             torchfast.nn.functional.batch_norm_relu(fwAD.make_dual(x, t), rm, torch.ones(3), training=False)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_backward_mask_agrees_with_forward_output(device, backend, dtype):
+    """The recomputed ReLU mask lets a gradient through exactly where the stored output is positive:
+    pre-ReLU values in (0, half the smallest subnormal] round to an output of 0 in half precision and
+    must get no gradient (stock: output > 0). Crafted boundary values, then a large random hunt."""
+    skip_unsupported(backend, "bn_relu", device, dtype)
+    torchfast.set_backend(backend)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # smallest subnormal
+    c = 4
+    w = torch.full((c,), 0.25, device=device)
+    b = torch.zeros(c, device=device)
+    rm = torch.zeros(c, device=device)
+    rv = torch.ones(c, device=device)
+    boundary = torch.tensor([1, 2, 3, 4, -1, 0, 5, 7], dtype=torch.float64) * tiny
+    g = torch.Generator().manual_seed(0)
+    hunt = torch.randn(64, c, 33, 31, generator=g, dtype=torch.float64) * tiny * 8
+    for x0 in (boundary.repeat(2 * c).view(2, c, 8), hunt):
+        x = x0.to(dtype).to(device).requires_grad_()
+        out = batch_norm_relu(x, rm, rv, w, b, training=False, momentum=0.1, eps=0.0)
+        out.backward(torch.ones_like(out))
+        assert torch.equal(x.grad != 0, out.detach() != 0), "gradient reaches elements whose output is 0"
+        assert (out.detach() == 0).any() and (out.detach() > 0).any()

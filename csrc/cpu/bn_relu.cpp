@@ -150,8 +150,8 @@ inline acc_t relu(acc_t v) {
 // The ReLU-masked gradient. Both operands are evaluated before the select, so the gradient load is
 // unconditional and the loop vectorises into a blend instead of a branch on random data.
 template <typename acc_t>
-inline acc_t masked_grad(acc_t y, acc_t g) {
-  return y > acc_t(0) ? g : acc_t(0);
+inline acc_t masked_grad(acc_t y, acc_t g, acc_t thr = acc_t(0)) {
+  return y > thr ? g : acc_t(0);
 }
 
 // The normalised value is (x - mean) * scale + shift with scale = weight * invstd and shift = bias: the
@@ -224,7 +224,7 @@ void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n,
 // that is null.
 template <typename scalar_t, typename acc_t>
 void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* gm_out, int64_t n,
-                       acc_t mmu, acc_t msc, acc_t msh, acc_t mu, double& s1, double& s2) {
+                       acc_t mmu, acc_t msc, acc_t msh, acc_t mthr, acc_t mu, double& s1, double& s2) {
   double d1 = 0, d2 = 0;
   for (int64_t b = 0; b < n; b += kSumChunk) {
     const int64_t e = std::min(n, b + kSumChunk);
@@ -233,7 +233,7 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m,
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = b; i < e; ++i) {
         const acc_t xv = to_acc<acc_t>(x[i]);
-        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
         a1 += gm;
         a2 += gm * (xv - mu);
       }
@@ -241,7 +241,7 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m,
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = b; i < e; ++i) {
         const acc_t xv = to_acc<acc_t>(x[i]);
-        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
         gm_out[i] = from_acc<scalar_t, acc_t>(gm);
         a1 += gm;
         a2 += gm * (xv - mu);
@@ -254,10 +254,93 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m,
   s2 = d2;
 }
 
+#if defined(__SSE2__)
+// float rows: gm and x - mean in float, four lanes, exactly as the template computes them; their sums
+// and products in double (a float times a float is exact in double). The backward's sums cancel --
+// sum(gm) is far smaller than sum(|gm|) -- and float partials put their rounding into every element
+// of dx through k1 and k2: 2700x stock's error in VGG's first convolution gradient. Stock's CPU
+// kernels accumulate these in double too. (GCC does not vectorise the mixed float/double loop itself:
+// it turns the mask into a branch, 5x slower on random data.)
+inline void add_products4(__m128 g, __m128 t, __m128d& s1lo, __m128d& s1hi, __m128d& s2lo, __m128d& s2hi) {
+  const __m128d glo = _mm_cvtps_pd(g), ghi = _mm_cvtps_pd(_mm_movehl_ps(g, g));
+  s1lo = _mm_add_pd(s1lo, glo);
+  s1hi = _mm_add_pd(s1hi, ghi);
+  s2lo = _mm_add_pd(s2lo, _mm_mul_pd(glo, _mm_cvtps_pd(t)));
+  s2hi = _mm_add_pd(s2hi, _mm_mul_pd(ghi, _mm_cvtps_pd(_mm_movehl_ps(t, t))));
+}
+
+inline __m128 masked_grad4_thr(__m128 v, __m128 dy, __m128 thr) { return _mm_and_ps(_mm_cmpgt_ps(v, thr), dy); }
+
+template <>
+void backward_row_sums<float, float>(const float* x, const float* dy, const float* m, float* gm_out, int64_t n,
+                                     float mmu, float msc, float msh, float mthr, float mu, double& s1, double& s2) {
+  const __m128 vmmu = _mm_set1_ps(mmu), vmsc = _mm_set1_ps(msc), vmsh = _mm_set1_ps(msh), vthr = _mm_set1_ps(mthr);
+  const __m128 vmu = _mm_set1_ps(mu);
+  __m128d a1lo = _mm_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m + i), vmmu), vmsc), vmsh);
+    const __m128 gm = masked_grad4_thr(v, _mm_loadu_ps(dy + i), vthr);
+    if (gm_out != nullptr) _mm_storeu_ps(gm_out + i, gm);
+    add_products4(gm, _mm_sub_ps(_mm_loadu_ps(x + i), vmu), a1lo, a1hi, a2lo, a2hi);
+  }
+  double r1[2], r2[2];
+  _mm_storeu_pd(r1, _mm_add_pd(a1lo, a1hi));
+  _mm_storeu_pd(r2, _mm_add_pd(a2lo, a2hi));
+  double d1 = r1[0] + r1[1], d2 = r2[0] + r2[1];
+  for (; i < n; ++i) {
+    const float gm = masked_grad((m[i] - mmu) * msc + msh, dy[i], mthr);
+    if (gm_out != nullptr) gm_out[i] = gm;
+    d1 += static_cast<double>(gm);
+    d2 += static_cast<double>(gm) * static_cast<double>(x[i] - mu);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+#endif
+
+// One channels_last row of the backward's sums: per channel c, s1[c] += gm, s2[c] += gm * (x - mean),
+// in double (see backward_row_sums<float, float>); gm also stored to gm_out unless that is null.
+template <typename E, typename acc_t>
+void channel_row_sums(const E* x, const E* dy, const E* m, E* gm_out, int64_t C, const acc_t* mmu, const acc_t* msc,
+                      const acc_t* msh, acc_t mthr, const acc_t* mean, double* s1, double* s2) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t gm = masked_grad((static_cast<acc_t>(m[c]) - mmu[c]) * msc[c] + msh[c], static_cast<acc_t>(dy[c]), mthr);
+    if (gm_out != nullptr) gm_out[c] = static_cast<E>(gm);
+    s1[c] += static_cast<double>(gm);
+    s2[c] += static_cast<double>(gm) * static_cast<double>(static_cast<acc_t>(x[c]) - mean[c]);
+  }
+}
+
+#if defined(__SSE2__)
+inline void channel_row_sums(const float* x, const float* dy, const float* m, float* gm_out, int64_t C,
+                             const float* mmu, const float* msc, const float* msh, float mthr, const float* mean,
+                             double* s1, double* s2) {
+  const __m128 vthr = _mm_set1_ps(mthr);
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const __m128 t0 = _mm_sub_ps(_mm_loadu_ps(m + c), _mm_loadu_ps(mmu + c));
+    const __m128 v = _mm_add_ps(_mm_mul_ps(t0, _mm_loadu_ps(msc + c)), _mm_loadu_ps(msh + c));
+    const __m128 gm = masked_grad4_thr(v, _mm_loadu_ps(dy + c), vthr);
+    if (gm_out != nullptr) _mm_storeu_ps(gm_out + c, gm);
+    __m128d a1lo = _mm_loadu_pd(s1 + c), a1hi = _mm_loadu_pd(s1 + c + 2);
+    __m128d a2lo = _mm_loadu_pd(s2 + c), a2hi = _mm_loadu_pd(s2 + c + 2);
+    add_products4(gm, _mm_sub_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(mean + c)), a1lo, a1hi, a2lo, a2hi);
+    _mm_storeu_pd(s1 + c, a1lo);
+    _mm_storeu_pd(s1 + c + 2, a1hi);
+    _mm_storeu_pd(s2 + c, a2lo);
+    _mm_storeu_pd(s2 + c + 2, a2hi);
+  }
+  if (c < C)
+    channel_row_sums<float, float>(x + c, dy + c, m + c, gm_out ? gm_out + c : nullptr, C - c, mmu + c, msc + c,
+                                   msh + c, mthr, mean + c, s1 + c, s2 + c);
+}
+#endif
+
 // dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel (gm = dy when m is null).
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, int64_t n, acc_t mmu,
-                  acc_t msc, acc_t msh, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
+                  acc_t msc, acc_t msh, acc_t mthr, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
   if (m == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -268,7 +351,7 @@ void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scal
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]));
+      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
       dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
     }
   }
@@ -322,7 +405,7 @@ const float* mask_block(const T* m, const T* x, int64_t i, int64_t len, const fl
 
 template <typename T>
 void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
-                               float msh, float mu, double& s1, double& s2) {
+                               float msh, float mthr, float mu, double& s1, double& s2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   double a1 = 0, a2 = 0;
   for (int64_t i = 0; i < n; i += kHalfBlock) {
@@ -332,7 +415,7 @@ void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, i
     const float* mb = mask_block(m, x, i, len, bx, bm);
     double b1, b2;
     // gm into the dy buffer, in place (element i only reads and writes i)
-    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, mmu, msc, msh, mu, b1, b2);
+    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, mmu, msc, msh, mthr, mu, b1, b2);
     if (gm_out != nullptr) f16c::from_float(bg, gm_out + i, len);
     a1 += b1;
     a2 += b2;
@@ -343,14 +426,14 @@ void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, i
 
 template <typename T>
 void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, float msh,
-                          float mu, float k0, float k1, float k2) {
+                          float mthr, float mu, float k0, float k1, float k2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - i);
     f16c::to_float(x + i, bx, len);
     f16c::to_float(dy + i, bg, len);
     const float* mb = mask_block(m, x, i, len, bx, bm);
-    backward_row<float, float>(bx, bg, mb, bg, len, mmu, msc, msh, mu, k0, k1, k2);  // dx into the dy buffer, in place
+    backward_row<float, float>(bx, bg, mb, bg, len, mmu, msc, msh, mthr, mu, k0, k1, k2);  // dx into dy's buffer
     f16c::from_float(bg, dx + i, len);
   }
 }
@@ -366,13 +449,13 @@ void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n,
   }                                                                                                        \
   template <>                                                                                              \
   void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,   \
-                                   float msc, float msh, float mu, double& s1, double& s2) {               \
-    backward_row_sums_blocked(x, dy, m, gm_out, n, mmu, msc, msh, mu, s1, s2);                             \
+                                   float msc, float msh, float mthr, float mu, double& s1, double& s2) {   \
+    backward_row_sums_blocked(x, dy, m, gm_out, n, mmu, msc, msh, mthr, mu, s1, s2);                       \
   }                                                                                                        \
   template <>                                                                                              \
   void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, \
-                              float msh, float mu, float k0, float k1, float k2) {                         \
-    backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mu, k0, k1, k2);                                  \
+                              float msh, float mthr, float mu, float k0, float k1, float k2) {             \
+    backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                            \
   }
 TORCHFAST_BLOCKED_ROWS(c10::Half)
 TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
@@ -592,6 +675,7 @@ struct MaskSource {
   const acc_t* mmu;
   const acc_t* msc;
   const acc_t* msh;
+  acc_t mthr;  // mask = (m - mmu) * msc + msh > mthr (see mask_threshold)
   scalar_t* gm_out;
 };
 
@@ -608,7 +692,7 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
         double s1, s2;
         const int64_t o = (n * C + c) * S;
         backward_row_sums<scalar_t, acc_t>(x + o, dy + o, ms.m + o, ms.gm_out ? ms.gm_out + o : nullptr, S, ms.mmu[c],
-                                           ms.msc[c], ms.msh[c], mean[c], s1, s2);
+                                           ms.msc[c], ms.msh[c], ms.mthr, mean[c], s1, s2);
         sum_dy += static_cast<double>(s1);
         sum_dy_xmu += static_cast<double>(s2);
       }
@@ -621,12 +705,14 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
         const scalar_t* mo = ms.gm_out ? nullptr : ms.m + o;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
-          continue;
+          if (ms.mthr == 0.0f) {  // the SSE rows mask at 0
+            backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
+            continue;
+          }
         }
 #endif
-        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1,
-                                      k2);
+        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c],
+                                      k0, k1, k2);
       }
     }
 #ifdef TORCHFAST_STREAM_STORES
@@ -767,7 +853,7 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
         backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, ms.m + r * S, ms.gm_out ? ms.gm_out + r * S : nullptr,
-                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], r1[r], r2[r]);
+                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c], r1[r], r2[r]);
       }
     });
     for (int64_t r = 0; r < N * C; ++r) {
@@ -779,53 +865,23 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
     const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<double> p1(nblk * C), p2(nblk * C);
     at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<acc_t> a1(C), a2(C);
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       const bool own_mask = ms.m != x;
       std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
       for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(p1.begin() + blk * C, p1.begin() + (blk + 1) * C, 0.0);
-        std::fill(p2.begin() + blk * C, p2.begin() + (blk + 1) * C, 0.0);
-        std::fill(a1.begin(), a1.end(), acc_t(0));
-        std::fill(a2.begin(), a2.end(), acc_t(0));
+        double* q1 = p1.data() + blk * C;
+        double* q2 = p2.data() + blk * C;
+        std::fill(q1, q1 + C, 0.0);
+        std::fill(q2, q2 + C, 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
         const auto* xb = as_acc_row(x + r0 * C, len, fx);
         const auto* gb = as_acc_row(dy + r0 * C, len, fg);
         const auto* mb = own_mask ? as_acc_row(ms.m + r0 * C, len, fm) : xb;
         auto* ob = ms.gm_out ? acc_out_row(ms.gm_out + r0 * C, fo) : nullptr;
-        using out_t = std::remove_pointer_t<decltype(acc_out_row(ms.gm_out, fo))>;
         for (int64_t r = r0; r < r_end; ++r) {
-          const auto* xr = xb + (r - r0) * C;
-          const auto* gr = gb + (r - r0) * C;
-          const auto* mr = mb + (r - r0) * C;
-          if (ob == nullptr) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm =
-                  masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
-              a1[c] += gm;
-              a2[c] += gm * (xv - mean[c]);
-            }
-          } else {
-            out_t* orow = ob + (r - r0) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm =
-                  masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c], to_acc<acc_t>(gr[c]));
-              orow[c] = from_acc<out_t, acc_t>(gm);
-              a1[c] += gm;
-              a2[c] += gm * (xv - mean[c]);
-            }
-          }
-          if ((r - r0) % kFoldRows == kFoldRows - 1 || r == r_end - 1) {  // acc_t partials folded into double
-            for (int64_t c = 0; c < C; ++c) {
-              p1[blk * C + c] += static_cast<double>(a1[c]);
-              p2[blk * C + c] += static_cast<double>(a2[c]);
-              a1[c] = a2[c] = acc_t(0);
-            }
-          }
+          const int64_t o = (r - r0) * C;
+          channel_row_sums(xb + o, gb + o, mb + o, ob ? ob + o : nullptr, C, ms.mmu, ms.msc, ms.msh, ms.mthr, mean,
+                           q1, q2);
         }
         if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
       }
@@ -841,21 +897,21 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
 // dx from the masked gradient: gm = dy masked by m (see backward_row_sums), or dy itself when m is null.
 template <typename scalar_t, typename acc_t>
 void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, const Geometry& g,
-                          const acc_t* mmu, const acc_t* msc, const acc_t* msh, const acc_t* mean, const acc_t* k0,
-                          const acc_t* k1, const acc_t* k2) {
+                          const acc_t* mmu, const acc_t* msc, const acc_t* msh, acc_t mthr, const acc_t* mean,
+                          const acc_t* k0, const acc_t* k1, const acc_t* k2) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
         backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, mmu[c], msc[c],
-                                      msh[c], mean[c], k0[c], k1[c], k2[c]);
+                                      msh[c], mthr, mean[c], k0[c], k1[c], k2[c]);
       }
     });
   } else {
 #ifdef TORCHFAST_STREAM_STORES
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cl_streamable(dx, C)) {
+      if (cl_streamable(dx, C) && mthr == 0.0f) {  // the SSE rows mask at 0
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
           for (int64_t r = b; r < e; ++r)
             backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh, mean,
@@ -892,7 +948,8 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t xv = to_acc<acc_t>(xr[c]);
-              const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]));
+              const acc_t gm =
+                  masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]), mthr);
               dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
             }
           }
@@ -1030,10 +1087,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_fwd_cpu(
 // forward's scale and shift. bn_add_relu: the mask is saved_out > 0, the masked gradient is written to
 // grad_residual by the reduction pass and read back by the elementwise pass.
 // Returns (grad_input, grad_residual or undefined, grad_weight, grad_bias).
+// bn_relu's recomputed mask is v > T, T the largest float that rounds to 0 in the output's dtype
+// (round to nearest even: the tie at half the smallest subnormal goes to 0): exactly where the forward
+// stored a positive output, so no gradient reaches an element whose output is 0.
+double mask_threshold(at::ScalarType t) {
+  if (t == at::kHalf) return std::ldexp(1.0, -25);
+  if (t == at::kBFloat16) return std::ldexp(1.0, -134);
+  return 0.0;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const char* op, const at::Tensor& grad_out, const at::Tensor& saved_out, const at::Tensor& input,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
-    const at::Tensor& invstd, bool training) {
+    const at::Tensor& invstd, bool training, double mask_thr) {
   check_input(input, op);
   const int64_t C = input.size(1);
   check_grad_out(grad_out, input, op);
@@ -1042,7 +1108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   if (half_through_float_copies(input)) {  // as in the forward
     auto [grad_in, grad_res, grad_w, grad_b] =
         backward_cpu(op, grad_out.to(at::kFloat), add ? saved_out.to(at::kFloat) : saved_out, input.to(at::kFloat),
-                     weight, bias, mean, invstd, training);
+                     weight, bias, mean, invstd, training, mask_thr);
     return {grad_in.to(input.scalar_type()), add ? grad_res.to(input.scalar_type()) : grad_res, grad_w, grad_b};
   }
   check_channel_vector(weight, C, op, "weight");
@@ -1077,6 +1143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     scalar_t* dxp = grad_in.data_ptr<scalar_t>();
     const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, mmu.data(), msc.data(), msh.data(),
+                                         add ? acc_t(0) : static_cast<acc_t>(mask_thr),
                                          add ? grad_res.data_ptr<scalar_t>() : nullptr};
     acc_t* gw = grad_w.data_ptr<acc_t>();
     acc_t* gb = grad_b.data_ptr<acc_t>();
@@ -1094,7 +1161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       // bn_add_relu: the stored gm, no mask; bn_relu: dy masked again from x.
       const scalar_t* gsrc = add ? ms.gm_out : dyp;
       backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, mmu.data(), msc.data(), msh.data(),
-                                            m.data(), k0.data(), k1.data(), k2.data());
+                                            ms.mthr, m.data(), k0.data(), k1.data(), k2.data());
     }
   });
   if (!native) {
@@ -1111,7 +1178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_cpu(const at::Tensor&
                                                                const at::Tensor& mean, const at::Tensor& invstd,
                                                                bool training) {
   auto [grad_in, grad_res, grad_w, grad_b] =
-      backward_cpu("bn_relu_bwd", grad_out, at::Tensor(), input, weight, bias, mean, invstd, training);
+      backward_cpu("bn_relu_bwd", grad_out, at::Tensor(), input, weight, bias, mean, invstd, training,
+                   mask_threshold(input.scalar_type()));
   return {grad_in, grad_w, grad_b};
 }
 
@@ -1119,7 +1187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training) {
   TORCH_CHECK(out.defined(), "bn_add_relu_bwd: out is undefined");
-  return backward_cpu("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training);
+  return backward_cpu("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training, 0.0);
 }
 
 }  // namespace

@@ -71,16 +71,22 @@ def _bn_backward(gm, x, mean, invstd, weight, training: bool):
     return dx, grad_w, sum_dy
 
 
+# The largest pre-ReLU value that rounds to 0 in each output dtype (round to nearest even: half the
+# smallest subnormal ties to 0). bn_relu's recomputed mask is value > threshold, so exactly the
+# elements whose stored output is positive receive a gradient, as with stock's output > 0.
+MASK_THRESHOLD = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
+
+
 def relu_mask(input, weight, bias, mean, invstd):
-    """The ReLU mask bn_relu's backward recomputes: (x - mean) * scale + bias > 0 in the statistics dtype."""
-    return _normalize(input.to(mean.dtype), mean, invstd, weight, bias) > 0
+    """The ReLU mask bn_relu's backward recomputes: (x - mean) * scale + bias > threshold(dtype)."""
+    return _normalize(input.to(mean.dtype), mean, invstd, weight, bias) > MASK_THRESHOLD.get(input.dtype, 0.0)
 
 
 def bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training: bool):
     acc = mean.dtype
     x = input.to(acc)
     g = grad_out.to(acc)
-    gm = torch.where(_normalize(x, mean, invstd, weight, bias) > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    gm = torch.where(relu_mask(input, weight, bias, mean, invstd), g, torch.zeros((), dtype=acc, device=g.device))
     dx, grad_w, grad_b = _bn_backward(gm, x, mean, invstd, weight, training)
     return dx.to(input.dtype), grad_w, grad_b
 
