@@ -277,13 +277,25 @@ void backward_row_sums<float, float>(const float* x, const float* dy, const floa
   const __m128 vmmu = _mm_set1_ps(mmu), vmsc = _mm_set1_ps(msc), vmsh = _mm_set1_ps(msh), vthr = _mm_set1_ps(mthr);
   const __m128 vmu = _mm_set1_ps(mu);
   __m128d a1lo = _mm_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
+  auto gm4 = [&](int64_t j) {
+    const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m + j), vmmu), vmsc), vmsh);
+    const __m128 gm = masked_grad4_thr(v, _mm_loadu_ps(dy + j), vthr);
+    if (gm_out != nullptr) _mm_storeu_ps(gm_out + j, gm);
+    return gm;
+  };
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m + i), vmmu), vmsc), vmsh);
-    const __m128 gm = masked_grad4_thr(v, _mm_loadu_ps(dy + i), vthr);
-    if (gm_out != nullptr) _mm_storeu_ps(gm_out + i, gm);
-    add_products4(gm, _mm_sub_ps(_mm_loadu_ps(x + i), vmu), a1lo, a1hi, a2lo, a2hi);
+  // Eight elements a step: two vectors' gm and gm * (x - mean) added in float (one rounding of two
+  // terms), then widened: half the conversions, the float kernel's speed (2048x7x7: 1.8 -> ~1.4 ms).
+  for (; i + 8 <= n; i += 8) {
+    const __m128 g1 = gm4(i), g2 = gm4(i + 4);
+    const __m128 t1 = _mm_sub_ps(_mm_loadu_ps(x + i), vmu), t2 = _mm_sub_ps(_mm_loadu_ps(x + i + 4), vmu);
+    const __m128 g = _mm_add_ps(g1, g2), p = _mm_add_ps(_mm_mul_ps(g1, t1), _mm_mul_ps(g2, t2));
+    a1lo = _mm_add_pd(a1lo, _mm_cvtps_pd(g));
+    a1hi = _mm_add_pd(a1hi, _mm_cvtps_pd(_mm_movehl_ps(g, g)));
+    a2lo = _mm_add_pd(a2lo, _mm_cvtps_pd(p));
+    a2hi = _mm_add_pd(a2hi, _mm_cvtps_pd(_mm_movehl_ps(p, p)));
   }
+  for (; i + 4 <= n; i += 4) add_products4(gm4(i), _mm_sub_ps(_mm_loadu_ps(x + i), vmu), a1lo, a1hi, a2lo, a2hi);
   double r1[2], r2[2];
   _mm_storeu_pd(r1, _mm_add_pd(a1lo, a1hi));
   _mm_storeu_pd(r2, _mm_add_pd(a2lo, a2hi));
