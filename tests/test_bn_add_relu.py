@@ -134,6 +134,7 @@ def test_gradcheck_float64(device, backend, training, layout):
         return batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
 
     assert torch.autograd.gradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)  # double backward
 
 
 @pytest.mark.parametrize("device,backend", backend_params("bn_add_relu"))
@@ -244,22 +245,3 @@ def test_torch_compile_module():
     torch.testing.assert_close(xc.grad, xs.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rc.grad, rs.grad)
     torch.testing.assert_close(layer.running_var, stock.running_var)
-
-
-@pytest.mark.parametrize("device,backend", backend_params("bn_add_relu"))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_double_backward_float64(device, backend, training):
-    """Double backward (gradient penalties): a differentiable composite backward under create_graph."""
-    skip_unsupported(backend, "bn_add_relu", device, torch.float64)
-    x = _make((3, 4, 3, 5), "channels_last", torch.float64, device, 0).requires_grad_()
-    r = _make((3, 4, 3, 5), "contiguous", torch.float64, device, 1).requires_grad_()
-    w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
-    b = (torch.randn(4, dtype=torch.float64, device=device) * 0.2).requires_grad_()
-    rm = torch.randn(4, dtype=torch.float64, device=device) * 0.1
-    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
-    torchfast.set_backend(backend)
-
-    def f(x, r, w, b):
-        return batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
-
-    assert torch.autograd.gradgradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
