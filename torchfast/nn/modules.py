@@ -1,8 +1,11 @@
-"""Drop-in fused BatchNorm+ReLU layers.
+"""Drop-in fused BatchNorm+ReLU and BatchNorm+add+ReLU layers, and the functions the fuse pass calls.
 
 ``BatchNormReLU2d(C)`` is an ``nn.BatchNorm2d(C)`` (a subclass: same constructor, parameters,
 buffers, ``state_dict`` and train/eval behaviour) whose forward returns ``relu(bn(x))`` computed by
-one fused op. A stock BatchNorm checkpoint loads into it and back.
+one fused op; ``BatchNormAddReLU2d(C)(x, residual)`` returns ``relu(bn(x) + residual)``. A stock
+BatchNorm checkpoint loads into either and back. ``bn_relu_module(bn, x)`` and
+``bn_add_relu_module(bn, x, r)`` compute the same for any BatchNorm module ``bn`` (what
+``torchfast.nn.fuse`` calls on the model's own modules).
 """
 from torch import fx, nn
 
