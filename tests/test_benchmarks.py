@@ -49,3 +49,20 @@ def test_bn_benchmarks_time_every_backend_against_stock():
         assert {r["op"] for r in rows} == {"bn_add_relu" if add else "bn_relu"}
         assert sorted({r["impl"] for r in rows}) == ["stock eager", "torchfast reference"]
         assert len(rows) == 8 and all(r["median_ms"] > 0 for r in rows)
+
+
+def test_e2e_benchmark_runs_a_fused_torchvision_model(monkeypatch, tmp_path):
+    """bench_e2e's code on a tiny configuration: stock and fused rows, the fuse summary, the plot."""
+    import pytest
+
+    pytest.importorskip("torchvision", reason="torchvision is a benchmark extra (pip install .[bench])")
+    import bench_e2e
+
+    monkeypatch.setattr(bench_e2e, "_configs", lambda device, quick: [("resnet18", 2, 32, "channels_last", None),
+                                                                      ("resnet18", 2, 32, "contiguous", None)])
+    rows, n = bench_e2e.run(torch.device("cpu"), quick=True, compile_stock=False, out_dir=str(tmp_path))
+    assert n == 4
+    assert [(r["layout"], r["impl"]) for r in rows] == [("channels_last", "stock eager"),
+                                                        ("channels_last", "torchfast auto"),
+                                                        ("contiguous", "stock eager"), ("contiguous", "torchfast auto")]
+    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
