@@ -258,9 +258,7 @@ void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m,
 // float rows: gm and x - mean in float, four lanes, exactly as the template computes them; their sums
 // and products in double (a float times a float is exact in double). The backward's sums cancel --
 // sum(gm) is far smaller than sum(|gm|) -- and float partials put their rounding into every element
-// of dx through k1 and k2: with float partials over 32 elements the input and weight gradients of
-// DenseNet's small late layers measured up to 2.5x stock's float32 error, in double at most 1.7x.
-// Stock's CPU kernels accumulate these in double too. (GCC does not vectorise the mixed float/double loop itself:
+// of dx through k1 and k2. Stock's CPU kernels accumulate these in double too. (GCC does not vectorise the mixed float/double loop itself:
 // it turns the mask into a branch, 5x slower on random data.)
 inline void add_products4(__m128 g, __m128 t, __m128d& s1lo, __m128d& s1hi, __m128d& s2lo, __m128d& s2hi) {
   const __m128d glo = _mm_cvtps_pd(g), ghi = _mm_cvtps_pd(_mm_movehl_ps(g, g));
