@@ -467,3 +467,30 @@ def test_fused_layers_trace_with_fx():
     gm.eval()
     torch.testing.assert_close(gm(x), model(x))
     assert fused_modules.BatchNormAddReLU2d(4)  # module form importable
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "googlenet", "shufflenet_v2_x0_5",
+                                  "regnet_y_400mf", "convnext_tiny", "timm:dla34", "timm:cspresnet50"])
+def test_other_architectures_keep_their_outputs(name):
+    """Architectures with other activations (refused), forwards that branch on self.training or do
+    not trace (their children are fused instead), channel splits and concatenations: whatever fuse
+    does or refuses, train and eval outputs stay stock's."""
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        model = timm.create_model(name[5:], pretrained=False)
+    else:
+        model = getattr(torchvision.models, name)(**({"aux_logits": False, "init_weights": True}
+                                                      if name == "googlenet" else {}))
+    stock = copy.deepcopy(model)
+    model, report = fuse(model, return_report=True)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert len(report.pairs) + len(report.triples) + len(report.left) == n_bn
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        model.train(mode)
+        stock.train(mode)
+        torch.manual_seed(1)
+        got = model(x)
+        torch.manual_seed(1)
+        want = stock(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
