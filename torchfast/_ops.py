@@ -54,18 +54,12 @@ def _composite_bn_backward(gm, input, weight, bias, mean, invstd, training, eps,
     Returns (grad_input, grad_weight, grad_bias) for the entries of `needs`."""
     acc = mean.dtype
     x = input.to(acc)
-    dims = [0] + list(range(2, input.dim()))
-    shape = [1, -1] + [1] * (input.dim() - 2)
     if training and input.numel() > 0:
-        var, mu = torch.var_mean(x, dim=dims, correction=0)
+        var, mu = torch.var_mean(x, dim=ref_bn_relu._reduce_dims(x), correction=0)
         inv = torch.rsqrt(var + eps)
     else:
         mu, inv = mean, invstd
-    y = (x - mu.view(shape)) * inv.view(shape)
-    if weight is not None:
-        y = y * weight.to(acc).view(shape)
-    if bias is not None:
-        y = y + bias.to(acc).view(shape)
+    y = ref_bn_relu._bcast_normalize(x, mu, inv, weight, bias)
     wrt = [t for t, need in zip((input, weight, bias), needs) if need]
     grads = iter(torch.autograd.grad(y, wrt, gm.to(acc), create_graph=True, allow_unused=True) if wrt else ())
     return tuple(next(grads) if need else None for need in needs)
@@ -129,7 +123,7 @@ def _make_add_autograd(bwd_op):
             # The bias only shifts the output: its gradient is sum(gm), whatever the bias is.
             grad_in, grad_w, _ = _composite_bn_backward(grad_res, input, weight, None, mean, invstd, ctx.training,
                                                         ctx.eps, (need_in, need_w, False))
-            grad_b = grad_res.to(mean.dtype).sum([0] + list(range(2, input.dim()))) if need_b else None
+            grad_b = grad_res.to(mean.dtype).sum(ref_bn_relu._reduce_dims(input)) if need_b else None
             return (grad_in.to(input.dtype) if need_in else None,
                     grad_res if need_res else None,
                     grad_w.to(w_dtype) if need_w else None,
@@ -147,10 +141,14 @@ def _make_add_autograd(bwd_op):
 
 def _register_bn_add_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
     """As _register_bn_relu, for a pair with the bn_add_relu_fwd / bn_add_relu_bwd contract."""
+    _register(fwd_name, bwd_name, _make_add_autograd(bwd_op), _fake_bn_add_relu_fwd, _fake_bn_add_relu_bwd, fake)
+
+
+def _register(fwd_name, bwd_name, autograd, fake_fwd, fake_bwd, fake):
     if fake:
-        torch.library.register_fake(fwd_name)(_fake_bn_add_relu_fwd)
-        torch.library.register_fake(bwd_name)(_fake_bn_add_relu_bwd)
-    backward, setup_context = _make_add_autograd(bwd_op)
+        torch.library.register_fake(fwd_name)(fake_fwd)
+        torch.library.register_fake(bwd_name)(fake_bwd)
+    backward, setup_context = autograd
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd_name, _no_double_backward)
 
@@ -158,12 +156,7 @@ def _register_bn_add_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = Tru
 def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
     """Fake kernels (unless the op derives its own, as triton_op does) and autograd for a
     forward/backward pair with the bn_relu_fwd / bn_relu_bwd contract."""
-    if fake:
-        torch.library.register_fake(fwd_name)(_fake_bn_relu_fwd)
-        torch.library.register_fake(bwd_name)(_fake_bn_relu_bwd)
-    backward, setup_context = _make_autograd(bwd_op)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    torch.library.register_autograd(bwd_name, _no_double_backward)
+    _register(fwd_name, bwd_name, _make_autograd(bwd_op), _fake_bn_relu_fwd, _fake_bn_relu_bwd, fake)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,15 @@ def _normalize(x, mean, invstd, weight, bias):
     return v + _bcast(bias.to(acc), x) if bias is not None else v
 
 
+def _bcast_normalize(x, mean, invstd, weight, bias):
+    """(x - mean) * invstd * weight + bias, each factor separately: differentiable in mean and invstd
+    too (the double-backward path of torchfast._ops)."""
+    y = (x - _bcast(mean, x)) * _bcast(invstd, x)
+    if weight is not None:
+        y = y * _bcast(weight.to(mean.dtype), x)
+    return y + _bcast(bias.to(mean.dtype), x) if bias is not None else y
+
+
 def _batch_or_running_stats(x, running_mean, running_var, training: bool, eps: float):
     """(mean, invstd, biased var) in x's dtype: the batch's in training (NaN for an empty batch,
     as stock), the running statistics in eval."""
