@@ -10,7 +10,7 @@ inline void define_ops(torch::Library& m) {
   // Fused BatchNorm + ReLU, forward. Returns (out, mean, invstd, var): in training the batch mean,
   // 1/sqrt(var + eps) and the biased batch variance; in eval the running statistics they were
   // computed from. Statistics are float32 (float64 for float64 input). The running statistics are
-  // not touched here: the Python wrapper folds (mean, var) into them.
+  // not touched here: the functional form folds (mean, var) into them with bn_update_running_stats_.
   m.def(
       "bn_relu_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -33,6 +33,13 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "bn_add_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The running-statistics update that follows a training forward of either op:
+  // running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+  // var * count / (count - 1); nothing for count == 0. One call for both statistics (the functional
+  // form's update was four tensor ops, more than the kernel on small layers).
+  m.def(
+      "bn_update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var, "
+      "float momentum, int count) -> ()");
   // The p-norm of all tensors of the list taken together (one device, one dtype). A 0-dim tensor
   // in float32 (float64 for float64 tensors). norm_type is any p > 0 or inf.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");

@@ -65,7 +65,36 @@ def _composite_bn_backward(gm, input, weight, bias, mean, invstd, training, eps,
     return tuple(next(grads) if need else None for need in needs)
 
 
+def bn_relu_double_backward(grad_out, input, weight, bias, mean, invstd, training, eps, needs):
+    """bn_relu's backward with differentiable torch ops (create_graph=True). Returns (grad_input in the
+    input's dtype, grad_weight, grad_bias in the statistics dtype), None where `needs` is False."""
+    need_in, need_w, need_b = needs
+    with torch.no_grad():
+        mask = ref_bn_relu.relu_mask(input, weight, bias, mean, invstd)
+    gm = torch.where(mask, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    grad_in, grad_w, grad_b = _composite_bn_backward(gm, input, weight, bias, mean, invstd, training, eps, needs)
+    return grad_in.to(input.dtype) if need_in else None, grad_w, grad_b
+
+
+def bn_add_relu_double_backward(grad_out, out, input, weight, mean, invstd, training, eps, needs):
+    """bn_add_relu's backward with differentiable torch ops (create_graph=True). Returns (grad_input,
+    grad_residual, grad_weight, grad_bias in the statistics dtype), None where `needs` is False."""
+    need_in, need_res, need_w, need_b = needs
+    grad_res = torch.where(out.detach() > 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    # The bias only shifts the output: its gradient is sum(gm), whatever the bias is.
+    grad_in, grad_w, _ = _composite_bn_backward(grad_res, input, weight, None, mean, invstd, training, eps,
+                                                (need_in, need_w, False))
+    grad_b = grad_res.to(mean.dtype).sum(ref_bn_relu._reduce_dims(input)) if need_b else None
+    return grad_in.to(input.dtype) if need_in else None, grad_res if need_res else None, grad_w, grad_b
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
 def _make_autograd(bwd_op):
+    """Python autograd for a bn_relu op pair (the reference, Triton and emulator ops; the compiled
+    torchfast ops have the same formulas in C++, csrc/autograd.cpp)."""
     def setup_context(ctx, inputs, output):
         input, weight, bias, _rm, _rv, training, eps = inputs
         _out, mean, invstd, _var = output
@@ -78,19 +107,13 @@ def _make_autograd(bwd_op):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         need_in, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-            with torch.no_grad():
-                mask = ref_bn_relu.relu_mask(input, weight, bias, mean, invstd)
-            gm = torch.where(mask, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-            grad_in, grad_w, grad_b = _composite_bn_backward(gm, input, weight, bias, mean, invstd, ctx.training,
-                                                             ctx.eps, (need_in, need_w, need_b))
-            return (grad_in.to(input.dtype) if need_in else None,
-                    grad_w.to(weight.dtype) if need_w else None,
-                    grad_b.to(bias.dtype) if need_b else None,
-                    None, None, None, None)
-        grad_in, grad_w, grad_b = bwd_op(grad_out, input, weight, bias, mean, invstd, ctx.training)
+            grad_in, grad_w, grad_b = bn_relu_double_backward(grad_out, input, weight, bias, mean, invstd,
+                                                              ctx.training, ctx.eps, (need_in, need_w, need_b))
+        else:
+            grad_in, grad_w, grad_b = bwd_op(grad_out, input, weight, bias, mean, invstd, ctx.training)
         return (grad_in if need_in else None,
-                grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None,
+                _cast(grad_w, weight.dtype) if need_w else None,
+                _cast(grad_b, bias.dtype) if need_b else None,
                 None, None, None, None)
 
     return backward, setup_context
@@ -118,45 +141,41 @@ def _make_add_autograd(bwd_op):
         need_in, need_res, need_w, need_b = ctx.needs_input_grad[:4]
         w_dtype, b_dtype = ctx.param_dtypes
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-            grad_res = torch.where(out.detach() > 0, grad_out,
-                                   torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-            # The bias only shifts the output: its gradient is sum(gm), whatever the bias is.
-            grad_in, grad_w, _ = _composite_bn_backward(grad_res, input, weight, None, mean, invstd, ctx.training,
-                                                        ctx.eps, (need_in, need_w, False))
-            grad_b = grad_res.to(mean.dtype).sum(ref_bn_relu._reduce_dims(input)) if need_b else None
-            return (grad_in.to(input.dtype) if need_in else None,
-                    grad_res if need_res else None,
-                    grad_w.to(w_dtype) if need_w else None,
-                    grad_b.to(b_dtype) if need_b else None,
-                    None, None, None, None)
-        grad_in, grad_res, grad_w, grad_b = bwd_op(grad_out, out, input, weight, mean, invstd, ctx.training)
+            grads = bn_add_relu_double_backward(grad_out, out, input, weight, mean, invstd, ctx.training, ctx.eps,
+                                                (need_in, need_res, need_w, need_b))
+        else:
+            grads = bwd_op(grad_out, out, input, weight, mean, invstd, ctx.training)
+        grad_in, grad_res, grad_w, grad_b = grads
         return (grad_in if need_in else None,
                 grad_res if need_res else None,
-                grad_w.to(w_dtype) if need_w else None,
-                grad_b.to(b_dtype) if need_b else None,
+                _cast(grad_w, w_dtype) if need_w else None,
+                _cast(grad_b, b_dtype) if need_b else None,
                 None, None, None, None)
 
     return backward, setup_context
 
 
-def _register_bn_add_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
+def _register_bn_add_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True, python_autograd: bool = True):
     """As _register_bn_relu, for a pair with the bn_add_relu_fwd / bn_add_relu_bwd contract."""
-    _register(fwd_name, bwd_name, _make_add_autograd(bwd_op), _fake_bn_add_relu_fwd, _fake_bn_add_relu_bwd, fake)
+    _register(fwd_name, bwd_name, _make_add_autograd(bwd_op), _fake_bn_add_relu_fwd, _fake_bn_add_relu_bwd, fake,
+              python_autograd)
 
 
-def _register(fwd_name, bwd_name, autograd, fake_fwd, fake_bwd, fake):
+def _register(fwd_name, bwd_name, autograd, fake_fwd, fake_bwd, fake, python_autograd):
     if fake:
         torch.library.register_fake(fwd_name)(fake_fwd)
         torch.library.register_fake(bwd_name)(fake_bwd)
     backward, setup_context = autograd
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    if python_autograd:  # otherwise the forward's autograd is registered in C++ (csrc/autograd.cpp)
+        torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd_name, _no_double_backward)
 
 
-def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True):
+def _register_bn_relu(fwd_name: str, bwd_name: str, bwd_op, fake: bool = True, python_autograd: bool = True):
     """Fake kernels (unless the op derives its own, as triton_op does) and autograd for a
     forward/backward pair with the bn_relu_fwd / bn_relu_bwd contract."""
-    _register(fwd_name, bwd_name, _make_autograd(bwd_op), _fake_bn_relu_fwd, _fake_bn_relu_bwd, fake)
+    _register(fwd_name, bwd_name, _make_autograd(bwd_op), _fake_bn_relu_fwd, _fake_bn_relu_bwd, fake,
+              python_autograd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,10 +218,37 @@ _register_bn_add_relu("torchfast::bn_add_relu_fwd_reference", "torchfast::bn_add
 # Compiled ops (present only when torchfast._C loaded).
 
 if _ext._C is not None:
-    _register_bn_relu("torchfast::bn_relu_fwd", "torchfast::bn_relu_bwd", torch.ops.torchfast.bn_relu_bwd)
-    if hasattr(torch.ops.torchfast, "bn_add_relu_fwd"):
-        _register_bn_add_relu("torchfast::bn_add_relu_fwd", "torchfast::bn_add_relu_bwd",
-                              torch.ops.torchfast.bn_add_relu_bwd)
+    _register_bn_relu("torchfast::bn_relu_fwd", "torchfast::bn_relu_bwd", torch.ops.torchfast.bn_relu_bwd,
+                      python_autograd=False)
+    _register_bn_add_relu("torchfast::bn_add_relu_fwd", "torchfast::bn_add_relu_bwd",
+                          torch.ops.torchfast.bn_add_relu_bwd, python_autograd=False)
+
+    # The differentiable backward the C++ autograd (csrc/autograd.cpp) calls under create_graph=True:
+    # the formulas above as composite ops (unneeded gradients come back as empty tensors).
+    _LIB = torch.library.Library("torchfast", "FRAGMENT")
+    _LIB.define("bn_relu_double_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+                "Tensor invstd, bool training, float eps, bool need_input, bool need_weight, bool need_bias) -> Tensor[]")
+    _LIB.define("bn_add_relu_double_backward(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean, "
+                "Tensor invstd, bool training, float eps, bool need_input, bool need_residual, bool need_weight, "
+                "bool need_bias) -> Tensor[]")
+
+    def _listed(grads, like):
+        return [g if g is not None else like.new_empty((0,)) for g in grads]
+
+    def _bn_relu_double_backward_op(grad_out, input, weight, bias, mean, invstd, training, eps, *needs):
+        return _listed(bn_relu_double_backward(grad_out, input, weight, bias, mean, invstd, training, eps, needs),
+                       mean)
+
+    def _bn_add_relu_double_backward_op(grad_out, out, input, weight, mean, invstd, training, eps, *needs):
+        return _listed(bn_add_relu_double_backward(grad_out, out, input, weight, mean, invstd, training, eps,
+                                                   needs), mean)
+
+    _LIB.impl("bn_relu_double_backward", _bn_relu_double_backward_op, "CompositeImplicitAutograd")
+    _LIB.impl("bn_add_relu_double_backward", _bn_add_relu_double_backward_op, "CompositeImplicitAutograd")
+
+    @torch.library.register_fake("torchfast::bn_update_running_stats_")
+    def _fake_bn_update_running_stats_(running_mean, running_var, mean, var, momentum, count) -> None:
+        return None
 
     @torch.library.register_fake("torchfast::multi_tensor_norm")
     def _fake_multi_tensor_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
@@ -234,7 +280,8 @@ class _Impl:
 
 def _compiled_impl():
     ops = torch.ops.torchfast
-    return _Impl(ops.bn_relu_fwd, getattr(ops, "bn_add_relu_fwd", None), ops.multi_tensor_norm,
+    # The overloads themselves: calling an OpOverloadPacket resolves the overload on every call.
+    return _Impl(ops.bn_relu_fwd.default, ops.bn_add_relu_fwd.default, ops.multi_tensor_norm,
                  ops.multi_tensor_clip_, ops.philox_fill_)
 
 

@@ -6,13 +6,14 @@ from torch import Tensor
 
 import torch.autograd.forward_ad as _forward_ad
 
-from torchfast import _backends
+from torchfast import _backends, _ext
 from torchfast._ops import impl
 
 __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
 
 
 def _check_channel_vector(op: str, t, name: str, c: int, input: Tensor):
@@ -66,12 +67,16 @@ def _update_running_stats(input, running_mean, running_var, mean, var, training,
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as stock."""
     c = input.shape[1]
     n = input.numel() // c if c > 0 else 0
-    if training and n > 0 and (running_mean is not None or running_var is not None):
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
-            if running_var is not None:
-                running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * n / max(n - 1, 1))
+    if not training or n == 0 or (running_mean is None and running_var is None):
+        return
+    if _update_op is not None and not torch.compiler.is_compiling():
+        _update_op(running_mean, running_var, mean, var, float(momentum), n)  # one call, in C++
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        if running_var is not None:
+            running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * n / max(n - 1, 1))
 
 
 def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
