@@ -1,0 +1,1135 @@
+// Fused BatchNorm + ReLU and BatchNorm + residual add + ReLU on the CPU: the kernels. Included once per
+// instruction set (see bn_relu_isa.h) with TORCHFAST_BN_ISA naming the namespace; bn_relu_avx2.cpp
+// includes it under `#pragma GCC target("avx2")` with TORCHFAST_BN_AVX2 defined (GCC does not define
+// __AVX2__ there), after every header, so only this code is compiled for AVX2.
+//
+// Passes over memory (M = N * spatial elements per channel; counts in activation-sized tensors):
+//   bn_relu training forward: statistics pass (read x), normalise+ReLU pass (read x, write y): 2 reads, 1 write
+//   bn_relu eval forward:     one pass (read x, write y)
+//   bn_relu backward:         reduction pass (read x, dy) and elementwise pass (read x, dy, write dx): 4 reads,
+//                             1 write; the ReLU mask is recomputed from x, nothing intermediate is materialised.
+//   bn_add_relu forward:      as bn_relu, the elementwise pass also reads the residual: 3 reads, 1 write
+//   bn_add_relu backward:     reduction pass (read dy, out, x; write grad_residual = dy masked by out > 0) and
+//                             elementwise pass (read grad_residual, x; write dx): 5 reads, 2 writes.
+// Layouts handled natively: contiguous (N, C, *), seen as rows of length S per (n, c), and
+// channels_last (N, *, C), seen as N*S rows of C channels. Any other stride pattern is copied to
+// contiguous first (output keeps the input's layout through empty_like).
+//
+// Statistics use sums shifted by the channel's first element (stable for large means) with
+// per-row partials in acc_t (float for fp32/fp16/bf16, double for fp64) folded in double.
+//
+// Contiguous layout with at least as many channels as threads: each thread takes whole channels and
+// runs both passes on one channel before the next, so the second pass reads the channel (N*S
+// elements; 400 KB of x for ResNet's 32x64x56x56, 800 KB of x and dy in the backward) from cache
+// rather than DRAM: measured 2.8x -> 3.x stock eager for fwd+bwd on the 2-core CI Xeon.
+// No include guard: included once per instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#define TORCHFAST_STREAM_STORES 1
+#endif
+
+#include "cpu/half_convert.h"
+#include "layout.h"
+#include "cpu/bn_relu_isa.h"
+
+#ifndef TORCHFAST_BN_ISA
+#error "define TORCHFAST_BN_ISA (the namespace) before including bn_relu_kernels.h"
+#endif
+
+namespace torchfast {
+namespace TORCHFAST_BN_ISA {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 64;  // channels_last rows folded per partial
+constexpr int64_t kFoldRows = 16;      // channels_last rows summed in acc_t before folding into double
+constexpr int64_t kMinChannelRow = 256;  // see by_channel
+
+enum class Layout { kNCS, kNSC };
+
+struct Geometry {
+  int64_t N, C, S;
+  Layout layout;
+};
+
+Geometry geometry(const at::Tensor& x) {
+  Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.S = x.numel() / std::max<int64_t>(1, g.N * g.C);
+  if (x.dim() == 2) g.layout = Layout::kNSC;  // (N, C): rows of C channels
+  else if (x.is_contiguous()) g.layout = Layout::kNCS;
+  else g.layout = Layout::kNSC;  // caller checked channels_last
+  return g;
+}
+
+template <typename acc_t>
+std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
+  std::vector<acc_t> v(C, fill);
+  if (t.has_value() && t->defined()) {
+    at::Tensor c = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* p = c.data_ptr<acc_t>();
+    std::copy(p, p + C, v.begin());
+  }
+  return v;
+}
+
+// Element conversions. bfloat16/float16 <-> float are written as branch-free bit operations with
+// exactly c10's results (round-to-nearest-even; NaN -> 0x7FC0 / 0x7E00) so the loops around them
+// vectorise; through c10's conversion operators the half-precision kernels ran 10-14x slower than
+// stock PyTorch.
+template <typename acc_t, typename T>
+inline acc_t to_acc(T v) {
+  return static_cast<acc_t>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// float16 -> float, branch-free: the float multiply rebiases normal and subnormal halves exactly;
+// infinities and NaNs keep their payload.
+template <>
+inline float to_acc<float, c10::Half>(c10::Half v) {
+  const uint32_t h = v.x;
+  const uint32_t em = (h & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &em, sizeof(f));
+  f *= 5.192296858534828e+33f;  // 2^112
+  uint32_t r;
+  std::memcpy(&r, &f, sizeof(r));
+  r = em >= (0x7C00u << 13) ? (em | 0x7F800000u) : r;
+  r |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &r, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t from_acc(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t rounded = static_cast<uint16_t>((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+  return c10::BFloat16(v != v ? static_cast<uint16_t>(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+// float -> float16 with round-to-nearest-even, branch-free (all three cases computed, one selected):
+// overflow/inf -> inf, NaN -> 0x7E00, subnormal results through a float add, normals by rounding the
+// mantissa; the same results as c10::Half's conversion.
+template <>
+inline c10::Half from_acc<c10::Half, float>(float v) {
+  uint32_t f;
+  std::memcpy(&f, &v, sizeof(f));
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint16_t big = f > 0x7F800000u ? 0x7E00 : 0x7C00;
+  float a;
+  std::memcpy(&a, &f, sizeof(a));
+  a += 0.5f;  // denormal magic: (127 - 15 + 23 - 10 + 1) << 23
+  uint32_t ab;
+  std::memcpy(&ab, &a, sizeof(ab));
+  const uint16_t sub = static_cast<uint16_t>(ab - 0x3F000000u);
+  const uint16_t norm = static_cast<uint16_t>((f + 0xC8000FFFu + ((f >> 13) & 1u)) >> 13);
+  const uint16_t mag = f >= (143u << 23) ? big : (f < (113u << 23) ? sub : norm);
+  return c10::Half(static_cast<uint16_t>(mag | (sign >> 16)), c10::Half::from_bits());
+}
+
+// ReLU that propagates NaN like torch.relu (v < 0 is false for NaN).
+template <typename acc_t>
+inline acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+// The ReLU-masked gradient. Both operands are evaluated before the select, so the gradient load is
+// unconditional and the loop vectorises into a blend instead of a branch on random data.
+template <typename acc_t>
+inline acc_t masked_grad(acc_t y, acc_t g, acc_t thr = acc_t(0)) {
+  return y > thr ? g : acc_t(0);
+}
+
+// The normalised value is (x - mean) * scale + shift with scale = weight * invstd and shift = bias: the
+// single formula of the forward and of the backward's recomputed mask. (x * scale + (bias - mean *
+// scale) would round x * scale at |mean| / std times the result's scale: 3.5x stock's error at the
+// mean/std of 2.6 seen in DenseNet's layers.)
+template <typename acc_t>
+void scale_shift(const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& w,
+                 const std::vector<acc_t>& b, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const size_t C = mean.size();
+  scale.resize(C);
+  shift.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    scale[c] = w[c] * invstd[c];
+    shift[c] = b[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-row kernels (one contiguous run of elements of one channel, or one row of C channels).
+
+// Sums over a row: vectorised acc_t partials over chunks of kSumChunk elements, folded into double
+// (double throughout would not vectorise with the float compare of the backward and measured 5x
+// slower; acc_t partials over whole rows put 4e-7 relative error into the variance).
+constexpr int64_t kSumChunk = 32;
+
+template <typename scalar_t, typename acc_t>
+void row_moments(const scalar_t* x, int64_t n, acc_t K, double& s1, double& s2) {
+  double d1 = 0, d2 = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    acc_t a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+    for (int64_t i = b; i < e; ++i) {
+      const acc_t d = to_acc<acc_t>(x[i]) - K;
+      a1 += d;
+      a2 += d * d;
+    }
+    d1 += static_cast<double>(a1);
+    d2 += static_cast<double>(a2);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+
+// y = relu((x - mu) * sc + sh [+ r]) over one run of one channel; r (the residual) may be null.
+template <typename scalar_t, typename acc_t>
+void normalize_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t mu, acc_t sc, acc_t sh) {
+  if (r == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = (to_acc<acc_t>(x[i]) - mu) * sc + sh;
+      y[i] = from_acc<scalar_t, acc_t>(relu(v));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = (to_acc<acc_t>(x[i]) - mu) * sc + sh + to_acc<acc_t>(r[i]);
+      y[i] = from_acc<scalar_t, acc_t>(relu(v));
+    }
+  }
+}
+
+// The backward's masked gradient gm = ((m - mmu) * msc + msh > 0) ? dy : 0. For bn_relu the mask
+// source m is the input with the forward's mean, scale and shift (the forward's own formula); for
+// bn_add_relu it is the saved output with mmu = 0, msc = 1, msh = 0 (exactly out > 0) in the
+// reduction pass, and null (no mask: dy is already gm) in the elementwise pass.
+
+// sum(gm) and sum(gm * (x - mean)) over one run of one channel; gm is also stored to gm_out unless
+// that is null.
+template <typename scalar_t, typename acc_t>
+void backward_row_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* gm_out, int64_t n,
+                       acc_t mmu, acc_t msc, acc_t msh, acc_t mthr, acc_t mu, double& s1, double& s2) {
+  double d1 = 0, d2 = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    acc_t a1 = 0, a2 = 0;
+    if (gm_out == nullptr) {
+#pragma omp simd reduction(+ : a1, a2)
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t xv = to_acc<acc_t>(x[i]);
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
+        a1 += gm;
+        a2 += gm * (xv - mu);
+      }
+    } else {
+#pragma omp simd reduction(+ : a1, a2)
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t xv = to_acc<acc_t>(x[i]);
+        const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
+        gm_out[i] = from_acc<scalar_t, acc_t>(gm);
+        a1 += gm;
+        a2 += gm * (xv - mu);
+      }
+    }
+    d1 += static_cast<double>(a1);
+    d2 += static_cast<double>(a2);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+
+#if defined(__SSE2__)
+// float rows: gm and x - mean in float, four lanes, exactly as the template computes them; their sums
+// and products in double (a float times a float is exact in double). The backward's sums cancel --
+// sum(gm) is far smaller than sum(|gm|) -- and float partials put their rounding into every element
+// of dx through k1 and k2. Stock's CPU kernels accumulate these in double too. (GCC does not vectorise the mixed float/double loop itself:
+// it turns the mask into a branch, 5x slower on random data.)
+inline void add_products4(__m128 g, __m128 t, __m128d& s1lo, __m128d& s1hi, __m128d& s2lo, __m128d& s2hi) {
+  const __m128d glo = _mm_cvtps_pd(g), ghi = _mm_cvtps_pd(_mm_movehl_ps(g, g));
+  s1lo = _mm_add_pd(s1lo, glo);
+  s1hi = _mm_add_pd(s1hi, ghi);
+  s2lo = _mm_add_pd(s2lo, _mm_mul_pd(glo, _mm_cvtps_pd(t)));
+  s2hi = _mm_add_pd(s2hi, _mm_mul_pd(ghi, _mm_cvtps_pd(_mm_movehl_ps(t, t))));
+}
+
+inline __m128 masked_grad4_thr(__m128 v, __m128 dy, __m128 thr) { return _mm_and_ps(_mm_cmpgt_ps(v, thr), dy); }
+
+template <>
+void backward_row_sums<float, float>(const float* x, const float* dy, const float* m, float* gm_out, int64_t n,
+                                     float mmu, float msc, float msh, float mthr, float mu, double& s1, double& s2) {
+  const __m128 vmmu = _mm_set1_ps(mmu), vmsc = _mm_set1_ps(msc), vmsh = _mm_set1_ps(msh), vthr = _mm_set1_ps(mthr);
+  const __m128 vmu = _mm_set1_ps(mu);
+  __m128d a1lo = _mm_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
+  auto gm4 = [&](int64_t j) {
+    const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m + j), vmmu), vmsc), vmsh);
+    const __m128 gm = masked_grad4_thr(v, _mm_loadu_ps(dy + j), vthr);
+    if (gm_out != nullptr) _mm_storeu_ps(gm_out + j, gm);
+    return gm;
+  };
+  int64_t i = 0;
+  // Eight elements a step: two vectors' gm and gm * (x - mean) added in float (one rounding of two
+  // terms), then widened: half the conversions, the float kernel's speed (2048x7x7: 1.8 -> ~1.4 ms).
+  for (; i + 8 <= n; i += 8) {
+    const __m128 g1 = gm4(i), g2 = gm4(i + 4);
+    const __m128 t1 = _mm_sub_ps(_mm_loadu_ps(x + i), vmu), t2 = _mm_sub_ps(_mm_loadu_ps(x + i + 4), vmu);
+    const __m128 g = _mm_add_ps(g1, g2), p = _mm_add_ps(_mm_mul_ps(g1, t1), _mm_mul_ps(g2, t2));
+    a1lo = _mm_add_pd(a1lo, _mm_cvtps_pd(g));
+    a1hi = _mm_add_pd(a1hi, _mm_cvtps_pd(_mm_movehl_ps(g, g)));
+    a2lo = _mm_add_pd(a2lo, _mm_cvtps_pd(p));
+    a2hi = _mm_add_pd(a2hi, _mm_cvtps_pd(_mm_movehl_ps(p, p)));
+  }
+  for (; i + 4 <= n; i += 4) add_products4(gm4(i), _mm_sub_ps(_mm_loadu_ps(x + i), vmu), a1lo, a1hi, a2lo, a2hi);
+  double r1[2], r2[2];
+  _mm_storeu_pd(r1, _mm_add_pd(a1lo, a1hi));
+  _mm_storeu_pd(r2, _mm_add_pd(a2lo, a2hi));
+  double d1 = r1[0] + r1[1], d2 = r2[0] + r2[1];
+  for (; i < n; ++i) {
+    const float gm = masked_grad((m[i] - mmu) * msc + msh, dy[i], mthr);
+    if (gm_out != nullptr) gm_out[i] = gm;
+    d1 += static_cast<double>(gm);
+    d2 += static_cast<double>(gm) * static_cast<double>(x[i] - mu);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+#endif
+
+// dx = gm * k0 - k1 - (x - mean) * k2 over one run of one channel (gm = dy when m is null).
+template <typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, int64_t n, acc_t mmu,
+                  acc_t msc, acc_t msh, acc_t mthr, acc_t mu, acc_t k0, acc_t k1, acc_t k2) {
+  if (m == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      dx[i] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(dy[i]) * k0 - k1 - (xv - mu) * k2);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      const acc_t gm = masked_grad((to_acc<acc_t>(m[i]) - mmu) * msc + msh, to_acc<acc_t>(dy[i]), mthr);
+      dx[i] = from_acc<scalar_t, acc_t>(gm * k0 - k1 - (xv - mu) * k2);
+    }
+  }
+}
+
+// float16 and bfloat16 rows (float16 only when the CPU has F16C, checked by the callers; see
+// half_convert.h): blocks of kHalfBlock elements are converted to float32 on the stack, run through
+// the float32 row kernels (which vectorise) and converted back: the same float32 math as the other
+// dtypes, one rounding at the end.
+constexpr int64_t kHalfBlock = 1024;
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+template <typename T>
+void row_moments_blocked(const T* x, int64_t n, float K, double& s1, double& s2) {
+  float bx[kHalfBlock];
+  double a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    double b1, b2;
+    row_moments<float, float>(bx, m, K, b1, b2);
+    a1 += b1;
+    a2 += b2;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+void normalize_row_blocked(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
+  float bx[kHalfBlock], br[kHalfBlock];
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t m = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, m);
+    if (r != nullptr) f16c::to_float(r + i, br, m);
+    normalize_row<float, float>(bx, r ? br : nullptr, bx, m, mu, sc, sh);  // in place: element i reads and writes i
+    f16c::from_float(bx, y + i, m);
+  }
+}
+
+// The mask source block: the input's own block when m is x, else m converted (null stays null).
+template <typename T>
+const float* mask_block(const T* m, const T* x, int64_t i, int64_t len, const float* bx, float* bm) {
+  if (m == nullptr) return nullptr;
+  if (m == x) return bx;
+  f16c::to_float(m + i, bm, len);
+  return bm;
+}
+
+template <typename T>
+void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
+                               float msh, float mthr, float mu, double& s1, double& s2) {
+  float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
+  double a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t len = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, len);
+    f16c::to_float(dy + i, bg, len);
+    const float* mb = mask_block(m, x, i, len, bx, bm);
+    double b1, b2;
+    // gm into the dy buffer, in place (element i only reads and writes i)
+    backward_row_sums<float, float>(bx, bg, mb, gm_out ? bg : nullptr, len, mmu, msc, msh, mthr, mu, b1, b2);
+    if (gm_out != nullptr) f16c::from_float(bg, gm_out + i, len);
+    a1 += b1;
+    a2 += b2;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, float msh,
+                          float mthr, float mu, float k0, float k1, float k2) {
+  float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
+  for (int64_t i = 0; i < n; i += kHalfBlock) {
+    const int64_t len = std::min(kHalfBlock, n - i);
+    f16c::to_float(x + i, bx, len);
+    f16c::to_float(dy + i, bg, len);
+    const float* mb = mask_block(m, x, i, len, bx, bm);
+    backward_row<float, float>(bx, bg, mb, bg, len, mmu, msc, msh, mthr, mu, k0, k1, k2);  // dx into dy's buffer
+    f16c::from_float(bg, dx + i, len);
+  }
+}
+
+#define TORCHFAST_BLOCKED_ROWS(T)                                                                          \
+  template <>                                                                                              \
+  void row_moments<T, float>(const T* x, int64_t n, float K, double& s1, double& s2) {                     \
+    row_moments_blocked(x, n, K, s1, s2);                                                                  \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {    \
+    normalize_row_blocked(x, r, y, n, mu, sc, sh);                                                         \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,   \
+                                   float msc, float msh, float mthr, float mu, double& s1, double& s2) {   \
+    backward_row_sums_blocked(x, dy, m, gm_out, n, mmu, msc, msh, mthr, mu, s1, s2);                       \
+  }                                                                                                        \
+  template <>                                                                                              \
+  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, \
+                              float msh, float mthr, float mu, float k0, float k1, float k2) {             \
+    backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                            \
+  }
+TORCHFAST_BLOCKED_ROWS(c10::Half)
+TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
+#undef TORCHFAST_BLOCKED_ROWS
+
+// channels_last rows: float16/bfloat16 rows (up to kRowsPerBlock at a time) are read through a
+// float32 copy (as_acc_row) and written from one (acc_out_row, then store_row); for other dtypes
+// these return the rows themselves.
+template <typename scalar_t>
+inline auto as_acc_row(const scalar_t* row, int64_t n, std::vector<float>& buf) {
+  if constexpr (kReduced<scalar_t>) {
+    f16c::to_float(row, buf.data(), n);
+    return static_cast<const float*>(buf.data());
+  } else {
+    return row;
+  }
+}
+
+template <typename scalar_t>
+inline auto acc_out_row(scalar_t* row, std::vector<float>& buf) {
+  if constexpr (kReduced<scalar_t>) return buf.data();
+  else return row;
+}
+
+template <typename scalar_t>
+inline void store_row(scalar_t* row, const std::vector<float>& buf, int64_t n) {
+  if constexpr (kReduced<scalar_t>) f16c::from_float(buf.data(), row, n);
+}
+
+template <typename scalar_t>
+inline size_t half_buffer(int64_t C) {
+  return kReduced<scalar_t> ? static_cast<size_t>(C) : 0;
+}
+
+#ifdef TORCHFAST_STREAM_STORES
+// float32 rows of the whole-channel paths, written with non-temporal stores: the output of a large
+// activation leaves the cache before anyone reads it, so skipping the read-for-ownership saves a
+// third of the elementwise pass's memory traffic. Same operations, same order, same results as
+// normalize_row / backward_row (SSE2 is baseline x86-64; maxps(0, v) returns v when v is NaN, as
+// relu() does, and the compare-and-mask zeroes the gradient there like masked_grad).
+inline void normalize_row_stream(const float* x, const float* r, float* y, int64_t n, float mu, float sc,
+                                 float sh) {
+  int64_t i = 0;
+  auto scalar = [&](int64_t j) {
+    float v = (x[j] - mu) * sc + sh;
+    if (r != nullptr) v = v + r[j];
+    y[j] = relu(v);
+  };
+  for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) scalar(i);
+  const __m128 vmu = _mm_set1_ps(mu), vsc = _mm_set1_ps(sc), vsh = _mm_set1_ps(sh), zero = _mm_setzero_ps();
+  if (r == nullptr) {
+    for (; i + 4 <= n; i += 4)
+      _mm_stream_ps(y + i, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(x + i), vmu), vsc), vsh)));
+  } else {
+    for (; i + 4 <= n; i += 4) {
+      const __m128 t = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(x + i), vmu), vsc), vsh);
+      const __m128 v = _mm_add_ps(t, _mm_loadu_ps(r + i));
+      _mm_stream_ps(y + i, _mm_max_ps(zero, v));
+    }
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// gm = ((m - mmu) * msc + msh > 0) ? dy : 0, four lanes; dy itself when m is null.
+inline __m128 masked_grad4(const float* m, const float* dy, __m128 mmu, __m128 msc, __m128 msh) {
+  if (m == nullptr) return _mm_loadu_ps(dy);
+  const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(m), mmu), msc), msh);
+  const __m128 mask = _mm_cmpgt_ps(v, _mm_setzero_ps());
+  return _mm_and_ps(mask, _mm_loadu_ps(dy));
+}
+
+inline void backward_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t n, float mmu,
+                                float msc, float msh, float mu, float k0, float k1, float k2) {
+  int64_t i = 0;
+  auto scalar = [&](int64_t j) {
+    const float gm = m == nullptr ? dy[j] : masked_grad((m[j] - mmu) * msc + msh, dy[j]);
+    dx[j] = gm * k0 - k1 - (x[j] - mu) * k2;
+  };
+  for (; i < n && (reinterpret_cast<uintptr_t>(dx + i) & 15); ++i) scalar(i);
+  const __m128 vmmu = _mm_set1_ps(mmu), vsc = _mm_set1_ps(msc), vsh = _mm_set1_ps(msh), vmu = _mm_set1_ps(mu);
+  const __m128 vk0 = _mm_set1_ps(k0), vk1 = _mm_set1_ps(k1), vk2 = _mm_set1_ps(k2);
+  for (; i + 4 <= n; i += 4) {
+    const __m128 xv = _mm_loadu_ps(x + i);
+    const __m128 gm = masked_grad4(m ? m + i : nullptr, dy + i, vmmu, vsc, vsh);
+    _mm_stream_ps(dx + i, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, vk0), vk1), _mm_mul_ps(_mm_sub_ps(xv, vmu), vk2)));
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// channels_last rows (C % 4 == 0, 16-byte aligned output): the same two formulas per channel.
+inline void normalize_cl_row_stream(const float* x, const float* r, float* y, int64_t C, const float* mean,
+                                    const float* scale, const float* shift) {
+  const __m128 zero = _mm_setzero_ps();
+  for (int64_t c = 0; c < C; c += 4) {
+    const __m128 t = _mm_sub_ps(_mm_loadu_ps(x + c), _mm_loadu_ps(mean + c));
+    __m128 v = _mm_add_ps(_mm_mul_ps(t, _mm_loadu_ps(scale + c)), _mm_loadu_ps(shift + c));
+    if (r != nullptr) v = _mm_add_ps(v, _mm_loadu_ps(r + c));
+    _mm_stream_ps(y + c, _mm_max_ps(zero, v));
+  }
+}
+
+inline void backward_cl_row_stream(const float* x, const float* dy, const float* m, float* dx, int64_t C,
+                                   const float* mmean, const float* mscale, const float* mshift, const float* mean,
+                                   const float* k0, const float* k1, const float* k2) {
+  for (int64_t c = 0; c < C; c += 4) {
+    const __m128 xv = _mm_loadu_ps(x + c);
+    const __m128 gm = m == nullptr ? _mm_loadu_ps(dy + c)
+                                   : masked_grad4(m + c, dy + c, _mm_loadu_ps(mmean + c), _mm_loadu_ps(mscale + c),
+                                                  _mm_loadu_ps(mshift + c));
+    _mm_stream_ps(dx + c, _mm_sub_ps(_mm_sub_ps(_mm_mul_ps(gm, _mm_loadu_ps(k0 + c)), _mm_loadu_ps(k1 + c)),
+                                     _mm_mul_ps(_mm_sub_ps(xv, _mm_loadu_ps(mean + c)), _mm_loadu_ps(k2 + c))));
+  }
+}
+
+// Whether a float32 channels_last output can take the streaming rows above.
+inline bool cl_streamable(const void* out, int64_t C) {
+  return C % 4 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+}
+
+#ifdef TORCHFAST_BN_AVX2
+// The same channels_last rows eight lanes at a time (C % 8 == 0, 32-byte aligned output). The compare is
+// ordered (a NaN value masks its gradient to 0, as masked_grad does); maxps(0, v) keeps a NaN v.
+inline bool cl_streamable8(const void* out, int64_t C) {
+  return C % 8 == 0 && (reinterpret_cast<uintptr_t>(out) & 31) == 0;
+}
+
+inline void normalize_cl_row_stream8(const float* x, const float* r, float* y, int64_t C, const float* mean,
+                                     const float* scale, const float* shift) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(mean + c));
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(t, _mm256_loadu_ps(scale + c)), _mm256_loadu_ps(shift + c));
+    if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + c));
+    _mm256_stream_ps(y + c, _mm256_max_ps(zero, v));
+  }
+}
+
+inline void backward_cl_row_stream8(const float* x, const float* dy, const float* m, float* dx, int64_t C,
+                                    const float* mmean, const float* mscale, const float* mshift, float mthr,
+                                    const float* mean, const float* k0, const float* k1, const float* k2) {
+  const __m256 thr = _mm256_set1_ps(mthr);
+  for (int64_t c = 0; c < C; c += 8) {
+    __m256 gm = _mm256_loadu_ps(dy + c);
+    if (m != nullptr) {
+      const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(m + c), _mm256_loadu_ps(mmean + c));
+      const __m256 v = _mm256_add_ps(_mm256_mul_ps(t, _mm256_loadu_ps(mscale + c)), _mm256_loadu_ps(mshift + c));
+      gm = _mm256_and_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ), gm);
+    }
+    const __m256 xm = _mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(mean + c));
+    _mm256_stream_ps(dx + c, _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(gm, _mm256_loadu_ps(k0 + c)),
+                                                         _mm256_loadu_ps(k1 + c)),
+                                           _mm256_mul_ps(xm, _mm256_loadu_ps(k2 + c))));
+  }
+}
+#endif
+#endif
+
+// mean, biased variance and 1/sqrt(var + eps) from the shifted sums of one channel.
+template <typename acc_t>
+void finish_stats(double S1, double S2, double K, double M, double eps, acc_t& mean, acc_t& var, acc_t& invstd) {
+  const double m1 = S1 / M;
+  const double v = std::max(0.0, S2 / M - m1 * m1);
+  mean = to_acc<acc_t>(K + m1);
+  var = to_acc<acc_t>(v);
+  invstd = to_acc<acc_t>(1.0 / std::sqrt(v + eps));
+}
+
+// The shift K of the shifted sums: the mean of each channel's first 32 elements (within ~0.2 std of the
+// channel's mean). With K = the first element, which can sit 2 std from the mean, sum((x-K)^2)/M and
+// (sum(x-K)/M)^2 are each 5x the variance and their difference keeps a fifth of the precision.
+template <typename scalar_t, typename acc_t>
+std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
+  constexpr int64_t kSamples = 32;
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const int64_t count = std::min(kSamples, N * S);
+  std::vector<double> K(C, 0.0);
+  if (g.layout == Layout::kNCS) {
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t left = count;
+      for (int64_t n = 0; left > 0; ++n) {
+        const scalar_t* row = x + (n * C + c) * S;
+        const int64_t take = std::min(S, left);
+        for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(to_acc<acc_t>(row[i]));
+        left -= take;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t c = 0; c < C; ++c) K[c] += static_cast<double>(to_acc<acc_t>(x[r * C + c]));
+  }
+  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(count ? K[c] / count : 0.0));
+  return K;
+}
+
+// Per-channel backward coefficients: dx = w*invstd * (gm - sum_dy/M - (x-mean) * invstd^2 * sum_dy_xmu/M)
+// = gm * k0 - k1 - (x - mean) * k2 in training, gm * k0 in eval.
+template <typename acc_t>
+void backward_coeffs(double sum_dy, double sum_dy_xmu, acc_t w, acc_t invstd, double M, bool training, acc_t& gw,
+                     acc_t& gb, acc_t& k0, acc_t& k1, acc_t& k2) {
+  const double inv = static_cast<double>(invstd), wd = static_cast<double>(w);
+  gb = to_acc<acc_t>(sum_dy);
+  gw = M > 0 ? to_acc<acc_t>(sum_dy_xmu * inv) : acc_t(0);  // an empty batch: zero, as stock (not 0 * NaN)
+  k0 = to_acc<acc_t>(wd * inv);
+  const bool full = training && M > 0;
+  k1 = full ? to_acc<acc_t>(wd * inv * sum_dy / M) : acc_t(0);
+  k2 = full ? to_acc<acc_t>(wd * inv * inv * inv * sum_dy_xmu / M) : acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training forward, contiguous layout, whole channels per thread (see the header comment).
+
+template <typename scalar_t, typename acc_t>
+void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, double eps,
+                              const acc_t* w,
+                              const acc_t* b, acc_t* mean, acc_t* invstd, acc_t* var) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(N * S);
+  const std::vector<double> shifts = channel_shifts<scalar_t, acc_t>(x, g);
+  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const acc_t K = to_acc<acc_t>(shifts[c]);
+      double S1 = 0, S2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        double s1, s2;
+        row_moments<scalar_t, acc_t>(x + (n * C + c) * S, S, K, s1, s2);
+        S1 += static_cast<double>(s1);
+        S2 += static_cast<double>(s2);
+      }
+      finish_stats<acc_t>(S1, S2, static_cast<double>(K), M, eps, mean[c], var[c], invstd[c]);
+      const acc_t mu = mean[c], sc = w[c] * invstd[c], sh = b[c];  // scale_shift's formula
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * S;
+#ifdef TORCHFAST_STREAM_STORES
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
+          continue;
+        }
+#endif
+        normalize_row<scalar_t, acc_t>(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
+      }
+    }
+#ifdef TORCHFAST_STREAM_STORES
+    _mm_sfence();  // make the non-temporal stores visible before the parallel region ends
+#endif
+  });
+}
+
+// Backward, contiguous layout, whole channels per thread.
+// The mask source: m with per-channel msc/msh (see backward_row_sums); gm_out, when not null, receives
+// the masked gradient in the reduction pass and the elementwise pass reads it back with no mask.
+template <typename scalar_t, typename acc_t>
+struct MaskSource {
+  const scalar_t* m;
+  const acc_t* mmu;
+  const acc_t* msc;
+  const acc_t* msh;
+  acc_t mthr;  // mask = (m - mmu) * msc + msh > mthr (see mask_threshold)
+  scalar_t* gm_out;
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource<scalar_t, acc_t>& ms, scalar_t* dx,
+                         const Geometry& g, const acc_t* mean, const acc_t* invstd, const acc_t* w, bool training,
+                         acc_t* gw, acc_t* gb) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(N * S);
+  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        double s1, s2;
+        const int64_t o = (n * C + c) * S;
+        backward_row_sums<scalar_t, acc_t>(x + o, dy + o, ms.m + o, ms.gm_out ? ms.gm_out + o : nullptr, S, ms.mmu[c],
+                                           ms.msc[c], ms.msh[c], ms.mthr, mean[c], s1, s2);
+        sum_dy += static_cast<double>(s1);
+        sum_dy_xmu += static_cast<double>(s2);
+      }
+      acc_t k0, k1, k2;
+      backward_coeffs<acc_t>(sum_dy, sum_dy_xmu, w[c], invstd[c], M, training, gw[c], gb[c], k0, k1, k2);
+      // The elementwise pass reads the stored gm (no mask) when there is one, else dy masked again.
+      const scalar_t* gsrc = ms.gm_out ? ms.gm_out : dy;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * S;
+        const scalar_t* mo = ms.gm_out ? nullptr : ms.m + o;
+#ifdef TORCHFAST_STREAM_STORES
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (ms.mthr == 0.0f) {  // the SSE rows mask at 0
+            backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
+            continue;
+          }
+        }
+#endif
+        backward_row<scalar_t, acc_t>(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c],
+                                      k0, k1, k2);
+      }
+    }
+#ifdef TORCHFAST_STREAM_STORES
+    _mm_sfence();
+#endif
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two-pass versions, parallel over rows: contiguous with few channels, and channels_last.
+
+template <typename scalar_t, typename acc_t>
+void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(N * S);
+  std::vector<double> S1(C, 0.0), S2(C, 0.0);
+  const std::vector<double> K = channel_shifts<scalar_t, acc_t>(x, g);
+  if (g.layout == Layout::kNCS) {
+    std::vector<double> r1(N * C), r2(N * C);
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        row_moments<scalar_t, acc_t>(x + r * S, S, to_acc<acc_t>(K[c]), r1[r], r2[r]);
+      }
+    });
+    for (int64_t r = 0; r < N * C; ++r) {
+      S1[r % C] += static_cast<double>(r1[r]);
+      S2[r % C] += static_cast<double>(r2[r]);
+    }
+  } else {
+    const int64_t R = N * S;
+    std::vector<acc_t> Kc(C);
+    for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
+    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<double> p1(nblk * C), p2(nblk * C);
+    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
+      std::vector<acc_t> a1(C), a2(C);
+      std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C));
+      for (int64_t blk = bb; blk < be; ++blk) {
+        std::fill(p1.begin() + blk * C, p1.begin() + (blk + 1) * C, 0.0);
+        std::fill(p2.begin() + blk * C, p2.begin() + (blk + 1) * C, 0.0);
+        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
+        const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);  // the block's rows, converted at once
+        for (int64_t f0 = r0; f0 < r_end; f0 += kFoldRows) {  // acc_t partials over kFoldRows rows, then double
+          std::fill(a1.begin(), a1.end(), acc_t(0));
+          std::fill(a2.begin(), a2.end(), acc_t(0));
+          for (int64_t r = f0; r < std::min(r_end, f0 + kFoldRows); ++r) {
+            const auto* row = xb + (r - r0) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
+              a1[c] += d;
+              a2[c] += d * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            p1[blk * C + c] += static_cast<double>(a1[c]);
+            p2[blk * C + c] += static_cast<double>(a2[c]);
+          }
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        S1[c] += p1[blk * C + c];
+        S2[c] += p2[blk * C + c];
+      }
+  }
+  for (int64_t c = 0; c < C; ++c) finish_stats<acc_t>(S1[c], S2[c], K[c], M, eps, mean[c], var[c], invstd[c]);
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g, const acc_t* mean,
+                    const acc_t* scale, const acc_t* shift) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.layout == Layout::kNCS) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, mean[r % C], scale[r % C],
+                                       shift[r % C]);
+    });
+  } else {
+#ifdef TORCHFAST_STREAM_STORES
+    if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef TORCHFAST_BN_AVX2
+      if (cl_streamable8(y, C)) {
+        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r)
+            normalize_cl_row_stream8(x + r * C, res ? res + r * C : nullptr, y + r * C, C, mean, scale, shift);
+          _mm_sfence();
+        });
+        return;
+      }
+#endif
+      if (cl_streamable(y, C)) {
+        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r)
+            normalize_cl_row_stream(x + r * C, res ? res + r * C : nullptr, y + r * C, C, mean, scale, shift);
+          _mm_sfence();
+        });
+        return;
+      }
+    }
+#endif
+    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      std::vector<float> fx(nbuf), fy(nbuf), fr(res ? nbuf : 0);
+      for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
+        const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
+        const auto* xg = as_acc_row(x + g0 * C, (g1 - g0) * C, fx);
+        const auto* rg = res ? as_acc_row(res + g0 * C, (g1 - g0) * C, fr) : nullptr;
+        auto* yg = acc_out_row(y + g0 * C, fy);
+        using out_t = std::remove_pointer_t<decltype(yg)>;
+        for (int64_t r = g0; r < g1; ++r) {
+          const auto* xr = xg + (r - g0) * C;
+          out_t* yr = yg + (r - g0) * C;
+          if (rg == nullptr) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t v = (to_acc<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c];
+              yr[c] = from_acc<out_t, acc_t>(relu(v));
+            }
+          } else {
+            const auto* rr = rg + (r - g0) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t v = (to_acc<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c] + to_acc<acc_t>(rr[c]);
+              yr[c] = from_acc<out_t, acc_t>(relu(v));
+            }
+          }
+        }
+        store_row(y + g0 * C, fy, (g1 - g0) * C);
+      }
+    });
+  }
+}
+
+// Backward reduction: per channel sum(dy * mask) and sum(dy * mask * (x - mean)).
+template <typename scalar_t, typename acc_t>
+void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scalar_t, acc_t>& ms, const Geometry& g,
+                   const acc_t* mean, double* sum_dy, double* sum_dy_xmu) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  if (g.layout == Layout::kNCS) {
+    std::vector<double> r1(N * C), r2(N * C);
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, ms.m + r * S, ms.gm_out ? ms.gm_out + r * S : nullptr,
+                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c], r1[r], r2[r]);
+      }
+    });
+    for (int64_t r = 0; r < N * C; ++r) {
+      sum_dy[r % C] += static_cast<double>(r1[r]);
+      sum_dy_xmu[r % C] += static_cast<double>(r2[r]);
+    }
+  } else {
+    const int64_t R = N * S;
+    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<double> p1(nblk * C), p2(nblk * C);
+    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      const bool own_mask = ms.m != x;
+      std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
+      std::vector<acc_t> a1(C), a2(C);
+      for (int64_t blk = bb; blk < be; ++blk) {
+        double* q1 = p1.data() + blk * C;
+        double* q2 = p2.data() + blk * C;
+        std::fill(q1, q1 + C, 0.0);
+        std::fill(q2, q2 + C, 0.0);
+        const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
+        const auto* xb = as_acc_row(x + r0 * C, len, fx);
+        const auto* gb = as_acc_row(dy + r0 * C, len, fg);
+        const auto* mb = own_mask ? as_acc_row(ms.m + r0 * C, len, fm) : xb;
+        auto* ob = ms.gm_out ? acc_out_row(ms.gm_out + r0 * C, fo) : nullptr;
+        using out_t = std::remove_pointer_t<decltype(ob)>;
+        // acc_t partials over kFoldRows rows (a 16-term sum per channel), folded into double: the
+        // backward's sums cancel, but 16 terms lose nothing a double accumulator would keep.
+        for (int64_t f0 = r0; f0 < r_end; f0 += kFoldRows) {
+          std::fill(a1.begin(), a1.end(), acc_t(0));
+          std::fill(a2.begin(), a2.end(), acc_t(0));
+          for (int64_t r = f0; r < std::min(r_end, f0 + kFoldRows); ++r) {
+            const int64_t o = (r - r0) * C;
+            const auto *xr = xb + o, *gr = gb + o, *mr = mb + o;
+            if (ob != nullptr) {
+              out_t* orow = ob + o;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c],
+                                             to_acc<acc_t>(gr[c]), ms.mthr);
+                orow[c] = from_acc<out_t, acc_t>(gm);
+                a1[c] += gm;
+                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mean[c]);
+              }
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c],
+                                             to_acc<acc_t>(gr[c]), ms.mthr);
+                a1[c] += gm;
+                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mean[c]);
+              }
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            q1[c] += static_cast<double>(a1[c]);
+            q2[c] += static_cast<double>(a2[c]);
+          }
+        }
+        if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
+      }
+    });
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] += p1[blk * C + c];
+        sum_dy_xmu[c] += p2[blk * C + c];
+      }
+  }
+}
+
+// dx from the masked gradient: gm = dy masked by m (see backward_row_sums), or dy itself when m is null.
+template <typename scalar_t, typename acc_t>
+void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scalar_t* dx, const Geometry& g,
+                          const acc_t* mmu, const acc_t* msc, const acc_t* msh, acc_t mthr, const acc_t* mean,
+                          const acc_t* k0, const acc_t* k1, const acc_t* k2) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.layout == Layout::kNCS) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, mmu[c], msc[c],
+                                      msh[c], mthr, mean[c], k0[c], k1[c], k2[c]);
+      }
+    });
+  } else {
+#ifdef TORCHFAST_STREAM_STORES
+    if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef TORCHFAST_BN_AVX2
+      if (cl_streamable8(dx, C)) {
+        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r)
+            backward_cl_row_stream8(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh,
+                                    mthr, mean, k0, k1, k2);
+          _mm_sfence();
+        });
+        return;
+      }
+#endif
+      if (cl_streamable(dx, C) && mthr == 0.0f) {  // the SSE rows mask at 0
+        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r)
+            backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh, mean,
+                                   k0, k1, k2);
+          _mm_sfence();
+        });
+        return;
+      }
+    }
+#endif
+    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+      const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
+      const bool own_mask = m != nullptr && m != x;
+      std::vector<float> fx(nbuf), fg(nbuf), fd(nbuf), fm(own_mask ? nbuf : 0);
+      for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
+        const int64_t g1 = std::min(e, g0 + kRowsPerBlock), len = (g1 - g0) * C;
+        const auto* xg = as_acc_row(x + g0 * C, len, fx);
+        const auto* gg = as_acc_row(dy + g0 * C, len, fg);
+        const auto* mg = own_mask ? as_acc_row(m + g0 * C, len, fm) : xg;
+        auto* dg = acc_out_row(dx + g0 * C, fd);
+        using out_t = std::remove_pointer_t<decltype(dg)>;
+        for (int64_t r = g0; r < g1; ++r) {
+          const auto* xr = xg + (r - g0) * C;
+          const auto* gr = gg + (r - g0) * C;
+          const auto* mr = mg + (r - g0) * C;
+          out_t* dr = dg + (r - g0) * C;
+          if (m == nullptr) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              dr[c] = from_acc<out_t, acc_t>(to_acc<acc_t>(gr[c]) * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = to_acc<acc_t>(xr[c]);
+              const acc_t gm =
+                  masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]), mthr);
+              dr[c] = from_acc<out_t, acc_t>(gm * k0[c] - k1[c] - (xv - mean[c]) * k2[c]);
+            }
+          }
+        }
+        store_row(dx + g0 * C, fd, len);
+      }
+    });
+  }
+}
+
+// Whole channels per thread pays off when every thread gets channels to work on and the channel's rows
+// are long: a 7x7 channel is 32 runs of 196 bytes, 400 KB apart, which the prefetchers cannot follow
+// (measured 5x slower than streaming all rows twice, 32x2048x7x7 backward on the 2-core EPYC VM).
+bool by_channel(const Geometry& g) {
+  return g.layout == Layout::kNCS && g.C >= at::get_num_threads() && g.S >= kMinChannelRow;
+}
+
+}  // namespace
+
+void forward(const at::Tensor& x, const at::Tensor& res, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd,
+             at::Tensor& var, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+             const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+             bool training, double eps) {
+  const at::Tensor& input = x;
+  const bool add = res.defined();
+  const int64_t C = x.size(1);
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = geometry(x);
+    const scalar_t* rp = add ? res.data_ptr<scalar_t>() : nullptr;
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    if (training && numel > 0 && by_channel(g)) {
+      const std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), b = per_channel<acc_t>(bias, C, 0);
+      train_forward_by_channel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, eps, w.data(),
+                                                b.data(), mp, ip, vp);
+      return;
+    }
+    if (training) {
+      if (numel > 0) {
+        batch_stats<scalar_t, acc_t>(x.data_ptr<scalar_t>(), g, eps, mp, ip, vp);
+      } else {
+        std::fill(mp, mp + C, std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(vp, vp + C, std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(ip, ip + C, std::numeric_limits<acc_t>::quiet_NaN());
+      }
+    } else {
+      std::vector<acc_t> rm = per_channel<acc_t>(running_mean, C, 0), rv = per_channel<acc_t>(running_var, C, 1);
+      for (int64_t c = 0; c < C; ++c) {
+        mp[c] = rm[c];
+        vp[c] = rv[c];
+        ip[c] = to_acc<acc_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      }
+    }
+    if (numel == 0) return;
+    std::vector<acc_t> m(mp, mp + C), is(ip, ip + C), scale, shift;
+    scale_shift(m, is, per_channel<acc_t>(weight, C, 1), per_channel<acc_t>(bias, C, 0), scale, shift);
+    normalize_relu<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rp, y.data_ptr<scalar_t>(), g, m.data(), scale.data(),
+                                    shift.data());
+  });
+}
+
+void backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& o, at::Tensor& grad_in,
+              at::Tensor& grad_res, at::Tensor& grad_w, at::Tensor& grad_b, const c10::optional<at::Tensor>& weight,
+              const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+              double mask_thr) {
+  const at::Tensor& input = x;
+  const bool add = o.defined();
+  const int64_t C = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = geometry(x);
+    std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), mmu, msc, msh;
+    if (add) {
+      mmu.assign(C, acc_t(0));  // (out - 0) * 1 + 0 > 0: exactly out > 0
+      msc.assign(C, acc_t(1));
+      msh.assign(C, acc_t(0));
+    } else {
+      mmu = m;
+      scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), msc, msh);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    scalar_t* dxp = grad_in.data_ptr<scalar_t>();
+    const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, mmu.data(), msc.data(), msh.data(),
+                                         add ? acc_t(0) : static_cast<acc_t>(mask_thr),
+                                         add ? grad_res.data_ptr<scalar_t>() : nullptr};
+    acc_t* gw = grad_w.data_ptr<acc_t>();
+    acc_t* gb = grad_b.data_ptr<acc_t>();
+    if (x.numel() > 0 && by_channel(g)) {
+      backward_by_channel<scalar_t, acc_t>(xp, dyp, ms, dxp, g, m.data(), is.data(), w.data(), training, gw, gb);
+      return;
+    }
+    std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+    if (x.numel() > 0) backward_sums<scalar_t, acc_t>(xp, dyp, ms, g, m.data(), sum_dy.data(), sum_dy_xmu.data());
+    const double M = static_cast<double>(g.N * g.S);
+    std::vector<acc_t> k0(C), k1(C), k2(C);
+    for (int64_t c = 0; c < C; ++c)
+      backward_coeffs<acc_t>(sum_dy[c], sum_dy_xmu[c], w[c], is[c], M, training, gw[c], gb[c], k0[c], k1[c], k2[c]);
+    if (x.numel() > 0) {
+      // bn_add_relu: the stored gm, no mask; bn_relu: dy masked again from x.
+      const scalar_t* gsrc = add ? ms.gm_out : dyp;
+      backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, mmu.data(), msc.data(), msh.data(),
+                                            ms.mthr, m.data(), k0.data(), k1.data(), k2.data());
+    }
+  });
+}
+
+}  // namespace TORCHFAST_BN_ISA
+}  // namespace torchfast
