@@ -434,7 +434,8 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
     set with the portable half conversions (TORCHFAST_NO_AVX2=1, TORCHFAST_NO_F16C=1: SSE2 rows, float16
     through float32 copies), for both ops, every dtype and both layouts, with C % 8 == 0 (the 8-lane
     channels_last rows) and C % 8 != 0. Both must be within rounding of each other: the sums are formed
-    in another order, the elementwise formulas are the same."""
+    in another order, the elementwise formulas are the same. And the streaming-store rows (forced on
+    these small tensors) against the ordinary ones: bitwise equal."""
     import os
     import subprocess
     import sys
@@ -463,12 +464,21 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
         "                    torch.ops.torchfast.bn_add_relu_bwd(dy, y, x, w, m, i, tr))\n"
         "torch.save(out, sys.argv[1])\n")
     results = {}
-    for name, env in [("default", {}), ("portable", {"TORCHFAST_NO_AVX2": "1", "TORCHFAST_NO_F16C": "1"})]:
+    for name, env in [("default", {}), ("portable", {"TORCHFAST_NO_AVX2": "1", "TORCHFAST_NO_F16C": "1"}),
+                      ("streaming", {"TORCHFAST_STREAM_MIN_BYTES": "0"}),
+                      ("portable streaming", {"TORCHFAST_NO_AVX2": "1", "TORCHFAST_STREAM_MIN_BYTES": "0"})]:
         path = str(tmp_path / (name + ".pt"))
         r = subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         results[name] = torch.load(path)
+    # Non-temporal stores (taken for outputs past half the last-level cache; forced here) write what the
+    # ordinary stores write, bit for bit, within each instruction set.
+    for plain, streamed in (("default", "streaming"), ("portable", "portable streaming")):
+        for key, a in results[plain].items():
+            if key[0] == "torch.float32":
+                for u, v in zip(a, results[streamed][key]):
+                    assert torch.equal(u, v), (plain, key)
     tol = {"torch.float32": (1e-5, 1e-5), "torch.float64": (1e-12, 1e-12), "torch.float16": (2 * 2.0 ** -10, 2e-3),
            "torch.bfloat16": (2 * 2.0 ** -7, 2e-2)}
     for key, default in results["default"].items():

@@ -14,6 +14,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #define TORCHFAST_STREAM_STORES 1

@@ -31,9 +31,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>  // sysconf
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -53,6 +56,11 @@ namespace TORCHFAST_BN_ISA {
 namespace {
 
 constexpr int64_t kRowsPerBlock = 64;  // channels_last rows folded per partial
+// channels_last passes over wide rows walk them one tile of channels at a time, so that the tile's
+// per-channel arrays (up to 7: mean, scale, shift, k0..k2, partial sums) stay in L1 while the rows
+// stream by: whole rows of C = 2048 need 56 KB of them (tiles of 1024: backward 8x2048x7x7 -15 %).
+// Narrower tiles cost more than they save (256: +90 % on 8x512x28x28: the rows are read in pieces).
+constexpr int64_t kChanTile = 1024;
 constexpr int64_t kFoldRows = 16;      // channels_last rows summed in acc_t before folding into double
 constexpr int64_t kMinChannelRow = 256;  // see by_channel
 
@@ -552,9 +560,42 @@ inline void backward_cl_row_stream(const float* x, const float* dy, const float*
   }
 }
 
+// Non-temporal stores skip the read-for-ownership of an output that leaves the cache before anyone
+// reads it; an output that fits in half the last-level cache is written normally, since the next pass
+// (the backward, the next layer) finds it there. Measured on the 2-core EPYC VM (32 MB L3): a
+// BatchNorm+add+ReLU training step at 8x2048x7x7 channels_last (3.2 MB tensors) went from 0.87x stock
+// with streaming stores to 1.0-1.5x without; above the threshold streaming still wins.
+inline bool stream_output(int64_t bytes) {
+  static const int64_t threshold = []() -> int64_t {
+    if (const char* forced = std::getenv("TORCHFAST_STREAM_MIN_BYTES")) return static_cast<int64_t>(std::atoll(forced));  // tests
+    int64_t l3 = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return std::max<int64_t>(int64_t(8) << 20, l3 > 0 ? l3 / 2 : int64_t(16) << 20);
+  }();
+  return bytes >= threshold;
+}
+
+inline int64_t float_bytes(const Geometry& g) { return g.N * g.C * g.S * static_cast<int64_t>(sizeof(float)); }
+
 // Whether a float32 channels_last output can take the streaming rows above.
 inline bool cl_streamable(const void* out, int64_t C) {
   return C % 4 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+}
+
+// f(offset of (row r, channel c0), c0, tile width) over rows [b, e): groups of kRowsPerBlock rows (at
+// most 512 KB at C = 2048, so a group's rows are still in L2 for its next tile), each one channel
+// tile at a time (see kChanTile; a multiple of 8, so tiles keep the rows' vector alignment).
+template <typename F>
+inline void for_cl_tiles(int64_t b, int64_t e, int64_t C, F&& f) {
+  for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {
+    const int64_t g1 = std::min(e, g0 + kRowsPerBlock);
+    for (int64_t c0 = 0; c0 < C; c0 += kChanTile) {
+      const int64_t n = std::min(kChanTile, C - c0);
+      for (int64_t r = g0; r < g1; ++r) f(r * C + c0, c0, n);
+    }
+  }
 }
 
 #ifdef TORCHFAST_BN_AVX2
@@ -624,9 +665,14 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
         left -= take;
       }
     }
-  } else {
-    for (int64_t r = 0; r < count; ++r)
-      for (int64_t c = 0; c < C; ++c) K[c] += static_cast<double>(to_acc<acc_t>(x[r * C + c]));
+  } else {  // in acc_t (32 terms; a shift needs no more), vectorised across the row
+    std::vector<acc_t> k(C, acc_t(0));
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* row = x + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) k[c] += to_acc<acc_t>(row[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(k[c]);
   }
   for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(to_acc<acc_t>(count ? K[c] / count : 0.0));
   return K;
@@ -654,6 +700,9 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
                               const acc_t* w,
                               const acc_t* b, acc_t* mean, acc_t* invstd, acc_t* var) {
   const int64_t N = g.N, C = g.C, S = g.S;
+#ifdef TORCHFAST_STREAM_STORES
+  const bool stream = stream_output(float_bytes(g));
+#endif
   const double M = static_cast<double>(N * S);
   const std::vector<double> shifts = channel_shifts<scalar_t, acc_t>(x, g);
   at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
@@ -672,8 +721,10 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
         const int64_t o = (n * C + c) * S;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
-          continue;
+          if (stream) {
+            normalize_row_stream(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
+            continue;
+          }
         }
 #endif
         normalize_row<scalar_t, acc_t>(x + o, res ? res + o : nullptr, y + o, S, mu, sc, sh);
@@ -703,6 +754,9 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
                          const Geometry& g, const acc_t* mean, const acc_t* invstd, const acc_t* w, bool training,
                          acc_t* gw, acc_t* gb) {
   const int64_t N = g.N, C = g.C, S = g.S;
+#ifdef TORCHFAST_STREAM_STORES
+  const bool stream = stream_output(float_bytes(g));
+#endif
   const double M = static_cast<double>(N * S);
   at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
@@ -724,7 +778,7 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
         const scalar_t* mo = ms.gm_out ? nullptr : ms.m + o;
 #ifdef TORCHFAST_STREAM_STORES
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (ms.mthr == 0.0f) {  // the SSE rows mask at 0
+          if (stream && ms.mthr == 0.0f) {  // the SSE rows mask at 0
             backward_row_stream(x + o, gsrc + o, mo, dx + o, S, ms.mmu[c], ms.msc[c], ms.msh[c], mean[c], k0, k1, k2);
             continue;
           }
@@ -742,6 +796,35 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
 
 // ---------------------------------------------------------------------------------------------
 // Two-pass versions, parallel over rows: contiguous with few channels, and channels_last.
+
+// The channels_last reductions' work units: blocks of kRowsPerBlock rows times tiles of kChanTile
+// channels (whole rows for float16/bfloat16, whose rows are converted a block at a time). Each unit
+// writes its block's partial sums for its channels; reduce() adds the blocks in order, so the result
+// does not depend on the thread count. Splitting channels too keeps both threads busy on layers with
+// few rows (8x2048x7x7 has 392 rows: 7 blocks, 56 units).
+struct ClUnits {
+  int64_t R, C, nblk, tile, ntiles;
+  ClUnits(int64_t R_, int64_t C_, bool whole_rows)
+      : R(R_), C(C_), nblk((R_ + kRowsPerBlock - 1) / kRowsPerBlock),
+        tile(std::max<int64_t>(1, whole_rows ? C_ : std::min(C_, kChanTile))), ntiles((C_ + tile - 1) / tile) {}
+  int64_t count() const { return nblk * ntiles; }
+  int64_t block(int64_t i) const { return i / ntiles; }
+  int64_t c0(int64_t i) const { return (i % ntiles) * tile; }
+  int64_t c1(int64_t i) const { return std::min(C, c0(i) + tile); }
+  void reduce(const std::vector<double>& p1, const std::vector<double>& p2, double* s1, double* s2) const {
+    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(nblk, 1)), [&](int64_t cb, int64_t ce) {
+      for (int64_t blk = 0; blk < nblk; ++blk) {  // row by row (a column walk was 12 % of the forward)
+        const double* q1 = p1.data() + blk * C;
+        const double* q2 = p2.data() + blk * C;
+#pragma omp simd
+        for (int64_t c = cb; c < ce; ++c) {
+          s1[c] += q1[c];
+          s2[c] += q2[c];
+        }
+      }
+    });
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
@@ -765,40 +848,40 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
     const int64_t R = N * S;
     std::vector<acc_t> Kc(C);
     for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
-    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
-    std::vector<double> p1(nblk * C), p2(nblk * C);
-    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<acc_t> a1(C), a2(C);
+    const ClUnits u(R, C, kReduced<scalar_t>);
+    std::vector<double> p1(u.nblk * C), p2(u.nblk * C);
+    at::parallel_for(0, u.count(), 1, [&](int64_t ub, int64_t ue) {
+      std::vector<acc_t> a1(u.tile), a2(u.tile);
       std::vector<float> fx(half_buffer<scalar_t>(kRowsPerBlock * C));
-      for (int64_t blk = bb; blk < be; ++blk) {
-        std::fill(p1.begin() + blk * C, p1.begin() + (blk + 1) * C, 0.0);
-        std::fill(p2.begin() + blk * C, p2.begin() + (blk + 1) * C, 0.0);
+      for (int64_t i = ub; i < ue; ++i) {
+        const int64_t blk = u.block(i), c0 = u.c0(i), c1 = u.c1(i);
+        double* q1 = p1.data() + blk * C;
+        double* q2 = p2.data() + blk * C;
+        std::fill(q1 + c0, q1 + c1, 0.0);
+        std::fill(q2 + c0, q2 + c1, 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock);
         const auto* xb = as_acc_row(x + r0 * C, (r_end - r0) * C, fx);  // the block's rows, converted at once
         for (int64_t f0 = r0; f0 < r_end; f0 += kFoldRows) {  // acc_t partials over kFoldRows rows, then double
           std::fill(a1.begin(), a1.end(), acc_t(0));
           std::fill(a2.begin(), a2.end(), acc_t(0));
           for (int64_t r = f0; r < std::min(r_end, f0 + kFoldRows); ++r) {
-            const auto* row = xb + (r - r0) * C;
+            const auto* row = xb + (r - r0) * C + c0;
+            const acc_t* kc = Kc.data() + c0;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t d = to_acc<acc_t>(row[c]) - Kc[c];
+            for (int64_t c = 0; c < c1 - c0; ++c) {
+              const acc_t d = to_acc<acc_t>(row[c]) - kc[c];
               a1[c] += d;
               a2[c] += d * d;
             }
           }
-          for (int64_t c = 0; c < C; ++c) {
-            p1[blk * C + c] += static_cast<double>(a1[c]);
-            p2[blk * C + c] += static_cast<double>(a2[c]);
+          for (int64_t c = c0; c < c1; ++c) {
+            q1[c] += static_cast<double>(a1[c - c0]);
+            q2[c] += static_cast<double>(a2[c - c0]);
           }
         }
       }
     });
-    for (int64_t blk = 0; blk < nblk; ++blk)
-      for (int64_t c = 0; c < C; ++c) {
-        S1[c] += p1[blk * C + c];
-        S2[c] += p2[blk * C + c];
-      }
+    u.reduce(p1, p2, S1.data(), S2.data());
   }
   for (int64_t c = 0; c < C; ++c) finish_stats<acc_t>(S1[c], S2[c], K[c], M, eps, mean[c], var[c], invstd[c]);
 }
@@ -817,19 +900,21 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
 #ifdef TORCHFAST_STREAM_STORES
     if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef TORCHFAST_BN_AVX2
-      if (cl_streamable8(y, C)) {
+      if (cl_streamable8(y, C) && stream_output(float_bytes(g))) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r)
-            normalize_cl_row_stream8(x + r * C, res ? res + r * C : nullptr, y + r * C, C, mean, scale, shift);
+          for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
+            normalize_cl_row_stream8(x + o, res ? res + o : nullptr, y + o, n, mean + c0, scale + c0, shift + c0);
+          });
           _mm_sfence();
         });
         return;
       }
 #endif
-      if (cl_streamable(y, C)) {
+      if (cl_streamable(y, C) && stream_output(float_bytes(g))) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r)
-            normalize_cl_row_stream(x + r * C, res ? res + r * C : nullptr, y + r * C, C, mean, scale, shift);
+          for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
+            normalize_cl_row_stream(x + o, res ? res + o : nullptr, y + o, n, mean + c0, scale + c0, shift + c0);
+          });
           _mm_sfence();
         });
         return;
@@ -891,65 +976,63 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
     }
   } else {
     const int64_t R = N * S;
-    const int64_t nblk = (R + kRowsPerBlock - 1) / kRowsPerBlock;
-    std::vector<double> p1(nblk * C), p2(nblk * C);
-    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
+    const ClUnits u(R, C, kReduced<scalar_t>);
+    std::vector<double> p1(u.nblk * C), p2(u.nblk * C);
+    at::parallel_for(0, u.count(), 1, [&](int64_t ub, int64_t ue) {
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       const bool own_mask = ms.m != x;
       std::vector<float> fx(nbuf), fg(nbuf), fm(own_mask ? nbuf : 0), fo(ms.gm_out ? nbuf : 0);
-      std::vector<acc_t> a1(C), a2(C);
-      for (int64_t blk = bb; blk < be; ++blk) {
+      std::vector<acc_t> a1(u.tile), a2(u.tile);
+      for (int64_t i = ub; i < ue; ++i) {
+        const int64_t blk = u.block(i), c0 = u.c0(i), c1 = u.c1(i), n = c1 - c0;
         double* q1 = p1.data() + blk * C;
         double* q2 = p2.data() + blk * C;
-        std::fill(q1, q1 + C, 0.0);
-        std::fill(q2, q2 + C, 0.0);
+        std::fill(q1 + c0, q1 + c1, 0.0);
+        std::fill(q2 + c0, q2 + c1, 0.0);
         const int64_t r0 = blk * kRowsPerBlock, r_end = std::min(R, r0 + kRowsPerBlock), len = (r_end - r0) * C;
         const auto* xb = as_acc_row(x + r0 * C, len, fx);
         const auto* gb = as_acc_row(dy + r0 * C, len, fg);
         const auto* mb = own_mask ? as_acc_row(ms.m + r0 * C, len, fm) : xb;
         auto* ob = ms.gm_out ? acc_out_row(ms.gm_out + r0 * C, fo) : nullptr;
         using out_t = std::remove_pointer_t<decltype(ob)>;
+        const acc_t *mmu = ms.mmu + c0, *msc = ms.msc + c0, *msh = ms.msh + c0, *mu = mean + c0;
         // acc_t partials over kFoldRows rows (a 16-term sum per channel), folded into double: the
         // backward's sums cancel, but 16 terms lose nothing a double accumulator would keep.
         for (int64_t f0 = r0; f0 < r_end; f0 += kFoldRows) {
           std::fill(a1.begin(), a1.end(), acc_t(0));
           std::fill(a2.begin(), a2.end(), acc_t(0));
           for (int64_t r = f0; r < std::min(r_end, f0 + kFoldRows); ++r) {
-            const int64_t o = (r - r0) * C;
+            const int64_t o = (r - r0) * C + c0;
             const auto *xr = xb + o, *gr = gb + o, *mr = mb + o;
             if (ob != nullptr) {
               out_t* orow = ob + o;
 #pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c],
-                                             to_acc<acc_t>(gr[c]), ms.mthr);
+              for (int64_t c = 0; c < n; ++c) {
+                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]),
+                                             ms.mthr);
                 orow[c] = from_acc<out_t, acc_t>(gm);
                 a1[c] += gm;
-                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mean[c]);
+                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mu[c]);
               }
             } else {
 #pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - ms.mmu[c]) * ms.msc[c] + ms.msh[c],
-                                             to_acc<acc_t>(gr[c]), ms.mthr);
+              for (int64_t c = 0; c < n; ++c) {
+                const acc_t gm = masked_grad((to_acc<acc_t>(mr[c]) - mmu[c]) * msc[c] + msh[c], to_acc<acc_t>(gr[c]),
+                                             ms.mthr);
                 a1[c] += gm;
-                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mean[c]);
+                a2[c] += gm * (to_acc<acc_t>(xr[c]) - mu[c]);
               }
             }
           }
-          for (int64_t c = 0; c < C; ++c) {
-            q1[c] += static_cast<double>(a1[c]);
-            q2[c] += static_cast<double>(a2[c]);
+          for (int64_t c = 0; c < n; ++c) {
+            q1[c0 + c] += static_cast<double>(a1[c]);
+            q2[c0 + c] += static_cast<double>(a2[c]);
           }
         }
         if (ms.gm_out != nullptr) store_row(ms.gm_out + r0 * C, fo, len);
       }
     });
-    for (int64_t blk = 0; blk < nblk; ++blk)
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += p1[blk * C + c];
-        sum_dy_xmu[c] += p2[blk * C + c];
-      }
+    u.reduce(p1, p2, sum_dy, sum_dy_xmu);
   }
 }
 
@@ -971,21 +1054,23 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
 #ifdef TORCHFAST_STREAM_STORES
     if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef TORCHFAST_BN_AVX2
-      if (cl_streamable8(dx, C)) {
+      if (cl_streamable8(dx, C) && stream_output(float_bytes(g))) {
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r)
-            backward_cl_row_stream8(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh,
-                                    mthr, mean, k0, k1, k2);
+          for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
+            backward_cl_row_stream8(x + o, dy + o, m ? m + o : nullptr, dx + o, n, mmu + c0, msc + c0, msh + c0, mthr,
+                                    mean + c0, k0 + c0, k1 + c0, k2 + c0);
+          });
           _mm_sfence();
         });
         return;
       }
 #endif
-      if (cl_streamable(dx, C) && mthr == 0.0f) {  // the SSE rows mask at 0
+      if (cl_streamable(dx, C) && mthr == 0.0f && stream_output(float_bytes(g))) {  // the SSE rows mask at 0
         at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r)
-            backward_cl_row_stream(x + r * C, dy + r * C, m ? m + r * C : nullptr, dx + r * C, C, mmu, msc, msh, mean,
-                                   k0, k1, k2);
+          for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
+            backward_cl_row_stream(x + o, dy + o, m ? m + o : nullptr, dx + o, n, mmu + c0, msc + c0, msh + c0,
+                                   mean + c0, k0 + c0, k1 + c0, k2 + c0);
+          });
           _mm_sfence();
         });
         return;
