@@ -79,11 +79,12 @@ def _train_step(fn, inputs, params, gy):
 def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, progress=None, out_dir=None):
     device = torch.device(device)
     rows = []
+    all_cases = list(cases(device, quick, dtypes))
     backend = (backends or [b for b in torchfast.available_backends(device) if b != "reference"])[0]
     threads_before = torch.get_num_threads()
     samples = 7 if quick else 15
     try:
-        for shape, add, dtype, layout, nthreads in cases(device, quick, dtypes):
+        for shape, add, dtype, layout, nthreads in all_cases:
             if nthreads is not None:
                 torch.set_num_threads(nthreads)
             g = torch.Generator().manual_seed(0)
@@ -125,7 +126,7 @@ def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, prog
                 progress.step("sweep %s %s %s" % (shape_s, layout, case))
     finally:
         torch.set_num_threads(threads_before)
-    return rows, None
+    return rows, len(all_cases)
 
 
 def count(device, quick, dtypes=None):

@@ -17,13 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_bn_add_relu  # noqa: E402
 import bench_bn_relu  # noqa: E402
+import bench_bn_sweep  # noqa: E402
 import bench_clip_grad  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_init  # noqa: E402
 import common  # noqa: E402
 
-OPS = {"bn_relu": bench_bn_relu, "bn_add_relu": bench_bn_add_relu, "clip_grad": bench_clip_grad, "init": bench_init,
-       "e2e": bench_e2e}
+OPS = {"bn_relu": bench_bn_relu, "bn_add_relu": bench_bn_add_relu, "bn_sweep": bench_bn_sweep,
+       "clip_grad": bench_clip_grad, "init": bench_init, "e2e": bench_e2e}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

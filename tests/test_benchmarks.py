@@ -51,6 +51,23 @@ def test_bn_benchmarks_time_every_backend_against_stock():
         assert len(rows) == 8 and all(r["median_ms"] > 0 for r in rows)
 
 
+def test_bn_sweep_times_each_shape_on_each_thread_count(monkeypatch):
+    """bench_bn_sweep's code on two tiny layer shapes: a stock and a fused row per shape, layout and
+    thread count, on both ops, and the thread count restored afterwards."""
+    import bench_bn_sweep
+
+    monkeypatch.setattr(bench_bn_sweep, "RESNET50_BN", [(4, 3, 3, False), (8, 2, 2, True)])
+    monkeypatch.setattr(bench_bn_sweep, "BATCHES", (2,))
+    before = torch.get_num_threads()
+    rows, n = bench_bn_sweep.run(torch.device("cpu"), backends=["reference"])
+    assert torch.get_num_threads() == before
+    assert n == 8 and len(rows) == 16
+    assert {(r["op"], r["case"]) for r in rows} == {(op, "fwd+bwd %dt" % t) for op in ("bn_relu", "bn_add_relu")
+                                                    for t in (1, 2)}
+    assert sorted({r["impl"] for r in rows}) == ["stock eager", "torchfast reference"]
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
 def test_e2e_benchmark_runs_a_fused_torchvision_model(monkeypatch, tmp_path):
     """bench_e2e's code on a tiny configuration: stock and fused rows, the fuse summary, the plot."""
     import pytest

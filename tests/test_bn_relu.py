@@ -588,3 +588,32 @@ def test_backward_mask_agrees_with_forward_output(device, backend, dtype):
         out.backward(torch.ones_like(out))
         assert torch.equal(x.grad != 0, out.detach() != 0), "gradient reaches elements whose output is 0"
         assert (out.detach() == 0).any() and (out.detach() > 0).any()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_results_do_not_depend_on_thread_count(cpu_backend_built, layout):
+    """The CPU reductions sum fixed blocks in a fixed order, whatever the number of threads: 1, 2 and 3
+    threads give bitwise-equal statistics, outputs and gradients (channels_last with few rows and wide
+    channels, where the work is split over channel tiles too; contiguous with whole channels and rows)."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = []
+            for shape in ((8, 2056, 3, 3), (3, 40, 17, 19)):
+                g = torch.Generator().manual_seed(5)
+                x = _make_input(shape, layout, torch.float32, "cpu", seed=6) * 3 + 1
+                r = _make_input(shape, layout, torch.float32, "cpu", seed=7)
+                dy = _make_input(shape, layout, torch.float32, "cpu", seed=8)
+                w, b = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+                y, m, i, v = torch.ops.torchfast.bn_relu_fwd(x, w, b, None, None, True, 1e-5)
+                out += [y, m, i, v, *torch.ops.torchfast.bn_relu_bwd(dy, x, w, b, m, i, True)]
+                y, m, i, v = torch.ops.torchfast.bn_add_relu_fwd(x, r, w, b, None, None, True, 1e-5)
+                out += [y, m, i, v, *torch.ops.torchfast.bn_add_relu_bwd(dy, y, x, w, m, i, True)]
+            results.append(out)
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
