@@ -173,6 +173,42 @@ def test_thread_count_invariance(cpu_backend_built):
             assert torch.equal(a, b)
 
 
+def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
+    """The clipping loops compiled for AVX-512, AVX2 and the baseline (chosen by the CPU; forced down with
+    TORCHFAST_NO_AVX512 / TORCHFAST_NO_AVX2) sum the same fixed lanes in the same order: 1-, 2- and
+    inf-norms and the scaled gradients are bitwise equal across the three, in every dtype; p = 3.5 (a
+    vectorised pow, whose last bit may differ per instruction set) within rounding."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch, torchfast\n"
+        "out = {}\n"
+        "for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    ts = [torch.randn(n, generator=g).to(dt) for n in (1, 31, 32, 33, 1000, 70001)]\n"
+        "    for p in (1.0, 2.0, float('inf'), 3.5):\n"
+        "        out[(str(dt), p)] = torch.ops.torchfast.multi_tensor_norm(ts, p)\n"
+        "    torch.ops.torchfast.multi_tensor_clip_(ts, torch.tensor(3.0), 1.0)\n"
+        "    out[(str(dt), 'scaled')] = torch.cat([t.flatten() for t in ts])\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = {}
+    for name, env in [("default", {}), ("avx2", {"TORCHFAST_NO_AVX512": "1"}),
+                      ("base", {"TORCHFAST_NO_AVX512": "1", "TORCHFAST_NO_AVX2": "1"})]:
+        path = str(tmp_path / (name + ".pt"))
+        r = subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results[name] = torch.load(path)
+    for other in ("avx2", "base"):
+        for key, a in results["default"].items():
+            b = results[other][key]
+            if key[1] == 3.5:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+            else:
+                assert torch.equal(a, b), (other, key)
+
+
 def test_many_small_tensors():
     ps = _params(torch.float32, shapes=[(64,)] * 2000)
     ref = _clone(ps)
