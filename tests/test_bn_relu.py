@@ -8,7 +8,7 @@ from torch import nn
 
 import torchfast
 from torchfast.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
-from torchfast.nn.functional import batch_norm_relu
+from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
 
 from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda, skip_unsupported
 
@@ -617,3 +617,52 @@ def test_cpu_results_do_not_depend_on_thread_count(cpu_backend_built, layout):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("op", ["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mixed_dtypes_follow_stock(op, training):
+    """Every input/parameter/running-statistics dtype combination: where stock raises, the fused op raises
+    the same error; where stock computes (float16/bfloat16 input with float32 parameters, or all alike),
+    the fused op gives stock's dtypes, values and running statistics."""
+    import itertools
+    checked = 0
+    for x_dt, w_dt, r_dt in itertools.product(_DTYPES, _DTYPES + [None], _DTYPES):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, 5, 5, generator=g).to(x_dt)
+        res = torch.randn(4, 3, 5, 5, generator=g).to(x_dt)
+        w = (torch.rand(3, generator=g) + 0.5).to(w_dt) if w_dt else None
+        b = torch.randn(3, generator=g).to(w_dt) if w_dt else None
+        runs = [(torch.randn(3, generator=g).to(r_dt), (torch.rand(3, generator=g) + 0.5).to(r_dt)) for _ in (0, 1)]
+        runs[1] = (runs[0][0].clone(), runs[0][1].clone())
+
+        def stock(rm, rv):
+            y = F.batch_norm(x, rm, rv, w, b, training)
+            return torch.relu(y + res if op == "bn_add_relu" else y)
+
+        def fused(rm, rv):
+            if op == "bn_add_relu":
+                return batch_norm_add_relu(x, res, rm, rv, w, b, training)
+            return batch_norm_relu(x, rm, rv, w, b, training)
+        try:
+            expected, err = stock(*runs[0]), None
+        except RuntimeError as e:
+            expected, err = None, str(e)
+        if err is not None:
+            with pytest.raises(RuntimeError) as info:
+                fused(*runs[1])
+            assert str(info.value) == err, (x_dt, w_dt, r_dt)
+        else:
+            got = fused(*runs[1])
+            assert got.dtype == expected.dtype, (x_dt, w_dt, r_dt)
+            tol = 1e-2 if x_dt in (torch.float16, torch.bfloat16) else 1e-5
+            torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol)
+            rtol = 2 ** -7 if r_dt in (torch.float16, torch.bfloat16) else 1e-5  # one step of the running dtype
+            for a, s_ in zip(runs[1], runs[0]):
+                assert a.dtype == s_.dtype
+                torch.testing.assert_close(a.double(), s_.double(), rtol=rtol, atol=1e-5, msg=str((x_dt, w_dt, r_dt)))
+        checked += err is None
+    assert checked >= 8  # the accepted combinations were compared, not only the refusals

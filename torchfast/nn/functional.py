@@ -63,6 +63,19 @@ def _stock_semantics_needed(*tensors) -> bool:
     return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _kernel_dtypes(input, *params) -> bool:
+    """The dtype combinations the fused kernels take, which are the ones stock accepts everywhere:
+    every given parameter and running statistic in the input's dtype, or all of them float32 for a
+    float16/bfloat16 input (mixed precision). Any other mix goes to stock's composition, which raises
+    stock's error on the CPU ("mixed dtype (CPU): ...") and does whatever stock does elsewhere."""
+    dt = input.dtype
+    same = all(p is None or p.dtype == dt for p in params)
+    return same or (dt in _REDUCED and all(p is None or p.dtype == torch.float32 for p in params))
+
+
 def _update_running_stats(input, running_mean, running_var, mean, var, training, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as stock."""
     c = input.shape[1]
@@ -89,7 +102,8 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     statistics are kept for it.
     """
     _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
-    if _stock_semantics_needed(input, running_mean, running_var, weight, bias):
+    if (not _kernel_dtypes(input, running_mean, running_var, weight, bias)
+            or _stock_semantics_needed(input, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     backend = _backends.choose("bn_relu", input.device, input.dtype)
     out, mean, _invstd, var = impl(backend).bn_relu_fwd(input, weight, bias, running_mean, running_var,
@@ -114,7 +128,7 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     """
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
     if (not isinstance(residual, Tensor) or residual.shape != input.shape or residual.dtype != input.dtype
-            or residual.device != input.device
+            or residual.device != input.device or not _kernel_dtypes(input, running_mean, running_var, weight, bias)
             or _stock_semantics_needed(input, residual, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
                           + residual)
