@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from torch import nn
 
 import torchfast
@@ -135,6 +134,8 @@ def test_thread_count_invariance(device, backend):
 
 
 def test_distributions_goodness_of_fit():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is a test extra (pip install .[test]); the "
+                                                        "goodness-of-fit tests need it")
     n = 200000
     u = tfi.uniform_(torch.empty(n), -1.0, 3.0, seed=2024).double().numpy()
     assert u.min() >= -1.0 and u.max() < 3.0
