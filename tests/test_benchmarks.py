@@ -83,3 +83,22 @@ def test_e2e_benchmark_runs_a_fused_torchvision_model(monkeypatch, tmp_path):
                                                         ("channels_last", "torchfast auto"),
                                                         ("contiguous", "stock eager"), ("contiguous", "torchfast auto")]
     assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+
+
+def test_gpu_check_dry_run_plans_inside_its_budget(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run on this CPU machine: the preflight runs (torch, toolkit, ninja),
+    and the plan (every step at its full slot) ends inside the global budget, headline work first."""
+    import re
+    import subprocess
+    out = tmp_path / "gpu"
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--dry-run"],
+                       env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "CUDA toolkit:" in summary and "ninja:" in summary
+    planned = re.findall(r"\[(\d+)s\] (.+?): would run for up to (\d+)s", summary)
+    names = [name for _, name, _ in planned]
+    assert names[:3] == ["build", "GPU tests", "bench bn_relu"], names
+    end = max(int(at) + int(slot) + 15 for at, _, slot in planned)
+    assert end <= 480, summary
+    assert re.search(r"\[(\d+)s\] done", summary)
