@@ -206,6 +206,30 @@ def test_bn_relu_grad_out_in_another_layout(emu, shape, layout, grad_layout, tra
               grad_layout=grad_layout)
 
 
+@pytest.mark.parametrize("run_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_running_stats_update_kernel(emu, run_dtype):
+    """The CUDA running-statistics kernel (one launch for both statistics) against the CPU op, bitwise:
+    both compute in double and round once. Strided running tensors, one of them absent, count 0 and 1,
+    more channels than one block of threads."""
+    c = 300
+    g = torch.Generator().manual_seed(0)
+    acc = torch.float64 if run_dtype == torch.float64 else torch.float32
+    mean, var = torch.randn(c, generator=g, dtype=acc), torch.rand(c, generator=g, dtype=acc) + 0.1
+    for count, which in ((17, "both"), (1, "both"), (0, "both"), (9, "mean"), (9, "var")):
+        base_m = torch.randn(2 * c, generator=g).to(run_dtype)
+        base_v = (torch.rand(c, generator=g) + 0.5).to(run_dtype)
+        outs = []
+        for op in (ops().bn_update_running_stats_, torch.ops.torchfast.bn_update_running_stats_):
+            rm, rv = base_m.clone()[::2], base_v.clone()  # a strided running_mean
+            op(rm if which != "var" else None, rv if which != "mean" else None, mean, var, 0.1, count)
+            outs.append((rm, rv))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (count, which)
+        if count == 0:
+            assert torch.equal(outs[0][0], base_m[::2]) and torch.equal(outs[0][1], base_v)
+        elif which == "both":
+            assert not torch.equal(outs[0][0], base_m[::2])
+
+
 def test_bn_relu_nan_and_empty(emu):
     x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
     x[1, 2, 0, 1] = float("nan")

@@ -9,6 +9,7 @@ Differences from stock, all in the rounding: the norm of a group is accumulated 
 is computed in float32 (float64) rather than in the dtype of ``total_norm``. The ``foreach``
 argument is accepted for compatibility; torchfast always uses its multi-tensor kernels.
 """
+import math
 import types
 import warnings
 
@@ -121,17 +122,146 @@ def _clip(groups, max_norm: float, total_norm: Tensor, fname: str):
             raise
 
 
-def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
+# --------------------------------------------------------------------------------------------
+# Sharded gradients. Each rank computes the p-th power of its local norm with the multi-tensor
+# kernels (the max for inf), and one all-reduce per set of sharded process groups makes it global.
+# No full tensor is ever gathered, and nothing waits for the host.
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return None
+    return DTensor
+
+
+def _is_dtensor(t) -> bool:
+    DTensor = _dtensor_type()
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local_power(local, norm_type: float, fname: str):
+    """sum |x|^p of the local tensors (max |x| for inf) as a float32/float64 0-dim tensor, on the
+    tensors' device; 0 when there are none (an empty shard)."""
+    local = [t for t in local if t.numel() > 0]
+    if not local:
+        return None
+    norm = _total_norm(_group(local, fname, "tensor"), norm_type, local[0].device, fname)
+    acc = torch.float64 if norm.dtype == torch.float64 else torch.float32
+    norm = norm.to(acc)
+    return norm if math.isinf(norm_type) else norm.pow(norm_type)
+
+
+def _all_reduce(value, norm_type: float, group):
+    import torch.distributed as dist
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group)
+
+
+def _finish(total, norm_type: float):
+    return total if math.isinf(norm_type) else total.pow(1.0 / norm_type)
+
+
+def _combine(parts, norm_type: float):
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.maximum(out, p) if math.isinf(norm_type) else out + p
+    return out
+
+
+def _sharded_total_norm(tensors, norm_type: float, process_group, fname: str):
+    """The global norm of plain local shards (ZeRO-style: each rank holds a disjoint part of the
+    tensors) over `process_group`: one all-reduce."""
+    device = tensors[0].device
+    local = _local_power(tensors, norm_type, fname)
+    if local is None:
+        local = torch.zeros((), dtype=torch.float32, device=device)
+    _all_reduce(local, norm_type, process_group)
+    return _finish(local, norm_type).to(tensors[0].dtype)
+
+
+def _dtensor_total_norm(tensors, norm_type: float, fname: str):
+    """The global norm of DTensors (FSDP2, tensor parallel) with Shard and Replicate placements on one
+    device mesh, as a DTensor replicated on that mesh (what torch.nn.utils returns): the local norms of
+    all tensors sharded over the same mesh dimensions are added first, so a typical FSDP2 model costs
+    one all-reduce per call. None for what this cannot do (Partial placements, several meshes): the
+    caller hands those to torch.nn.utils."""
+    from torch.distributed.tensor import Replicate, Shard
+    mesh = tensors[0].device_mesh
+    by_dims = {}
+    for t in tensors:
+        if t.device_mesh != mesh or any(not isinstance(p, (Shard, Replicate)) for p in t.placements):
+            return None
+        dims = tuple(i for i, p in enumerate(t.placements) if isinstance(p, Shard))
+        by_dims.setdefault(dims, []).append(t.to_local())
+    parts = []
+    for dims, local in by_dims.items():
+        part = _local_power(local, norm_type, fname)
+        if part is None:
+            part = torch.zeros((), dtype=torch.float32, device=local[0].device)
+        for d in dims:  # each sharded mesh dimension adds (or maxes) over its process group
+            _all_reduce(part, norm_type, mesh.get_group(d))
+        parts.append(part)
+    total = _finish(_combine(parts, norm_type), norm_type).to(tensors[0].dtype)
+    DTensor = _dtensor_type()
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _global_norm(tensors, norm_type: float, process_group, fname: str):
+    """The total norm of sharded tensors (DTensors, or plain shards with a process group); None when
+    the tensors are not sharded, or sharded in a way only torch.nn.utils handles."""
+    n_dt = sum(_is_dtensor(t) for t in tensors)
+    if n_dt:
+        if process_group is not None:
+            raise ValueError("torchfast.%s: process_group= is for plain tensors sharded by the caller; DTensor "
+                             "gradients carry their own mesh" % fname)
+        return _dtensor_total_norm(tensors, norm_type, fname) if n_dt == len(tensors) else None
+    if process_group is not None:
+        return _sharded_total_norm(tensors, norm_type, process_group, fname)
+    return None
+
+
+def _local(t):
+    """A DTensor's local shard (a not-yet-reduced total norm: its full value); other tensors as they are."""
+    if not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Replicate
+    if t.dim() == 0 and not all(isinstance(p, Replicate) for p in t.placements):
+        return t.full_tensor()
+    return t.to_local()
+
+
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None, *,
+                   process_group=None) -> Tensor:
     """The norm of all `tensors` viewed as one vector (``torch.nn.utils.get_total_norm``).
 
     Returns a 0-dim tensor on the first tensor's device, in the (promoted) dtype of the tensors;
-    ``tensor(0.)`` for an empty list.
+    ``tensor(0.)`` for an empty list. DTensor gradients (FSDP2, tensor parallel) give the global norm as
+    a replicated DTensor, from local norms and one all-reduce. ``process_group=`` (torchfast only): the
+    tensors are this rank's disjoint shards of a list sharded by the caller (ZeRO-style); the norm is
+    the global one over that group (one all-reduce; every rank must call).
     """
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    if len(tensors) == 0:
+    if len(tensors) == 0 and process_group is None:
         return torch.tensor(0.0)
+    if len(tensors) == 0:
+        raise ValueError("torchfast.get_total_norm: with process_group=, every rank needs at least one tensor "
+                         "(an empty shard can be passed as an empty tensor) to know the device and dtype")
+    if norm_type > 0 and (process_group is not None or any(_is_dtensor(t) for t in tensors)):
+        with torch.no_grad():
+            total_norm = _global_norm(tensors, norm_type, process_group, "get_total_norm")
+        if total_norm is None:
+            return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+        if error_if_nonfinite:
+            _check_nonfinite(_local(total_norm), norm_type)
+        return total_norm
     if not norm_type > 0:
+        if process_group is not None:
+            raise ValueError("torchfast.get_total_norm: process_group= takes norm types > 0 or inf, got %s"
+                             % norm_type)
         # 0-norm (a count), negative and -inf norms: stock semantics combine per-tensor values in
         # ways no fused kernel reproduces; hand them to PyTorch itself.
         _check_dense(tensors, "get_total_norm", "tensor")
@@ -153,14 +283,18 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None)
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
+    # sharded gradients are scaled shard by shard (the coefficient is the same everywhere)
+    grads = [_local(g) for g in grads]
+    total_norm = _local(total_norm)
     with torch.no_grad():
         _clip(_group(grads, "clip_grads_with_norm_", "gradient"), max_norm, total_norm, "clip_grads_with_norm_")
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None) -> Tensor:
+                    foreach=None, *, process_group=None) -> Tensor:
     """Clip the gradient norm of `parameters` in place; returns the total norm before clipping
-    (``torch.nn.utils.clip_grad_norm_``)."""
+    (``torch.nn.utils.clip_grad_norm_``). Sharded gradients (DTensors, or plain shards with
+    ``process_group=``) are clipped by their global norm: see ``get_total_norm``."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     else:
@@ -170,6 +304,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = _grads(parameters)
     norm_type = float(norm_type)
+    if process_group is not None or any(_is_dtensor(g) for g in grads):
+        total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, process_group=process_group)
+        clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+        return total_norm
     if not grads or not norm_type > 0:
         total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)

@@ -785,10 +785,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_bwd_cuda(
   return backward("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training);
 }
 
+// running = (1 - momentum) * running + momentum * batch (unbiased variance: var * count / (count - 1)),
+// in double and rounded once, as the CPU op: one thread per channel, both statistics in one launch
+// (the composite form was four launches).
+template <typename run_t, typename acc_t>
+__global__ void update_running_stats_kernel(run_t* rm, int64_t rm_stride, run_t* rv, int64_t rv_stride,
+                                            const acc_t* mean, const acc_t* var, int64_t C, double momentum,
+                                            double unbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  if (rm != nullptr) {
+    run_t& r = rm[c * rm_stride];
+    r = static_cast<run_t>(momentum * static_cast<double>(mean[c]) + (1.0 - momentum) * static_cast<double>(r));
+  }
+  if (rv != nullptr) {
+    run_t& r = rv[c * rv_stride];
+    r = static_cast<run_t>(momentum * (static_cast<double>(var[c]) * unbias) +
+                           (1.0 - momentum) * static_cast<double>(r));
+  }
+}
+
+void bn_update_running_stats_cuda(const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                                  const at::Tensor& var, double momentum, int64_t count) {
+  const bool has_m = running_mean.has_value() && running_mean->defined();
+  const bool has_v = running_var.has_value() && running_var->defined();
+  const int64_t C = mean.numel();
+  for (const auto* t : {has_m ? &*running_mean : nullptr, has_v ? &*running_var : nullptr}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->dim() == 1 && t->numel() == C, "bn_update_running_stats_: running statistics must have ", C,
+                " elements, got shape ", t->sizes());
+    TORCH_CHECK(t->device() == mean.device(), "bn_update_running_stats_: a running statistic is on ", t->device(),
+                " but the batch statistics are on ", mean.device());
+    TORCH_CHECK(t->is_floating_point(), "bn_update_running_stats_: running statistics must be floating point");
+  }
+  TORCH_CHECK(var.numel() == C && var.scalar_type() == mean.scalar_type() && mean.is_contiguous() &&
+                  var.is_contiguous(), "bn_update_running_stats_: mean and var must be contiguous, alike, of ", C,
+              " elements");
+  if (count <= 0 || C == 0 || !(has_m || has_v)) return;
+  TORCH_CHECK(!has_m || !has_v || running_mean->scalar_type() == running_var->scalar_type(),
+              "bn_update_running_stats_: running_mean and running_var must share a dtype");
+  TF_DEVICE_GUARD(guard, mean.device());
+  const Stream stream = current_stream();
+  const double unbias = static_cast<double>(count) / static_cast<double>(count > 1 ? count - 1 : 1);
+  const at::ScalarType run_type = has_m ? running_mean->scalar_type() : running_var->scalar_type();
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_type, "bn_update_running_stats_cuda", [&] {
+    using run_t = scalar_t;
+    run_t* rm = has_m ? running_mean->data_ptr<run_t>() : nullptr;
+    run_t* rv = has_v ? running_var->data_ptr<run_t>() : nullptr;
+    const int64_t sm = has_m ? running_mean->stride(0) : 0, sv = has_v ? running_var->stride(0) : 0;
+    if (mean.scalar_type() == at::kDouble) {
+      TF_LAUNCH(blocks, kThreads, 0, stream, update_running_stats_kernel<run_t, double>)(
+          rm, sm, rv, sv, mean.data_ptr<double>(), var.data_ptr<double>(), C, momentum, unbias);
+    } else {
+      const at::Tensor m32 = mean.to(at::kFloat), v32 = var.to(at::kFloat);
+      TF_LAUNCH(blocks, kThreads, 0, stream, update_running_stats_kernel<run_t, float>)(
+          rm, sm, rv, sv, m32.data_ptr<float>(), v32.data_ptr<float>(), C, momentum, unbias);
+    }
+    TF_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 
 TF_REGISTER_KERNELS(m) {
+  m.impl("bn_update_running_stats_", &cuda::bn_update_running_stats_cuda);
   m.impl("bn_relu_fwd", &cuda::bn_relu_fwd_cuda);
   m.impl("bn_relu_bwd", &cuda::bn_relu_bwd_cuda);
   m.impl("bn_add_relu_fwd", &cuda::bn_add_relu_fwd_cuda);
