@@ -670,3 +670,44 @@ def test_mixed_dtypes_follow_stock(op, training):
                 torch.testing.assert_close(a.double(), s_.double(), rtol=rtol, atol=1e-5, msg=str((x_dt, w_dt, r_dt)))
         checked += err is None
     assert checked >= 8  # the accepted combinations were compared, not only the refusals
+
+
+def test_convert_sync_batchnorm_keeps_the_relu():
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm on a model with fused layers gives the fused sync
+    layers (was: a plain SyncBatchNorm, the ReLU silently dropped), sharing the Parameters and buffers;
+    converting twice keeps them; stock BatchNorms convert exactly as before. In one process the sync
+    layers compute stock's relu(SyncBatchNorm(x)) (+ residual), running statistics included."""
+    from torchfast.nn import BatchNormAddReLU2d, SyncBatchNormAddReLU, SyncBatchNormReLU
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.plain = BatchNormReLU2d(4), BatchNormAddReLU2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.plain(self.b(self.a(x), x))
+
+    torch.manual_seed(0)
+    model = Block()
+    weight, running = model.a.weight, model.b.running_mean
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted.a) is SyncBatchNormReLU and type(converted.b) is SyncBatchNormAddReLU
+    assert type(converted.plain) is nn.SyncBatchNorm
+    assert converted.a.weight is weight and converted.b.running_mean is running
+    again = torchfast.nn.convert_sync_batchnorm(converted)
+    assert type(again.a) is SyncBatchNormReLU and type(again.b) is SyncBatchNormAddReLU
+    stock = Block()
+    stock.load_state_dict(model.state_dict())
+    bn_a, bn_b = nn.SyncBatchNorm(4), nn.SyncBatchNorm(4)
+    bn_a.load_state_dict(stock.a.state_dict())
+    bn_b.load_state_dict(stock.b.state_dict())
+    assert set(converted.a.state_dict()) == set(bn_a.state_dict())
+    for training in (True, False):
+        converted.train(training)
+        bn_a.train(training)
+        bn_b.train(training)
+        x = torch.randn(3, 4, 5, 5)
+        y = converted.b(converted.a(x), x)
+        want = torch.relu(bn_b(torch.relu(bn_a(x))) + x)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(converted.b.running_var, bn_b.running_var, rtol=1e-6, atol=1e-6)

@@ -188,10 +188,33 @@ def case_fsdp2(rank, world):
         torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-7)
 
 
+def case_sync_batchnorm_relu(rank, world):
+    """In a group of several processes a SyncBatchNormReLU training call synchronises as stock's
+    SyncBatchNorm does: stock supports GPU inputs only, so CPU inputs raise stock's error, in the fused
+    sync layers and in a fused model alike (the single-process fallbacks are tested elsewhere); eval
+    needs no synchronisation and runs the fused op."""
+    from torch import nn
+    from torchfast.nn import SyncBatchNormReLU
+    x = torch.randn(4, 3, 5, 5)
+    stock, fused = nn.SyncBatchNorm(3), SyncBatchNormReLU(3)
+    for layer in (stock, fused):
+        try:
+            layer(x)
+        except ValueError as e:
+            msg = str(e)
+        else:
+            msg = None
+        if layer is stock:
+            want = msg
+    assert want is not None and msg == want, (want, msg)
+    fused.eval()
+    torch.testing.assert_close(fused(x), torch.relu(stock.eval()(x)))
+
+
 # ------------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", ["case_plain_shards", "case_dtensor", "case_fsdp2"])
+@pytest.mark.parametrize("case", ["case_plain_shards", "case_dtensor", "case_fsdp2", "case_sync_batchnorm_relu"])
 def test_sharded_clipping_matches_unsharded(case, world, tmp_path):
     _run(case, world, tmp_path)
 

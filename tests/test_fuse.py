@@ -286,6 +286,23 @@ def _stock_pair(model):
     return stock, copy.deepcopy(stock).double()
 
 
+def test_sync_batchnorm_models_fuse():
+    """A model converted with torch.nn.SyncBatchNorm.convert_sync_batchnorm, then fused: every pattern is
+    fused on the SyncBatchNorm modules themselves; in one process (no synchronisation) the result is
+    stock's, and a call that synchronises runs stock's SyncBatchNorm (tests/test_distributed.py)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18())
+    stock = copy.deepcopy(model)
+    model, report = fuse(model, return_report=True)
+    assert len(report.pairs) == 9 and len(report.triples) == 8
+    assert all(type(m) is nn.SyncBatchNorm for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    x = torch.randn(2, 3, 64, 64)
+    for training in (True, False):
+        model.train(training)
+        stock.train(training)
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.layer1[0].bn2.running_var, stock.layer1[0].bn2.running_var)
+
+
 def test_torch_compile_fullgraph_forward_backward():
     model = fuse(torchvision.models.resnet18())
     stock, stock64 = _stock_pair(model)
@@ -374,7 +391,6 @@ class LeftAlone(nn.Module):
         self.bn_silu = nn.BatchNorm2d(4)
         self.bn_sub = MyBN(4)
         self.bn_hooked = nn.BatchNorm2d(4)
-        self.bn_sync = nn.SyncBatchNorm(4)
         self.bn_iadd = nn.BatchNorm2d(4)
         self.bn_alpha = nn.BatchNorm2d(4)
         self.bn_hooked.register_forward_hook(lambda m, i, o: None)
@@ -386,7 +402,6 @@ class LeftAlone(nn.Module):
         x = F.silu(self.bn_silu(x))
         x = F.relu(self.bn_sub(x))
         x = F.relu(self.bn_hooked(x))
-        x = F.relu(self.bn_sync(x))
         r = x * 1.0
         r.add_(self.bn_iadd(x))           # in-place into the residual
         x = F.relu(r)
@@ -401,7 +416,7 @@ def test_leaves_alone_what_it_cannot_prove_and_says_why():
     assert not report.pairs and not report.triples
     assert "used by 2 nodes" in why["bn_twice"]
     assert "relu6" in why["bn_relu6"] and "silu" in why["bn_silu"]
-    assert "MyBN" in why["bn_sub"] and "hooks" in why["bn_hooked"] and "SyncBatchNorm" in why["bn_sync"]
+    assert "MyBN" in why["bn_sub"] and "hooks" in why["bn_hooked"]
     assert "residual" in why["bn_iadd"] and "alpha" in why["bn_alpha"]
 
 

@@ -36,9 +36,10 @@ from torchfast.nn import modules as _modules
 
 __all__ = ["fuse", "FuseReport"]
 
-_STOCK_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_STOCK_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _FUSED_BN = (_modules.BatchNormReLU1d, _modules.BatchNormReLU2d, _modules.BatchNormReLU3d,
-             _modules.BatchNormAddReLU1d, _modules.BatchNormAddReLU2d, _modules.BatchNormAddReLU3d)
+             _modules.BatchNormAddReLU1d, _modules.BatchNormAddReLU2d, _modules.BatchNormAddReLU3d,
+             _modules.SyncBatchNormReLU, _modules.SyncBatchNormAddReLU)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -187,8 +188,6 @@ def _act_kind(module: nn.Module):
 
 def _fusable_bn(module: nn.Module):
     """None if the pass may replace calls of `module`, else the reason."""
-    if isinstance(module, nn.SyncBatchNorm):
-        return "SyncBatchNorm is not fused (synchronised statistics across processes)"
     if isinstance(module, _FUSED_BN):
         return "already a torchfast fused layer"
     if _has_hooks(module):

@@ -7,12 +7,15 @@ BatchNorm checkpoint loads into either and back. ``bn_relu_module(bn, x)`` and
 ``bn_add_relu_module(bn, x, r)`` compute the same for any BatchNorm module ``bn`` (what
 ``torchfast.nn.fuse`` calls on the model's own modules).
 """
+import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
-           "BatchNormAddReLU3d", "convert_batchnorm_relu"]
+           "BatchNormAddReLU3d", "SyncBatchNormReLU", "SyncBatchNormAddReLU", "convert_batchnorm_relu",
+           "convert_sync_batchnorm"]
 
 
 def _bn_call_args(bn, input):
@@ -41,14 +44,32 @@ def _bn_call_args(bn, input):
             exponential_average_factor)
 
 
+def _sync_needed(bn) -> bool:
+    """torch.nn.SyncBatchNorm.forward's own test: does this call synchronise statistics across
+    processes (training, torch.distributed initialised, more than one process in the group)?"""
+    if not isinstance(bn, nn.SyncBatchNorm):
+        return False
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not (bn_training and bn.training and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
+
+
 def bn_relu_module(bn, input):
-    """``relu(bn(input))`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls)."""
+    """``relu(bn(input))`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls). For a
+    SyncBatchNorm whose call synchronises statistics across processes: stock's synchronised BatchNorm,
+    then the ReLU (not fused); otherwise the fused op."""
+    if _sync_needed(bn):
+        return torch.relu(nn.SyncBatchNorm.forward(bn, input))
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
     return batch_norm_relu(input, running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
 
 
 def bn_add_relu_module(bn, input, residual):
-    """``relu(bn(input) + residual)`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls)."""
+    """``relu(bn(input) + residual)`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls);
+    SyncBatchNorm as in ``bn_relu_module``."""
+    if _sync_needed(bn):
+        return torch.relu(nn.SyncBatchNorm.forward(bn, input) + residual)
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
     return batch_norm_add_relu(input, residual, running_mean, running_var, bn.weight, bn.bias, training, momentum,
                                bn.eps)
@@ -107,6 +128,8 @@ class _FusedBatchNorm:
         nn.Module.__init__(fused)
         for key in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
             setattr(fused, key, getattr(bn, key))
+        if isinstance(fused, nn.SyncBatchNorm):
+            fused.process_group = getattr(bn, "process_group", None)
         return _share_state(fused, bn)
 
 
@@ -169,3 +192,45 @@ def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
                 module._modules[a] = _FUSED[type(bn)].from_batchnorm(bn)
                 module._modules[b] = nn.Identity()
     return module
+
+
+class SyncBatchNormReLU(_BatchNormReLUMixin, nn.SyncBatchNorm):
+    """``relu(nn.SyncBatchNorm(...)(x))``: SyncBatchNorm's constructor, state_dict and semantics. A call
+    that synchronises statistics across processes runs stock's SyncBatchNorm and then the ReLU (not
+    fused yet); any other (one process, eval) runs the fused op. What
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` makes of a ``BatchNormReLU*d`` (see below)."""
+
+
+class SyncBatchNormAddReLU(_BatchNormAddReLUMixin, nn.SyncBatchNorm):
+    """``relu(nn.SyncBatchNorm(...)(x) + residual)``, as ``SyncBatchNormReLU``."""
+
+
+_TO_SYNC = {BatchNormReLU1d: SyncBatchNormReLU, BatchNormReLU2d: SyncBatchNormReLU, BatchNormReLU3d: SyncBatchNormReLU,
+            SyncBatchNormReLU: SyncBatchNormReLU, BatchNormAddReLU1d: SyncBatchNormAddReLU,
+            BatchNormAddReLU2d: SyncBatchNormAddReLU, BatchNormAddReLU3d: SyncBatchNormAddReLU,
+            SyncBatchNormAddReLU: SyncBatchNormAddReLU}
+_stock_convert_sync_batchnorm = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
+
+
+def _convert_sync_batchnorm(cls, module, process_group=None):
+    target = _TO_SYNC.get(type(module))
+    if target is None:
+        return _stock_convert_sync_batchnorm(cls, module, process_group)
+    converted = target.from_batchnorm(module)
+    converted.process_group = process_group
+    for name, child in module.named_children():
+        converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+    return converted
+
+
+# torch.nn.SyncBatchNorm.convert_sync_batchnorm sees the fused layers as BatchNorms (they are subclasses)
+# and would replace them with a plain SyncBatchNorm, silently dropping the ReLU. PyTorch offers no hook
+# for this, so importing torchfast extends that classmethod: fused layers become the fused sync layers
+# (sharing their Parameters and buffers); every other module converts exactly as before.
+nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(_convert_sync_batchnorm)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` keeping every fusion: stock BatchNorms become
+    SyncBatchNorm, fused layers their synchronised counterparts. Returns the converted module."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
