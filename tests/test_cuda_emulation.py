@@ -230,6 +230,30 @@ def test_running_stats_update_kernel(emu, run_dtype):
             assert not torch.equal(outs[0][0], base_m[::2])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_launch_counts(emu, layout):
+    """Kernel launches per op, counted by the emulator: a training forward is one reduction, one finish
+    and one elementwise pass (the statistics are written by the finish kernel, not cloned); eval forward
+    two; a backward four (prepare, reduction, finish, elementwise); the running-statistics update one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 5, 6, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    rm, rv = torch.zeros(8), torch.ones(8)
+
+    def launches(fn):
+        before = emu.launch_count()
+        out = fn()
+        return emu.launch_count() - before, out
+    n, (y, mean, invstd, var) = launches(lambda: ops().bn_relu_fwd(x, w, b, rm, rv, True, 1e-5))
+    assert n == 3
+    assert launches(lambda: ops().bn_relu_fwd(x, w, b, rm, rv, False, 1e-5))[0] == 2
+    assert launches(lambda: ops().bn_relu_bwd(torch.ones_like(x), x, w, b, mean, invstd, True))[0] == 4
+    assert launches(lambda: ops().bn_add_relu_fwd(x, x, w, b, rm, rv, True, 1e-5))[0] == 3
+    assert launches(lambda: ops().bn_update_running_stats_(rm, rv, mean, var, 0.1, 120))[0] == 1
+
+
 def test_bn_relu_nan_and_empty(emu):
     x = _input((4, 8, 3, 3), "contiguous", torch.float32, 5)
     x[1, 2, 0, 1] = float("nan")

@@ -113,10 +113,24 @@ __device__ __forceinline__ bool relu_output_positive(acc_t v) {
   return v > acc_t(ReluOutput<scalar_t>::kZeroMax);
 }
 
-// Fills the mean/invstd/var/scale/bias rows of channel c.
+// The forward's (mean, invstd, var) outputs, written by its finish kernel (three separate tensors: the
+// op's outputs must not alias, and clones of rows of the channel table were three more launches).
+template <typename acc_t>
+struct StatsOut {
+  acc_t* mean;
+  acc_t* invstd;
+  acc_t* var;
+};
+
+// Fills the mean/invstd/var/scale/bias rows of channel c (and the forward's outputs, when given).
 template <typename acc_t>
 __device__ __forceinline__ void set_channel(int64_t C, int64_t c, acc_t mean, acc_t invstd, acc_t var, const acc_t* w,
-                                            const acc_t* b, acc_t* ch) {
+                                            const acc_t* b, acc_t* ch, StatsOut<acc_t> out = {nullptr, nullptr, nullptr}) {
+  if (out.mean != nullptr) {
+    out.mean[c] = mean;
+    out.invstd[c] = invstd;
+    out.var[c] = var;
+  }
   ch[kMean * C + c] = mean;
   ch[kInvstd * C + c] = invstd;
   ch[kVar * C + c] = var;
@@ -309,7 +323,7 @@ __device__ __forceinline__ int64_t fold_channel() {
 
 template <typename scalar_t, typename acc_t>
 __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits, const acc_t* ws, const acc_t* w,
-                                    const acc_t* b, double eps, acc_t* ch) {
+                                    const acc_t* b, double eps, acc_t* ch, StatsOut<acc_t> out) {
   const int64_t C = sh.C, c = fold_channel();
   if (c >= C) return;  // the whole warp: no lane is left waiting at a shuffle
   double S1, S2;
@@ -320,16 +334,16 @@ __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits,
   const double m1 = S1 / M;
   const double var = fmax(0.0, S2 / M - m1 * m1);
   set_channel(C, c, static_cast<acc_t>(K + m1), static_cast<acc_t>(1.0 / sqrt(var + eps)), static_cast<acc_t>(var),
-              w, b, ch);
+              w, b, ch, out);
 }
 
 // Eval forward: statistics from the running buffers.
 template <typename acc_t>
 __global__ void eval_prepare_kernel(int64_t C, const acc_t* rm, const acc_t* rv, const acc_t* w, const acc_t* b,
-                                    double eps, acc_t* ch) {
+                                    double eps, acc_t* ch, StatsOut<acc_t> out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  set_channel(C, c, rm[c], static_cast<acc_t>(1.0 / sqrt(static_cast<double>(rv[c]) + eps)), rv[c], w, b, ch);
+  set_channel(C, c, rm[c], static_cast<acc_t>(1.0 / sqrt(static_cast<double>(rv[c]) + eps)), rv[c], w, b, ch, out);
 }
 
 // Backward: statistics saved by the forward.
@@ -640,17 +654,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor y = native ? out : at::empty_like(x);
   const int64_t C = input.size(1), numel = x.numel();
   at::Tensor ch = at::empty({kRows, C}, input.options().dtype(acc_type));
-  if (C == 0) return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};  // no channel: no launch
+  at::Tensor mean = at::empty({C}, input.options().dtype(acc_type));
+  at::Tensor invstd = at::empty({C}, input.options().dtype(acc_type));
+  at::Tensor var = at::empty({C}, input.options().dtype(acc_type));
+  if (C == 0) return {out, mean, invstd, var};  // no channel: no launch
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
+    const StatsOut<acc_t> stats{mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>()};
     const int cblocks = static_cast<int>((C + 127) / 128);
     const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
     if (training) {
-      if (numel == 0) {
-        ch.fill_(std::numeric_limits<double>::quiet_NaN());
+      if (numel == 0) {  // an empty batch: NaN statistics, as stock
+        for (at::Tensor* t : {&mean, &invstd, &var}) t->fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
       const int V = pick_vec<scalar_t>(sh, true, {x.data_ptr()});
@@ -660,11 +678,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
       TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
-          chp);
+          chp, stats);
       TF_LAUNCH_CHECK();
     } else {
       TF_LAUNCH(cblocks, 128, 0, stream, eval_prepare_kernel<acc_t>)(C, rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(),
-                                                              ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps, chp);
+                                                              ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps, chp,
+                                                              stats);
       TF_LAUNCH_CHECK();
     }
     if (numel == 0) return;
@@ -677,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     }
   });
   if (!native) out.copy_(y);
-  return {out, ch[kMean].clone(), ch[kInvstd].clone(), ch[kVar].clone()};
+  return {out, mean, invstd, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_fwd_cuda(

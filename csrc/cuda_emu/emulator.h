@@ -95,6 +95,8 @@ inline BlockRun* g_run = nullptr;
 // random position. A kernel whose result depends on this has a race; the tests run the kernels
 // under all three and require bitwise-identical results (our kernels promise determinism).
 inline int g_schedule = 0;
+// Kernel launches so far (the tests count the launches of each op).
+inline int64_t g_launches = 0;
 
 inline std::vector<char*>& stacks() {
   static std::vector<char*> s;
@@ -257,6 +259,7 @@ struct Launch {
   Launch(dim3 g, dim3 b, void (*k)(P...)) : grid(g), block(b), kernel(k) {}
   template <typename... A>
   void operator()(A&&... args) const {
+    ++g_launches;
     struct Call {
       void (*kernel)(P...);
       std::tuple<std::decay_t<P>...> params;

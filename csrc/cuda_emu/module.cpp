@@ -66,7 +66,10 @@ void set_schedule(int schedule) {
   tfemu::g_schedule = schedule;
 }
 
+int64_t launch_count() { return tfemu::g_launches; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("launch_count", &launch_count);
   m.def("fast_divmod", &fast_divmod);
   m.def("set_schedule", &set_schedule);
   m.def("emulator_self_test", &emulator_self_test);
