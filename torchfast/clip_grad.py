@@ -127,17 +127,29 @@ def _clip(groups, max_norm: float, total_norm: Tensor, fname: str):
 # kernels (the max for inf), and one all-reduce per set of sharded process groups makes it global.
 # No full tensor is ever gathered, and nothing waits for the host.
 
+_DTENSOR = []  # [DTensor class or None], resolved on first use (importing it costs ~0.1 s)
+
+
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed support
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch without distributed support
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def _is_dtensor(t) -> bool:
     DTensor = _dtensor_type()
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def _sharded(tensors) -> bool:
+    """Whether a list holds DTensors, judged by its ends: O(1) for the thousands of small gradients of
+    the common case. (FSDP2 and tensor parallelism make every gradient a DTensor; a DTensor hidden in
+    the middle of plain tensors reaches the kernels, which refuse it with an error.)"""
+    return bool(tensors) and (_is_dtensor(tensors[0]) or _is_dtensor(tensors[-1]))
 
 
 def _local_power(local, norm_type: float, fname: str):
@@ -250,7 +262,7 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     if len(tensors) == 0:
         raise ValueError("torchfast.get_total_norm: with process_group=, every rank needs at least one tensor "
                          "(an empty shard can be passed as an empty tensor) to know the device and dtype")
-    if norm_type > 0 and (process_group is not None or any(_is_dtensor(t) for t in tensors)):
+    if norm_type > 0 and (process_group is not None or _sharded(tensors)):
         with torch.no_grad():
             total_norm = _global_norm(tensors, norm_type, process_group, "get_total_norm")
         if total_norm is None:
@@ -283,8 +295,8 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None)
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
-    # sharded gradients are scaled shard by shard (the coefficient is the same everywhere)
-    grads = [_local(g) for g in grads]
+    if _sharded(grads):  # sharded gradients are scaled shard by shard (the coefficient is the same everywhere)
+        grads = [_local(g) for g in grads]
     total_norm = _local(total_norm)
     with torch.no_grad():
         _clip(_group(grads, "clip_grads_with_norm_", "gradient"), max_norm, total_norm, "clip_grads_with_norm_")
@@ -304,7 +316,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = _grads(parameters)
     norm_type = float(norm_type)
-    if process_group is not None or any(_is_dtensor(g) for g in grads):
+    if process_group is not None or _sharded(grads):
         total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, process_group=process_group)
         clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return total_norm
