@@ -15,13 +15,17 @@
 // channels_last (N, *, C), seen as N*S rows of C channels. Any other stride pattern is copied to
 // contiguous first (output keeps the input's layout through empty_like).
 //
-// Statistics use sums shifted by the channel's first element (stable for large means) with
-// per-row partials in acc_t (float for fp32/fp16/bf16, double for fp64) folded in double.
+// Statistics use sums shifted by the mean of each channel's first 32 elements (stable for large
+// means), with partials in acc_t (float for fp32/fp16/bf16, double for fp64) over short runs (32
+// elements, or 16 channels_last rows) folded in double; the backward's sums likewise. channels_last
+// reductions are split into blocks of 64 rows x tiles of channels (ClUnits) and the blocks added in a
+// fixed order, so results do not depend on the thread count.
 //
-// Contiguous layout with at least as many channels as threads: each thread takes whole channels and
-// runs both passes on one channel before the next, so the second pass reads the channel (N*S
-// elements; 400 KB of x for ResNet's 32x64x56x56, 800 KB of x and dy in the backward) from cache
-// rather than DRAM: measured 2.8x -> 3.x stock eager for fwd+bwd on the 2-core CI Xeon.
+// Contiguous layout with at least as many channels as threads and rows of >= 256 elements: each
+// thread takes whole channels and runs both passes on one channel before the next, so the second pass
+// reads the channel (N*S elements; 400 KB of x for ResNet's 32x64x56x56, 800 KB of x and dy in the
+// backward) from cache rather than DRAM. Streaming (non-temporal) stores only for outputs larger than
+// half the last-level cache (stream_output).
 // No include guard: included once per instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
