@@ -17,6 +17,7 @@
 //                      hi = 2 Phi(beta) - 1, value = clamp(mean + std * sqrt(2) * erfinv(v), a, b)
 //                      (the algorithm of torch.nn.init.trunc_normal_, without rejection and so
 //                      without any host synchronisation)
+// float64 tensors take the full-precision variant at the end of this file (philox_values_f64).
 #pragma once
 
 #include <cmath>
@@ -167,6 +168,85 @@ TF_HD void philox_values(uint64_t seed, uint64_t stream, uint64_t blk, const Ini
       float t = add_rn(prm.p0, mul_rn(span, word_to_unit(w[r])));
       float z = add_rn(prm.p4, mul_rn(prm.p5, erfinv_f32(t)));
       v[r] = fminf(fmaxf(z, prm.p2), prm.p3);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float64 tensors: full precision (torchfast/reference/philox.py, values_f64, is the definition).
+// Element i takes block i / 2 and the word pair (2 (i % 2), 2 (i % 2) + 1) as W = w_even << 32 | w_odd;
+// u = ((W >> 11) * 2 + 1) * 2^-54, exact, in (0, 1). Each float64 operation rounded on its own.
+
+TF_HD double dmul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+TF_HD double dadd_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+TF_HD double word_pair_to_unit64(uint32_t hi, uint32_t lo) {
+  const uint64_t k = (static_cast<uint64_t>(hi) << 21) | (lo >> 11);  // < 2^53
+  return static_cast<double>(k * 2u + 1u) * 5.5511151231257827e-17;   // (2k + 1) 2^-54, exact
+}
+
+// erfinv in float64: Giles' polynomial (the float32 coefficients) in float64 as the start in the body,
+// sqrt(-log(q sqrt(pi) sqrt(-log q))) with q = 1 - |x| in the tails, then four Newton steps on erf.
+TF_HD double erfinv_f64(double x) {
+  const double a = fabs(x), q = 1.0 - a;
+  const double w = -log(q * (1.0 + a));
+  double z;
+  if (w < 5.0) {
+    const double c[9] = {2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                         -0.00125372503, -0.00417768164, 0.246640727, 1.50140941};
+    double p = c[0];
+    for (int i = 1; i < 9; ++i) p = dadd_rn(dmul_rn(p, w - 2.5), c[i]);
+    z = dmul_rn(p, a);
+  } else {
+    z = sqrt(-log(dmul_rn(dmul_rn(q, sqrt(-log(q))), 1.7724538509055159)));
+  }
+  for (int i = 0; i < 4; ++i) z = z - (erf(z) - a) / dmul_rn(1.1283791670955126, exp(-dmul_rn(z, z)));
+  return x < 0 ? -z : z;
+}
+
+// Parameters of one float64 tensor's distribution (as InitParams, unrounded).
+struct InitParams64 {
+  int64_t kind;
+  double p[6];
+};
+
+// Values of the two elements of block `blk` of stream `stream` of a float64 tensor.
+TF_HD void philox_values_f64(uint64_t seed, uint64_t stream, uint64_t blk, const InitParams64& prm, double v[2]) {
+  if (prm.kind == kConstant) {
+    v[0] = v[1] = prm.p[0];
+    return;
+  }
+  uint32_t w[4];
+  Philox4x32::block(seed, blk, stream, w);
+  const double u0 = word_pair_to_unit64(w[0], w[1]), u1 = word_pair_to_unit64(w[2], w[3]);
+  if (prm.kind == kUniform) {
+    const double span = dadd_rn(prm.p[1], -prm.p[0]);
+    v[0] = dadd_rn(prm.p[0], dmul_rn(span, u0));
+    v[1] = dadd_rn(prm.p[0], dmul_rn(span, u1));
+  } else if (prm.kind == kNormal) {
+    const double rad = sqrt(dmul_rn(log(u0), -2.0));
+    const double theta = dmul_rn(u1, 6.283185307179586);
+    v[0] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, cos(theta))));
+    v[1] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, sin(theta))));
+  } else {  // kTruncNormal
+    const double span = dadd_rn(prm.p[1], -prm.p[0]);
+    for (int r = 0; r < 2; ++r) {
+      const double t = dadd_rn(prm.p[0], dmul_rn(span, r == 0 ? u0 : u1));
+      const double z = dadd_rn(prm.p[4], dmul_rn(prm.p[5], erfinv_f64(t)));
+      v[r] = fmin(fmax(z, prm.p[2]), prm.p[3]);
     }
   }
 }

@@ -52,8 +52,34 @@ def test_backend_matches_reference(device, backend, dtype):
                 # Half types: a few float32 ulps rarely change the rounded value; allow one ulp.
                 tol = 0 if exact else torch.finfo(dtype).eps * 4
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            elif dtype == torch.float64:  # the full-precision stream: float64 rounding only
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
             else:
                 torch.testing.assert_close(a.float(), b.float(), rtol=4e-6, atol=4e-6)
+
+
+def test_float64_values_have_full_precision():
+    """float64 tensors take the full-precision stream: 53-bit uniforms (the bits below float32's are
+    used), normal and truncated normal computed in float64 (against the float64 inverse CDF and the
+    float32 stream, which they are not), bounds kept, and the float64 normal stream's wider reach
+    (8.65 std) clamped when trunc_normal_ takes it for wide bounds."""
+    u = tfi.uniform_(torch.empty(100_000, dtype=torch.float64), seed=5)
+    assert ((u * 2.0 ** 24) % 1 != 0).double().mean() > 0.99  # not float32 values widened
+    assert 0 < u.min() and u.max() < 1
+    f32 = tfi.uniform_(torch.empty(100_000, dtype=torch.float32), seed=5)
+    assert not torch.allclose(u.float(), f32)  # a stream of its own, documented
+    # the truncated normal's inverse CDF at full precision: t = erfinv(v) * sqrt(2) for the drawn v
+    from torchfast.reference import philox
+    v = torch.linspace(-0.998, 0.998, 9999, dtype=torch.float64)
+    torch.testing.assert_close(philox.erfinv_f64(v), torch.erfinv(v), rtol=1e-14, atol=1e-15)
+    t = tfi.trunc_normal_(torch.empty(100_000, dtype=torch.float64), mean=0.1, std=0.7, a=-0.5, b=0.6, seed=2)
+    assert t.min() >= -0.5 and t.max() <= 0.6 and ((t * 2.0 ** 24) % 1 != 0).double().mean() > 0.99
+    n = tfi.normal_(torch.empty(400_000, dtype=torch.float64), 0.0, 1.0, seed=7)
+    assert abs(n.mean().item()) < 0.01 and abs(n.std().item() - 1) < 0.01
+    # the wide-bounds shortcut: the normal stream, then clamped for float64 (here with bounds that bite)
+    t = torch.empty(10_000, dtype=torch.float64)
+    tfi._fill([t], [tfi._normal_spec(0.0, 1.0) + ((-0.5, 0.5),)], seed=3)
+    assert t.min() == -0.5 and t.max() == 0.5
 
 
 def test_uniform_bitwise_equal_across_backends(cpu_backend_built):

@@ -100,8 +100,9 @@ def _triton_why_not(op, device_type, dtype, norm_type):
         return "the triton backend serves cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got cpu tensors"
     if device_type not in ("cuda", "cpu"):
         return "the triton backend serves cuda tensors, got %s tensors" % device_type
-    if dtype not in _TRITON_DTYPES:
-        return "dtype %s is not supported by the Triton kernels (float16, bfloat16, float32)" % (dtype,)
+    if dtype not in _TRITON_DTYPES and not (op == "init" and dtype == torch.float64):
+        return "dtype %s is not supported by the Triton kernels (float16, bfloat16, float32%s)" % (
+            dtype, "; float64 for init" if op != "init" else "")
     if device_type == "cpu" and dtype == torch.bfloat16:
         return "bfloat16 is not supported by the Triton interpreter"
     if op == "clip_grad" and not (norm_type > 0):

@@ -6,7 +6,8 @@ only on the seed, ``k`` and ``i`` (see ``torchfast.reference.philox`` for the ex
 every backend, device, layout and thread count gives the same values. Uniform values are bitwise
 equal across backends; normal and truncated normal values agree to a few float32 ulp (they go
 through log/sin/cos, whose last bit differs between math libraries). Values are generated in
-float32 and rounded to the tensor's dtype (float64 tensors get float32-precision values).
+float32 and rounded to the tensor's dtype, except for float64 tensors, which take a full-precision
+variant of the stream (53-bit uniforms from two words, float64 arithmetic throughout).
 
 Seeds: pass ``seed=`` (an int in [0, 2**63)) or ``generator=`` (a torch.Generator, from which one
 seed is drawn per call). With neither, the seed is drawn from torch's default CPU generator, so
@@ -97,11 +98,11 @@ def _fill(tensors, specs, seed):
             for t, buf in copies:
                 t.copy_(buf)
             if dtype == torch.float64:
-                # Values are generated and clamped in float32; widened to float64 they can sit
-                # outside [a, b] by less than a float32 step. Clamp again at full precision.
+                # trunc_normal_ with bounds beyond 6 std takes the normal stream (_trunc_normal_spec),
+                # whose float64 values reach 8.65 std: clamp those to [a, b].
                 for k in ks:
-                    if specs[k][0] == TRUNC_NORMAL:
-                        tensors[k].clamp_(specs[k][1][2], specs[k][1][3])
+                    if len(specs[k]) == 3:
+                        tensors[k].clamp_(*specs[k][2])
 
 
 def _params(*values):
@@ -129,9 +130,9 @@ def _trunc_normal_spec(mean, std, a, b):
                       "The distribution of values may be incorrect.", stacklevel=3)
     if std > 0 and (a - mean) / std <= -6.0 and (b - mean) / std >= 6.0:
         # Bounds beyond 6 standard deviations (e.g. std=0.02 with the default a=-2, b=2) truncate
-        # nothing the stream can produce: the normal path never leaves +-5.77 std, and is cheaper
-        # than the inverse CDF.
-        return _normal_spec(mean, std)
+        # nothing the float32 stream can produce: the normal path never leaves +-5.77 std, and is
+        # cheaper than the inverse CDF. (The float64 stream reaches 8.65 std: _fill clamps those.)
+        return _normal_spec(mean, std) + ((a, b),)
     lo = 2 * norm_cdf((a - mean) / std) - 1
     hi = 2 * norm_cdf((b - mean) / std) - 1
     return (TRUNC_NORMAL, _params(lo, hi, a, b, mean, std * math.sqrt(2.0)))

@@ -1,4 +1,5 @@
-// Batched Philox init on the CPU: one parallel pass over every tensor of the batch.
+// Batched Philox init on the CPU: one parallel pass over every tensor of the batch (float64 tensors take
+// the full-precision variant of the stream, philox_values_f64).
 // Memory traffic: one write of each tensor, nothing read. Values depend only on (seed, stream,
 // element index), so the result is bitwise the same for any thread count and chunking.
 #include <ATen/Dispatch.h>
@@ -36,6 +37,17 @@ int64_t fill_steps(scalar_t* out, int64_t i, int64_t end, Values&& values) {
   return i;
 }
 
+// float64 tensors: two elements per Philox block, at full precision (philox.h, philox_values_f64).
+void fill_range_f64(double* out, int64_t begin, int64_t end, uint64_t seed, uint64_t stream,
+                    const InitParams64& prm) {
+  double v[2];
+  for (int64_t i = begin; i < end; i += 2) {  // begin is even (chunks are block aligned)
+    philox_values_f64(seed, stream, static_cast<uint64_t>(i >> 1), prm, v);
+    out[i] = v[0];
+    if (i + 1 < end) out[i + 1] = v[1];
+  }
+}
+
 template <typename scalar_t>
 void fill_range(scalar_t* out, int64_t begin, int64_t end, uint64_t seed, uint64_t stream, const InitParams& prm) {
   // begin is a multiple of 4 (chunks are block aligned); the last block may be partial.
@@ -66,6 +78,7 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
               "philox_fill_: expected one stream, one kind and six params per tensor, got ", n, " tensors, ",
               streams.size(), " streams, ", kinds.size(), " kinds and ", params.size(), " params");
   std::vector<InitParams> prm(n);
+  std::vector<InitParams64> prm64(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), "philox_fill_: tensor ", i, " is on ", t.device(), ", expected cpu");
@@ -80,6 +93,8 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
                         static_cast<float>(params[6 * i + 3]),
                         static_cast<float>(params[6 * i + 4]),
                         static_cast<float>(params[6 * i + 5])};
+    prm64[i].kind = kinds[i];
+    for (int k = 0; k < 6; ++k) prm64[i].p[k] = params[6 * i + k];
   }
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunkElems);
   const uint64_t useed = static_cast<uint64_t>(seed);
@@ -87,6 +102,11 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       const at::Tensor& t = tensors[ch.tensor];
+      if (t.scalar_type() == at::kDouble) {
+        fill_range_f64(t.data_ptr<double>(), ch.begin, ch.end, useed, static_cast<uint64_t>(streams[ch.tensor]),
+                       prm64[ch.tensor]);
+        continue;
+      }
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "philox_fill_cpu", [&] {
         fill_range<scalar_t>(t.data_ptr<scalar_t>(), ch.begin, ch.end, useed,
                              static_cast<uint64_t>(streams[ch.tensor]), prm[ch.tensor]);

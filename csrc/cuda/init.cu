@@ -47,6 +47,28 @@ __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t se
   }
 }
 
+// float64 tensors: two elements per Philox block at full precision (philox_values_f64). Their unrounded
+// parameters do not fit the kernel's parameter table beside the chunk table, so they come from a small
+// device buffer indexed by the tensor's position in the caller's list.
+__global__ void philox_fill_f64_kernel(ChunkTable table, InitTable init, const double* params, uint64_t seed) {
+  const int slot = table.tensor_of_block[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(table.numel[slot], begin + kChunk);
+  double* out = static_cast<double*>(table.ptr[slot]);
+  InitParams64 prm;
+  prm.kind = init.kind[slot];
+  const int64_t li = table.list_index[slot];
+#pragma unroll
+  for (int k = 0; k < 6; ++k) prm.p[k] = params[6 * li + k];
+  const uint64_t stream = static_cast<uint64_t>(init.stream[slot]);
+  for (int64_t i = begin + 2 * static_cast<int64_t>(threadIdx.x); i < end; i += 2 * static_cast<int64_t>(blockDim.x)) {
+    double v[2];
+    philox_values_f64(seed, stream, static_cast<uint64_t>(i >> 1), prm, v);
+    out[i] = v[0];
+    if (i + 1 < end) out[i + 1] = v[1];
+  }
+}
+
 void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef streams, at::IntArrayRef kinds,
                       at::ArrayRef<double> params) {
   const int64_t n = static_cast<int64_t>(tensors.size());
@@ -67,6 +89,21 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
   TORCH_CHECK(at::isFloatingType(dtype), "philox_fill_: expected floating-point tensors, got ", dtype);
   TF_DEVICE_GUARD(guard, tensors[0].device());
   const Stream stream = current_stream();
+  if (dtype == at::kDouble) {
+    const at::Tensor prm = at::tensor(params, at::kDouble).to(tensors[0].device(), /*non_blocking=*/true);
+    for_each_table(tensors, [&](const ChunkTable& table, int nslots, int nb) {
+      InitTable init;
+      for (int s = 0; s < nslots; ++s) {
+        const int64_t li = table.list_index[s];
+        init.stream[s] = streams[li];
+        init.kind[s] = static_cast<int32_t>(kinds[li]);
+      }
+      TF_LAUNCH(nb, 256, 0, stream, philox_fill_f64_kernel)(table, init, prm.data_ptr<double>(),
+                                                             static_cast<uint64_t>(seed));
+      TF_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "philox_fill_cuda", [&] {
     for_each_table(tensors, [&](const ChunkTable& table, int nslots, int nb) {
       InitTable init;  // per-slot parameters, from the slot's position in the caller's list

@@ -54,6 +54,71 @@ def _unit(w):
 
 
 @triton.jit
+def _f64(c):
+    """A float64 constant (a bare Python float in a kernel is a float32 one)."""
+    return tl.full([], c, tl.float64)
+
+
+@triton.jit
+def _erfinv_f64(x):
+    # torchfast/reference/philox.py erfinv_f64: start point, then four Newton steps on erf
+    a = tl.abs(x)
+    q = _f64(1.0) - a
+    w = -tl.log(q * (_f64(1.0) + a))
+    wc = w - _f64(2.5)
+    p = _f64(2.81022636e-08)
+    p = _f64(3.43273939e-07) + p * wc
+    p = _f64(-3.5233877e-06) + p * wc
+    p = _f64(-4.39150654e-06) + p * wc
+    p = _f64(0.00021858087) + p * wc
+    p = _f64(-0.00125372503) + p * wc
+    p = _f64(-0.00417768164) + p * wc
+    p = _f64(0.246640727) + p * wc
+    p = _f64(1.50140941) + p * wc
+    tail = tl.sqrt(-tl.log(q * tl.sqrt(-tl.log(q)) * _f64(1.7724538509055159)))
+    z = tl.where(w < _f64(5.0), p * a, tail)
+    for _ in tl.static_range(4):
+        z = z - (tl.math.erf(z) - a) / (_f64(1.1283791670955126) * tl.exp(-(z * z)))
+    return tl.where(x < _f64(0.0), -z, z)
+
+
+@triton.jit
+def _unit64(hi, lo):
+    k = (hi.to(tl.uint64) << 21) | (lo.to(tl.uint64) >> 11)
+    return (k * 2 + 1).to(tl.float64) * _f64(5.551115123125783e-17)
+
+
+@triton.jit
+def _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, seed, CHUNK_ELEMS: tl.constexpr,
+                     BLOCK_B: tl.constexpr):
+    """float64 tensors: two elements per Philox block at full precision (csrc/philox.h philox_values_f64)."""
+    lanes = tl.arange(0, BLOCK_B).to(tl.int64)
+    for step in range(0, tl.minimum(CHUNK_ELEMS, n - start), 2 * BLOCK_B):
+        blk = (start + step) // 2 + lanes
+        w0, w1, w2, w3 = tl.philox(seed, (blk & 0xFFFFFFFF).to(tl.uint32), (blk >> 32).to(tl.uint32),
+                                   tl.zeros_like(lanes).to(tl.uint32) + s_lo,
+                                   tl.zeros_like(lanes).to(tl.uint32) + s_hi)
+        u0, u1 = _unit64(w0, w1), _unit64(w2, w3)
+        if kind == 0:
+            span = p1 - p0
+            v0, v1 = p0 + span * u0, p0 + span * u1
+        elif kind == 1:
+            r = tl.sqrt(tl.log(u0) * _f64(-2.0))
+            t = u1 * _f64(6.283185307179586)
+            v0, v1 = p0 + p1 * (r * tl.cos(t)), p0 + p1 * (r * tl.sin(t))
+        elif kind == 2:
+            span = p1 - p0
+            v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f64(p0 + span * u0), p2), p3)
+            v1 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f64(p0 + span * u1), p2), p3)
+        else:
+            v0 = tl.zeros_like(u0) + p0
+            v1 = v0
+        vals = tl.reshape(tl.join(v0, v1), [2 * BLOCK_B])  # element 2 b + r takes value r of block b
+        offs = start + step + tl.arange(0, 2 * BLOCK_B).to(tl.int64)
+        tl.store(out + offs, vals, mask=offs < tl.minimum(n, start + CHUNK_ELEMS))
+
+
+@triton.jit
 def _philox_fill_kernel(addr_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, param_ptr, seed,
                         OUT_DTYPE: tl.constexpr, CHUNK_ELEMS: tl.constexpr, BLOCK_B: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -70,6 +135,9 @@ def _philox_fill_kernel(addr_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, pa
     p5 = tl.load(param_ptr + 6 * pid + 5)
     s_lo = (stream & 0xFFFFFFFF).to(tl.uint32)
     s_hi = (stream >> 32).to(tl.uint32)
+    if OUT_DTYPE == tl.float64:
+        _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, seed, CHUNK_ELEMS, BLOCK_B)
+        return
     lanes = tl.arange(0, BLOCK_B).to(tl.int64)
     for step in range(0, tl.minimum(CHUNK_ELEMS, n - start), 4 * BLOCK_B):
         blk = (start + step) // 4 + lanes
@@ -113,7 +181,9 @@ def _fill_launch(tensors, seed, streams, kinds, params):
     table, idx = chunk_table(tensors, CHUNK, per_tensor=(streams, kinds))
     if idx.numel() == 0:
         return
-    prm = torch.tensor(params, dtype=torch.float32).view(-1, 6)[idx].contiguous()
+    # float64 tensors take their parameters unrounded (the full-precision stream)
+    prm = torch.tensor(params, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    prm = prm.view(-1, 6)[idx].contiguous()
     table, prm_t = upload(table, device), upload(prm, device)
     block_b = 64 if INTERPRET else 1024
     _philox_fill_kernel[(idx.numel(),)](table[0], table[1], table[2], table[3], table[4], prm_t, seed, OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
