@@ -63,6 +63,11 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
                         torchfast.init.reset_parameters(m)
                     return m
                 impls.append(("torchfast " + b, build))
+
+                def build_fast(b=b):  # the model's own init code, fills recorded and batched
+                    with torchfast.use_backend(b), torchfast.init.fast_init(seed=0, device=device):
+                        return GPT2Small()
+                impls.append(("fast_init " + b, build_fast))
         else:
             if case == "kaiming_normal":
                 ts = _tensors([s for s in S.resnet50() if len(s) == 4], device, dtype)

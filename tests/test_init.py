@@ -463,3 +463,118 @@ def test_reset_parameters_calls_a_module_own_init():
         m.scale.fill_(float("nan"))
     tfi.reset_parameters(m, seed=0, strict=True)
     assert torch.equal(m.scale.detach(), torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------- fast_init
+
+class _GPTBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.qkv, self.proj, self.fc = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4 * d)
+
+
+class _TinyGPT(nn.Module):
+    """GPT-2-style init, as Hugging Face writes it: _init_weights through .data, scaled residual
+    projections by name, tied embeddings."""
+
+    def __init__(self, d=64, layers=3, vocab=997):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(128, d)
+        self.h = nn.ModuleList(_GPTBlock(d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * layers))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.data.normal_(mean=0.0, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                m.bias.data.zero_()
+
+
+def _assert_same_distributions(stock, fast, rtol=0.05):
+    for (name, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
+        if a.numel() < 2000:
+            continue
+        if a.std() == 0:
+            assert torch.equal(a, b), name  # constants (ones, zeros) exactly
+            continue
+        assert abs(b.std().item() / a.std().item() - 1) < rtol, (name, a.std().item(), b.std().item())
+        assert abs(b.mean().item() - a.mean().item()) < 0.1 * a.std().item(), name
+        assert b.abs().max() <= a.abs().max() * 1.5 + 1e-6, name  # uniform bounds, truncations kept
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet50", "torchvision:vit_b_16", "timm:vit_tiny_patch16_224",
+                                  "timm:resnet50", "gpt"])
+def test_fast_init_keeps_the_models_own_init(name):
+    """A model built inside fast_init has its own init's distributions (torchvision's kaiming_normal fan_out,
+    ViT's and timm's truncated normals, GPT-2's normal(0.02) with scaled projections and tied
+    embeddings), with the random fills batched into a few torchfast calls."""
+    if name == "gpt":
+        ctor = _TinyGPT
+    else:
+        lib, model = name.split(":")
+        mod = pytest.importorskip(lib, reason="%s is a test extra (pip install .[test])" % lib)
+        ctor = (lambda: getattr(mod.models, model)()) if lib == "torchvision" else (lambda: mod.create_model(model))
+    torch.manual_seed(0)
+    stock = ctor()
+    with tfi.fast_init(seed=1) as report:
+        fast = ctor()
+    _assert_same_distributions(stock, fast)
+    assert report["recorded"] > 10 and report["batched_calls"] <= 3, report
+    if name == "gpt":
+        assert fast.head.weight is fast.wte.weight
+        assert abs(fast.h[0].proj.weight.std().item() - 0.02 / math.sqrt(6)) < 0.002
+
+
+def test_fast_init_keeps_the_order_of_operations():
+    """Whatever reads or writes a tensor with a pending fill sees the filled values first: a rescale, a
+    copy into another tensor, orthogonal_'s QR, an init of a view; a later init of a tensor replaces an
+    earlier one; the values depend only on the seed."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(300, 200), nn.Linear(300, 200), nn.Linear(64, 64)
+            with torch.no_grad():
+                self.a.weight.mul_(0.5)                 # after Linear's kaiming_uniform_
+                self.copy = self.b.weight.detach().clone()
+            nn.init.orthogonal_(self.c.weight)
+            nn.init.zeros_(self.b.bias)
+            nn.init.normal_(self.b.bias, 3.0, 0.1)      # replaces the zeros_
+            nn.init.constant_(self.a.bias[:10], 7.0)    # a view of a pending tensor
+
+    with tfi.fast_init(seed=5):
+        m = M()
+    bound = 1 / math.sqrt(300)
+    assert m.a.weight.abs().max() <= 0.5 * bound and m.a.weight.abs().max() > 0.45 * bound
+    assert torch.equal(m.copy, m.b.weight)  # the copy saw the filled values
+    torch.testing.assert_close(m.c.weight @ m.c.weight.T, torch.eye(64), atol=1e-4, rtol=0)
+    assert abs(m.b.bias.mean().item() - 3.0) < 0.05
+    assert torch.equal(m.a.bias[:10], torch.full((10,), 7.0)) and m.a.bias[10:].abs().max() <= bound
+    with tfi.fast_init(seed=5):
+        again = M()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
+
+
+def test_fast_init_reproducible_across_threads_meta_and_nesting():
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with tfi.fast_init(seed=11):
+                outs.append(_TinyGPT())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(p, q) for p, q in zip(outs[0].parameters(), outs[1].parameters()))
+    with torch.device("meta"), tfi.fast_init(seed=1) as report:
+        meta = _TinyGPT()
+    assert meta.wte.weight.is_meta and report["batched_calls"] == 0
+    with tfi.fast_init():
+        with pytest.raises(RuntimeError, match="already inside"):
+            with tfi.fast_init():
+                pass
+    assert nn.init.normal_ is not tfi.normal_  # torch.nn.init restored

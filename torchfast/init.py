@@ -14,13 +14,17 @@ seed is drawn per call). With neither, the seed is drawn from torch's default CP
 ``torch.manual_seed`` makes the result reproducible. Drawing from a CUDA generator reads one
 number back from the device; nothing else here synchronises with the host.
 """
+import contextlib
 import math
 import operator
+import sys
+import threading
 import warnings
 
 import torch
 from torch import Tensor, nn
 from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out, calculate_gain
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchfast import _backends
 from torchfast._ops import impl
@@ -28,7 +32,7 @@ from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
 
 __all__ = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
            "kaiming_normal_", "zeros_", "ones_", "constant_", "eye_", "dirac_", "orthogonal_", "sparse_",
-           "reset_parameters", "calculate_gain",
+           "reset_parameters", "calculate_gain", "fast_init",
            # torch.nn.init's deprecated aliases, kept for drop-in compatibility
            "uniform", "normal", "constant", "eye", "dirac", "xavier_uniform", "xavier_normal", "kaiming_uniform",
            "kaiming_normal", "orthogonal", "sparse"]
@@ -139,7 +143,8 @@ def _trunc_normal_spec(mean, std, a, b):
 
 
 def _apply(tensor, fname, spec_of, seed, generator, random=True):
-    """Shared driver: spec_of(t) gives each tensor's spec (or None to skip it)."""
+    """Shared driver: spec_of(t) gives each tensor's spec (or None to skip it). Inside fast_init the
+    fills are recorded, to run batched later."""
     single, tensors = _as_list(tensor, fname)
     if random:
         _check_float(tensors, fname)
@@ -150,7 +155,11 @@ def _apply(tensor, fname, spec_of, seed, generator, random=True):
             kept.append(t)
             specs.append(spec)
     if kept:
-        _fill(kept, specs, _draw_seed(seed, generator) if random else 0)
+        recorder = _active_recorder()
+        if recorder is not None:
+            recorder.record(kept, specs)
+        else:
+            _fill(kept, specs, _draw_seed(seed, generator) if random else 0)
     return tensor if single else tensors
 
 
@@ -487,3 +496,161 @@ kaiming_uniform = _deprecated(kaiming_uniform_)
 kaiming_normal = _deprecated(kaiming_normal_)
 orthogonal = _deprecated(orthogonal_)
 sparse = _deprecated(sparse_)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deferred, batched construction: fast_init.
+
+_TLS = threading.local()
+
+
+def _active_recorder():
+    return getattr(_TLS, "recorder", None)
+
+
+def _storage_key(t):
+    """What identifies a tensor's memory (views share it); None for tensors without data (meta)."""
+    if t.device.type == "meta":
+        return None
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+
+
+def _same_region(a, b) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+
+
+_RNG_OPS = None
+
+
+def _rng_ops():
+    """The in-place aten ops fast_init records instead of running (Tensor.uniform_/normal_/zero_/fill_,
+    as model init code writes them: ``module.weight.data.normal_(mean=0.0, std=0.02)``)."""
+    global _RNG_OPS
+    if _RNG_OPS is None:
+        aten = torch.ops.aten
+        _RNG_OPS = {aten.uniform_.default: "uniform", aten.normal_.default: "normal", aten.zero_.default: "zero",
+                    aten.fill_.Scalar: "fill"}
+    return _RNG_OPS
+
+
+class _Recorder(TorchDispatchMode):
+    """Records init fills (torch.nn.init calls routed to torchfast.init, and in-place RNG ops on tensors)
+    instead of running them, and runs them batched: at the end, or, for the tensors an operation
+    touches, just before it (so that every read, rescale, copy or QR sees the values sequential
+    execution would have given them)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+        self.pending = {}       # storage key -> (tensor, spec), in recording order
+        self.flushes = 0
+        self.recorded = 0
+        self.launch_groups = 0
+
+    def record(self, tensors, specs):
+        for t, spec in zip(tensors, specs):
+            key = _storage_key(t)
+            if key is None:
+                continue  # a meta tensor: nothing to fill (to_empty + reset_parameters later)
+            if key in self.pending and not _same_region(self.pending[key][0], t):
+                self.flush({key})  # another view of the same memory: keep the order exact
+            self.pending.pop(key, None)  # a later init of the same tensor replaces the earlier one
+            self.pending[key] = (t, spec)
+            self.recorded += 1
+
+    def flush(self, keys=None):
+        """Run the pending fills (those of `keys` only, when given: fills of other memory can wait)."""
+        if keys is None:
+            todo, self.pending = self.pending, {}
+        else:
+            todo = {k: self.pending.pop(k) for k in list(self.pending) if k in keys}
+        if not todo:
+            return
+        tensors, specs = zip(*todo.values())
+        seed = (self.seed + 0x9E3779B97F4A7C15 * self.flushes) % _SEED_LIMIT  # one seed per flush
+        self.flushes += 1
+        self.launch_groups += len({(t.device, t.dtype) for t in tensors})
+        prev, _TLS.recorder = _TLS.recorder, None  # the fills themselves must not be recorded
+        try:
+            _fill(list(tensors), list(specs), seed)
+        finally:
+            _TLS.recorder = prev
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _rng_ops().get(func)
+        if kind is not None and _TLS.recorder is self and kwargs.get("generator") is None:
+            t = args[0]
+            if t.is_floating_point() and _storage_key(t) is not None and t.is_contiguous():
+                if kind == "uniform":
+                    lo = args[1] if len(args) > 1 else kwargs.get("from", 0.0)
+                    hi = args[2] if len(args) > 2 else kwargs.get("to", 1.0)
+                    spec = _uniform_spec(float(lo), float(hi))
+                elif kind == "normal":
+                    mean = args[1] if len(args) > 1 else kwargs.get("mean", 0.0)
+                    std = args[2] if len(args) > 2 else kwargs.get("std", 1.0)
+                    spec = _normal_spec(float(mean), float(std))
+                else:
+                    spec = (CONSTANT, _params(0.0 if kind == "zero" else float(args[1])))
+                self.record([t], [spec])
+                return t
+        if self.pending and not getattr(func, "is_view", False):  # views (.data, .t(), slices) move no data
+            touched = {_storage_key(a) for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                       if isinstance(a, torch.Tensor)}
+            if not touched.isdisjoint(self.pending):
+                self.flush(touched)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fast_init(seed=None, device=None, generator=None):
+    """Build models with their own init code, with the random fills batched::
+
+        with torchfast.init.fast_init(seed=0):
+            model = torchvision.models.resnet50()
+
+    Inside the context every ``torch.nn.init`` call (the layers' ``reset_parameters`` and the models'
+    own init loops: ``kaiming_normal_(mode="fan_out")``, ``trunc_normal_(std=.02)``, ...) and every
+    in-place ``uniform_`` / ``normal_`` / ``zero_`` / ``fill_`` on a tensor (Hugging Face-style
+    ``module.weight.data.normal_(std=0.02)``) is recorded with its distribution (fan and gain computed
+    when it is recorded, as stock does) and run later as one batched torchfast fill per (device,
+    dtype): when the context exits, or as soon as any other operation touches a tensor with a pending
+    fill (a rescale, a copy, ``orthogonal_``'s QR), so every operation sees what sequential execution
+    would have given it; a later init of the same tensor replaces the earlier one. The values are
+    torchfast's Philox values for the context's seed (``seed=``, else drawn from ``generator`` or
+    torch's default generator): the same on every device and thread count, distributed as the model's
+    own init, not stock's exact numbers. ``device=`` builds on that device. Yields a dict that reports,
+    after the context, how many fills were recorded and in how many batched calls they ran.
+    """
+    if _active_recorder() is not None:
+        raise RuntimeError("torchfast.init.fast_init: already inside fast_init")
+    recorder = _Recorder(_draw_seed(seed, generator))
+    report = {}
+    patched = {}
+    for name in ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                 "kaiming_normal_", "zeros_", "ones_", "constant_"):
+        patched[name] = getattr(nn.init, name)
+        setattr(nn.init, name, globals()[name])
+    # timm's trunc_normal_ (imported by name into every timm model module) calls its module's
+    # _trunc_normal_(tensor, mean, std, a, b) at run time: recorded too, when timm is loaded
+    timm_init = sys.modules.get("timm.layers.weight_init")
+    timm_patched = getattr(timm_init, "_trunc_normal_", None) if timm_init is not None else None
+    if timm_patched is not None:
+        timm_init._trunc_normal_ = lambda tensor, mean, std, a, b: trunc_normal_(tensor, mean, std, a, b)
+    device_ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    _TLS.recorder = recorder
+    try:
+        with device_ctx, recorder:
+            yield report
+            recorder.flush()
+    finally:
+        _TLS.recorder = None
+        for name, fn in patched.items():
+            setattr(nn.init, name, fn)
+        if timm_patched is not None:
+            timm_init._trunc_normal_ = timm_patched
+        report.update(recorded=recorder.recorded, batched_calls=recorder.flushes,
+                      launch_groups=recorder.launch_groups)
