@@ -557,6 +557,12 @@ def test_fast_init_keeps_the_order_of_operations():
     with tfi.fast_init(seed=5):
         again = M()
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
+    # a torchfast.init call with its own seed runs at once, with that seed, after what was pending
+    outside = tfi.normal_(torch.empty(1000), seed=9)
+    with tfi.fast_init(seed=1):
+        w = tfi.uniform_(torch.empty(1000))
+        tfi.normal_(w, seed=9)
+    assert torch.equal(w, outside)
 
 
 def test_fast_init_reproducible_across_threads_meta_and_nesting():

@@ -156,8 +156,8 @@ def _apply(tensor, fname, spec_of, seed, generator, random=True):
             specs.append(spec)
     if kept:
         recorder = _active_recorder()
-        if recorder is not None:
-            recorder.record(kept, specs)
+        if recorder is not None and seed is None and generator is None:
+            recorder.record(kept, specs)  # (an explicit seed or generator runs now, with it)
         else:
             _fill(kept, specs, _draw_seed(seed, generator) if random else 0)
     return tensor if single else tensors
