@@ -507,7 +507,8 @@ def _assert_same_distributions(stock, fast, rtol=0.05):
         assert b.abs().max() <= a.abs().max() * 1.5 + 1e-6, name  # uniform bounds, truncations kept
 
 
-@pytest.mark.parametrize("name", ["torchvision:resnet50", "torchvision:vit_b_16", "timm:vit_tiny_patch16_224",
+@pytest.mark.parametrize("name", ["torchvision:resnet50", "torchvision:vit_b_16", "torchvision:swin_t",
+                                  "torchvision:convnext_tiny", "timm:vit_tiny_patch16_224",
                                   "timm:resnet50", "gpt"])
 def test_fast_init_keeps_the_models_own_init(name):
     """A model built inside fast_init has its own init's distributions (torchvision's kaiming_normal fan_out,
