@@ -102,3 +102,20 @@ def test_gpu_check_dry_run_plans_inside_its_budget(tmp_path):
     end = max(int(at) + int(slot) + 15 for at, _, slot in planned)
     assert end <= 480, summary
     assert re.search(r"\[(\d+)s\] done", summary)
+
+
+def test_distributed_benchmark_runs_on_two_gloo_ranks():
+    """benchmarks/bench_distributed.py under torchrun (2 CPU processes, gloo), tiny gradients: both cases
+    timed, one all-reduce per torchfast call."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=%d" % port, os.path.join(ROOT, "benchmarks", "bench_distributed.py"), "--tiny",
+                        "--iters", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith(("dtensor", "zero"))}
+    assert set(lines) == {"dtensor", "zero"}, r.stdout
+    assert all(line.rstrip().endswith("/ 1") for line in lines.values()), r.stdout
