@@ -15,8 +15,6 @@ Bytes of the minimal algorithm (T = bytes of all gradients): norm T, scale 2T, c
 when it clips and T when it does not (a coefficient of 1 leaves the gradients as they are).
 """
 import math
-import statistics
-import time
 
 import torch
 
@@ -51,22 +49,6 @@ def cases(device, quick, dtypes=None):
             for fn in FUNCTIONS:
                 for t in threads:
                     yield name, dtype, fn, t
-
-
-def bench_interleaved(impls, device, reps):
-    """{impl name: median seconds of its call}, each call preceded by its setup() (not timed); the
-    implementations take turns call by call, so a change in machine load hits them alike."""
-    times = {name: [] for name, _, _ in impls}
-    for i in range(reps + 2):
-        for name, setup, call in impls:
-            setup()
-            common.sync(device)
-            t0 = time.perf_counter()
-            call()
-            common.sync(device)
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _calls(op, norm_type, clips, ps, grads, norm0, torch_fn, fast):
@@ -136,7 +118,7 @@ def run(device, quick=True, dtypes=None, compile_stock=True, backends=None, prog
                 impls.append(("torchfast " + b, setup, fast_call))
             case = label + ("" if nthreads is None else " %dt" % nthreads)
             try:
-                medians = bench_interleaved(impls, device, reps)
+                medians = common.bench_interleaved(impls, device, reps)
             except Exception as e:  # noqa: BLE001
                 print("\n%s %s failed: %s" % (name, case, str(e).splitlines()[0][:200]))
                 continue

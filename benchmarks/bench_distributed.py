@@ -18,22 +18,16 @@ torchfast's to measure on a CPU.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import shapes as S  # noqa: E402
 import torchfast  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _count_all_reduce(fn):
@@ -49,21 +43,6 @@ def _count_all_reduce(fn):
     finally:
         dist.all_reduce = real
     return len(calls)
-
-
-def _interleaved(impls, device, iters):
-    times = {name: [] for name, _, _ in impls}
-    for i in range(iters + 1):
-        for name, setup, call in impls:
-            setup()
-            _sync(device)
-            dist.barrier()
-            t0 = time.perf_counter()
-            call()
-            _sync(device)
-            if i > 0:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -102,7 +81,7 @@ def main(argv=None):
         return lambda: torch._foreach_mul_(grads, 2.0)
     impls = [("torch", doubler(stock_ps), lambda: torch.nn.utils.clip_grad_norm_(stock_ps, norm0)),
              ("torchfast", doubler(fast_ps), lambda: torchfast.clip_grad_norm_(fast_ps, norm0))]
-    med = _interleaved(impls, device, args.iters)
+    med = common.bench_interleaved(impls, device, args.iters, warmup=1, before_each=dist.barrier)
     n_fast = _count_all_reduce(lambda: torchfast.clip_grad_norm_(fast_ps, norm0))
     rows.append(("dtensor Shard(0)", med["torch"], med["torchfast"], None, n_fast))  # DTensor's own collectives
 
@@ -126,7 +105,7 @@ def main(argv=None):
     impls = [("torch", lambda: torch._foreach_mul_([p.grad for p in stock_z], 2.0), stock_zero),
              ("torchfast", lambda: torch._foreach_mul_([p.grad for p in fast_z], 2.0),
               lambda: torchfast.clip_grad_norm_(fast_z, norm0, process_group=group))]
-    med = _interleaved(impls, device, args.iters)
+    med = common.bench_interleaved(impls, device, args.iters, warmup=1, before_each=dist.barrier)
     n_fast = _count_all_reduce(lambda: torchfast.clip_grad_norm_(fast_z, norm0, process_group=group))
     rows.append(("zero process_group=", med["torch"], med["torchfast"], 1, n_fast))
 

@@ -82,6 +82,25 @@ def bench(fn, device, reps=None, warmup=None, min_time=None):
     return statistics.median(times)
 
 
+def bench_interleaved(impls, device, reps, warmup=2, before_each=None):
+    """{name: median seconds of its call} for impls = [(name, setup, call)]: each call preceded by its
+    setup() (and before_each(), e.g. a barrier across ranks), neither timed; the implementations take
+    turns call by call, so a change in machine load hits them alike; the first `warmup` rounds dropped."""
+    times = {name: [] for name, _, _ in impls}
+    for i in range(reps + warmup):
+        for name, setup, call in impls:
+            setup()
+            sync(device)
+            if before_each is not None:
+                before_each()
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def copy_bandwidth(device) -> float:
     """Measured device copy bandwidth in GB/s (read + write bytes of a large tensor copy)."""
     n = (64 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4

@@ -36,20 +36,28 @@ int64_t dtype_of(const OptTensor& t) {
   return static_cast<int64_t>(present(t) ? t->scalar_type() : at::kFloat);
 }
 
-at::Tensor as_dtype(const at::Tensor& t, int64_t dtype) { return t.to(static_cast<at::ScalarType>(dtype)); }
-
-// Position of each optional tensor argument among the tensors autograd sees (its "edge" index).
-struct Edges {
-  std::vector<int64_t> index;  // -1 for an absent optional
-  explicit Edges(std::initializer_list<bool> presence) {
-    int64_t next = 0;
-    for (bool p : presence) index.push_back(p ? next++ : -1);
-  }
-};
+// What both forwards keep besides the saved tensors: the flags, the parameters' dtypes, and, for each
+// tensor argument that can have a gradient (named, with whether it was given), its position among the
+// tensors autograd sees (its "edge"; -1 for an absent optional). The statistics are not differentiable.
+void remember(AutogradContext* ctx, bool training, double eps, const OptTensor& weight, const OptTensor& bias,
+              std::initializer_list<std::pair<const char*, bool>> edges, const variable_list& stats) {
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["w_dtype"] = dtype_of(weight);
+  ctx->saved_data["b_dtype"] = dtype_of(bias);
+  int64_t next = 0;
+  for (const auto& [name, given] : edges) ctx->saved_data[name] = given ? next++ : int64_t(-1);
+  ctx->mark_non_differentiable(stats);
+}
 
 bool needs(AutogradContext* ctx, const std::string& key) {
   const int64_t e = ctx->saved_data[key].toInt();
   return e >= 0 && ctx->needs_input_grad(static_cast<size_t>(e));
+}
+
+// A per-channel gradient in its parameter's dtype, or undefined when it is not needed.
+at::Tensor param_grad(AutogradContext* ctx, bool need, const at::Tensor& g, const char* dtype_key) {
+  return need ? g.to(static_cast<at::ScalarType>(ctx->saved_data[dtype_key].toInt())) : at::Tensor();
 }
 
 }  // namespace
@@ -68,16 +76,9 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, mean, invstd, var) = fwd.call(input, weight, bias, running_mean, running_var, training, eps);
     }
-    const Edges e({true, present(weight), present(bias)});
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, invstd});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["e_input"] = e.index[0];
-    ctx->saved_data["e_weight"] = e.index[1];
-    ctx->saved_data["e_bias"] = e.index[2];
-    ctx->saved_data["w_dtype"] = dtype_of(weight);
-    ctx->saved_data["b_dtype"] = dtype_of(bias);
-    ctx->mark_non_differentiable({mean, invstd, var});
+    remember(ctx, training, eps, weight, bias,
+             {{"e_input", true}, {"e_weight", present(weight)}, {"e_bias", present(bias)}}, {mean, invstd, var});
     return {out, mean, invstd, var};
   }
 
@@ -104,10 +105,8 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(gi, gw, gb) = bwd.call(grad_out, input, w, b, mean, invstd, training);
     }
-    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(),
-            need_w ? as_dtype(gw, ctx->saved_data["w_dtype"].toInt()) : at::Tensor(),
-            need_b ? as_dtype(gb, ctx->saved_data["b_dtype"].toInt()) : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), param_grad(ctx, need_w, gw, "w_dtype"),
+            param_grad(ctx, need_b, gb, "b_dtype"), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -125,17 +124,10 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
       std::tie(out, mean, invstd, var) =
           fwd.call(input, residual, weight, bias, running_mean, running_var, training, eps);
     }
-    const Edges e({true, true, present(weight), present(bias)});
     ctx->save_for_backward({out, input, weight.value_or(at::Tensor()), mean, invstd});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["e_input"] = e.index[0];
-    ctx->saved_data["e_residual"] = e.index[1];
-    ctx->saved_data["e_weight"] = e.index[2];
-    ctx->saved_data["e_bias"] = e.index[3];
-    ctx->saved_data["w_dtype"] = dtype_of(weight);
-    ctx->saved_data["b_dtype"] = dtype_of(bias);
-    ctx->mark_non_differentiable({mean, invstd, var});
+    remember(ctx, training, eps, weight, bias,
+             {{"e_input", true}, {"e_residual", true}, {"e_weight", present(weight)}, {"e_bias", present(bias)}},
+             {mean, invstd, var});
     return {out, mean, invstd, var};
   }
 
@@ -162,10 +154,8 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(gi, gr, gw, gb) = bwd.call(grad_out, out, input, w, mean, invstd, training);
     }
-    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(),
-            need_res ? gr : at::Tensor(),
-            need_w ? as_dtype(gw, ctx->saved_data["w_dtype"].toInt()) : at::Tensor(),
-            need_b ? as_dtype(gb, ctx->saved_data["b_dtype"].toInt()) : at::Tensor(),
+    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), need_res ? gr : at::Tensor(),
+            param_grad(ctx, need_w, gw, "w_dtype"), param_grad(ctx, need_b, gb, "b_dtype"),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -154,10 +154,11 @@ def _sharded(tensors) -> bool:
 
 def _local_power(local, norm_type: float, fname: str):
     """sum |x|^p of the local tensors (max |x| for inf) as a float32/float64 0-dim tensor, on the
-    tensors' device; 0 when there are none (an empty shard)."""
+    tensors' device; 0 when they are all empty (an empty shard)."""
+    device = local[0].device
     local = [t for t in local if t.numel() > 0]
     if not local:
-        return None
+        return torch.zeros((), dtype=torch.float32, device=device)
     norm = _total_norm(_group(local, fname, "tensor"), norm_type, local[0].device, fname)
     acc = torch.float64 if norm.dtype == torch.float64 else torch.float32
     norm = norm.to(acc)
@@ -174,9 +175,6 @@ def _finish(total, norm_type: float):
 
 
 def _combine(parts, norm_type: float):
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
     out = parts[0]
     for p in parts[1:]:
         out = torch.maximum(out, p) if math.isinf(norm_type) else out + p
@@ -186,10 +184,7 @@ def _combine(parts, norm_type: float):
 def _sharded_total_norm(tensors, norm_type: float, process_group, fname: str):
     """The global norm of plain local shards (ZeRO-style: each rank holds a disjoint part of the
     tensors) over `process_group`: one all-reduce."""
-    device = tensors[0].device
     local = _local_power(tensors, norm_type, fname)
-    if local is None:
-        local = torch.zeros((), dtype=torch.float32, device=device)
     _all_reduce(local, norm_type, process_group)
     return _finish(local, norm_type).to(tensors[0].dtype)
 
@@ -211,8 +206,6 @@ def _dtensor_total_norm(tensors, norm_type: float, fname: str):
     parts = []
     for dims, local in by_dims.items():
         part = _local_power(local, norm_type, fname)
-        if part is None:
-            part = torch.zeros((), dtype=torch.float32, device=local[0].device)
         for d in dims:  # each sharded mesh dimension adds (or maxes) over its process group
             _all_reduce(part, norm_type, mesh.get_group(d))
         parts.append(part)
