@@ -711,3 +711,20 @@ def test_convert_sync_batchnorm_keeps_the_relu():
         want = torch.relu(bn_b(torch.relu(bn_a(x))) + x)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(converted.b.running_var, bn_b.running_var, rtol=1e-6, atol=1e-6)
+
+
+def test_profiler_names_the_fused_ops(cpu_backend_built):
+    """The profiler files the fused forward and backward under torchfast's op names (the Python
+    autograd wrapper used to file the forward under GeneratedBackwardFor_torchfast_bn_relu_fwd_default)."""
+    from torchfast.nn import BatchNormAddReLU2d
+    layers = (BatchNormReLU2d(4), BatchNormAddReLU2d(4))
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torchfast.use_backend("cpu"):
+            layers[0](x).sum().backward()
+            layers[1](x, x).sum().backward()
+    names = {e.name for e in prof.events()}
+    for op in ("bn_relu_fwd", "bn_relu_bwd", "bn_add_relu_fwd", "bn_add_relu_bwd"):
+        assert "torchfast::" + op in names, sorted(names)
+    assert not any(n.startswith("GeneratedBackwardFor") for n in names), sorted(names)
+    assert any("BnReluFunction" in n for n in names) and any("BnAddReluFunction" in n for n in names)
