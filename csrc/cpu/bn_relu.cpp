@@ -100,10 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   check_channel_vector(running_var, C, op, "running_var");
   TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()), op,
               ": eval mode needs running_mean and running_var");
-  // The residual must share the input's native layout; otherwise bring both to contiguous.
-  const bool native = native_layout(input) && (!add || residual.strides() == input.strides());
+  // A non-native input is made contiguous; a residual in another layout is brought to x's.
+  const bool native = native_layout(input);
   const at::Tensor x = native ? input : input.contiguous();
-  const at::Tensor res = !add ? residual : (native ? residual : residual.contiguous());
+  const at::Tensor res = add ? in_layout_of(residual, x) : residual;
   at::Tensor out = at::empty_like(input);
   at::Tensor y = native ? out : at::empty_like(x);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -161,12 +161,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_channel_vector(bias, C, op, "bias");
   check_channel_vector(mean, C, op, "mean");
   check_channel_vector(invstd, C, op, "invstd");
-  // All full-size tensors must share one native layout; otherwise bring them to contiguous.
-  const bool native = native_layout(input) && grad_out.strides() == input.strides() &&
-                      (!add || saved_out.strides() == input.strides());
+  // A non-native input is made contiguous; grad_out and out in another layout are brought to x's
+  // (a channels_last network's first BatchNorm gets a contiguous gradient from the pooling's backward:
+  // one copy of it, not copies of everything there and back).
+  const bool native = native_layout(input);
   const at::Tensor x = native ? input : input.contiguous();
-  const at::Tensor dy = native ? grad_out : grad_out.contiguous();
-  const at::Tensor o = !add || native ? saved_out : saved_out.contiguous();
+  const at::Tensor dy = in_layout_of(grad_out, x);
+  const at::Tensor o = add ? in_layout_of(saved_out, x) : saved_out;
   at::Tensor grad_in = at::empty_like(x);
   at::Tensor grad_res = add ? at::empty_like(x) : at::Tensor();
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -620,19 +620,6 @@ void check_activation(const at::Tensor& t, const at::Tensor& input, const char* 
               input.scalar_type());
 }
 
-// t, an activation of x's shape, with its elements at x's offsets: t itself when they already are
-// (strides equal wherever a size exceeds 1), else a copy in x's memory format. x is in a native
-// layout, so the kernels then index every activation of a pass alike.
-at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& x) {
-  bool same = true;
-  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
-  if (same) return t;
-  const auto format = x.is_contiguous() ? at::MemoryFormat::Contiguous
-                      : x.dim() == 4    ? at::MemoryFormat::ChannelsLast
-                                        : at::MemoryFormat::ChannelsLast3d;
-  return t.contiguous(format);
-}
-
 // The forward of bn_relu_fwd (residual undefined) and of bn_add_relu_fwd.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const char* op, const at::Tensor& input, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,

@@ -501,9 +501,9 @@ def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias
 def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                        training: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    native = _native(input) and grad_out.stride() == input.stride()
+    native = _native(input)
     x = input if native else input.contiguous()
-    dy = grad_out if native else grad_out.contiguous()
+    dy = grad_out.contiguous(memory_format=_memory_format(x))
     grad_in = torch.empty_like(input)
     dx = grad_in if native else torch.empty_like(x)
     g = _Geometry(x)
