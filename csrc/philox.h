@@ -12,7 +12,9 @@
 //   uniform(lo, hi) -> lo + (hi - lo) * u
 //   normal          -> Box-Muller on the word pairs (0,1) and (2,3) of a block:
 //                      r = sqrt(-2 log u_even), t = 2 pi u_odd, z_even = r cos t, z_odd = r sin t,
-//                      value = mean + std * z
+//                      value = mean + std * z, with log, sin and cos the explicit float32
+//                      functions log_f32 and sincos_2pi_unit below (not libm's), so normal values
+//                      too are the same bits on every backend
 //   trunc normal    -> inverse CDF: v = lo + (hi - lo) * u with lo = 2 Phi(alpha) - 1 and
 //                      hi = 2 Phi(beta) - 1, value = clamp(mean + std * sqrt(2) * erfinv(v), a, b)
 //                      (the algorithm of torch.nn.init.trunc_normal_, without rejection and so
@@ -22,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define TF_HD __host__ __device__ __forceinline__
@@ -99,9 +102,100 @@ TF_HD float word_to_unit(uint32_t w) {
   return static_cast<float>((w >> 9) * 2u + 1u) * 5.9604644775390625e-08f;
 }
 
-// erfinv in float32 (M. Giles, "Approximating the erfinv function", GPU Computing Gems, 2010).
+TF_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+TF_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+TF_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+TF_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// The transcendental functions of the float32 distributions, built from +, -, *, / and integer
+// operations only, each rounded on its own: every backend (CPU scalar, AVX2, AVX-512, CUDA, Triton,
+// the reference) evaluates them to the same bits, unlike libm's logf/sinf/cosf. (They also leave the
+// GPU no slow path: sincosf's Payne-Hanek reduction needs a stack frame.)
+//
+// log_f32: natural log of 0 (-inf) or a positive normal float. x = 2^e m with m in [sqrt(2)/2,
+// sqrt(2)) (from the bits), f = m - 1 (exact), s = f / (2 + f), log(m) = f - (hfsq - s (hfsq + R)),
+// hfsq = f^2 / 2, R = z (2/3 + z (2/5 + z (2/7 + z 2/9))) with z = s^2 (fdlibm's reduction with
+// the series' own coefficients), plus e ln 2 in two parts. At most 0.86 ulp off on the unit
+// values the generator draws (measured against float64 over all 2^23 of them).
+TF_HD float log_f32(float x) {
+  const uint32_t bits = float_bits(x);
+  const uint32_t mant = bits & 0x7fffffu;
+  const bool big = mant > 0x3504f3u;  // m > sqrt(2): take m / 2 and e + 1
+  const float m = bits_float(mant | (big ? 0x3f000000u : 0x3f800000u));
+  const float e = static_cast<float>(static_cast<int>((bits >> 23) & 0xffu) - 127 + (big ? 1 : 0));
+  const float f = add_rn(m, -1.0f);
+  const float s = div_rn(f, add_rn(f, 2.0f));
+  const float z = mul_rn(s, s);
+  float R = 0x1.c71c72p-3f;              // 2/9
+  R = add_rn(mul_rn(R, z), 0x1.24924ap-2f);  // 2/7
+  R = add_rn(mul_rn(R, z), 0x1.99999ap-2f);  // 2/5
+  R = add_rn(mul_rn(R, z), 0x1.555556p-1f);  // 2/3
+  R = mul_rn(R, z);
+  const float hfsq = mul_rn(mul_rn(f, f), 0.5f);
+  const float t = add_rn(mul_rn(s, add_rn(hfsq, R)), mul_rn(e, 0x1.2fefa2p-17f));  // + e ln2_lo
+  const float r = add_rn(mul_rn(e, 0x1.62e3p-1f), -add_rn(add_rn(hfsq, -t), -f));  // e ln2_hi - (...)
+  return x == 0.0f ? -INFINITY : r;
+}
+
+// sin and cos of 2 pi u for the unit value u of word w (word_to_unit), computed from the word: with
+// n = 2 (w >> 9) + 1, 2u = n 2^-23 = q / 2 + r, q = round(4u) in 0..4 and r = (n - q 2^22) 2^-23
+// in [-1/4, 1/4], both exact (integers); then Taylor polynomials of sin(pi r) (to r^9) and
+// cos(pi r) (to r^10) and the quadrant q's swap and signs. At most 1.7 ulp (9e-8) off.
+TF_HD void sincos_2pi_unit(uint32_t w, float& s, float& c) {
+  const int32_t n = static_cast<int32_t>((w >> 9) * 2u + 1u);
+  const int32_t q = (n + (1 << 21)) >> 22;
+  const float r = mul_rn(static_cast<float>(n - q * (1 << 22)), 0x1p-23f);
+  const float t = mul_rn(r, r);
+  float sp = 0x1.507834p-4f;
+  sp = add_rn(mul_rn(sp, t), -0x1.32d2ccp-1f);
+  sp = add_rn(mul_rn(sp, t), 0x1.466bc6p+1f);
+  sp = add_rn(mul_rn(sp, t), -0x1.4abbcep+2f);
+  sp = add_rn(mul_rn(sp, t), 0x1.921fb6p+1f);
+  sp = mul_rn(sp, r);
+  float cp = -0x1.a6d1f2p-6f;
+  cp = add_rn(mul_rn(cp, t), 0x1.e1f506p-3f);
+  cp = add_rn(mul_rn(cp, t), -0x1.55d3c8p+0f);
+  cp = add_rn(mul_rn(cp, t), 0x1.03c1f0p+2f);
+  cp = add_rn(mul_rn(cp, t), -0x1.3bd3ccp+2f);
+  cp = add_rn(mul_rn(cp, t), 1.0f);
+  const int quadrant = q & 3;  // angle = quadrant * pi/2 + pi r
+  const float a = (quadrant & 1) ? cp : sp, b = (quadrant & 1) ? sp : cp;
+  s = (quadrant & 2) ? -a : a;
+  c = (quadrant == 1 || quadrant == 2) ? -b : b;
+}
+
+// erfinv in float32 (M. Giles, "Approximating the erfinv function", GPU Computing Gems, 2010), with
+// log_f32 and a correctly rounded sqrt.
 TF_HD float erfinv_f32(float x) {
-  float w = -logf(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
+  float w = -log_f32(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
   float p;
   if (w < 5.0f) {
     w = add_rn(w, -2.5f);
@@ -115,7 +209,7 @@ TF_HD float erfinv_f32(float x) {
     p = add_rn(0.246640727f, mul_rn(p, w));
     p = add_rn(1.50140941f, mul_rn(p, w));
   } else {
-    w = add_rn(sqrtf(w), -3.0f);
+    w = add_rn(sqrt_rn(w), -3.0f);
     p = -0.000200214257f;
     p = add_rn(0.000100950558f, mul_rn(p, w));
     p = add_rn(0.00134934322f, mul_rn(p, w));
@@ -150,15 +244,9 @@ TF_HD void philox_values(uint64_t seed, uint64_t stream, uint64_t blk, const Ini
     for (int r = 0; r < 4; ++r) v[r] = add_rn(prm.p0, mul_rn(span, word_to_unit(w[r])));
   } else if (prm.kind == kNormal) {
     for (int r = 0; r < 4; r += 2) {
-      float rad = sqrtf(mul_rn(-2.0f, logf(word_to_unit(w[r]))));
-      float theta = mul_rn(6.2831854820251465f, word_to_unit(w[r + 1]));
+      const float rad = sqrt_rn(mul_rn(-2.0f, log_f32(word_to_unit(w[r]))));
       float s, c;
-#if defined(__CUDA_ARCH__)
-      sincosf(theta, &s, &c);
-#else
-      s = sinf(theta);
-      c = cosf(theta);
-#endif
+      sincos_2pi_unit(w[r + 1], s, c);
       v[r] = add_rn(prm.p0, mul_rn(prm.p1, mul_rn(rad, c)));
       v[r + 1] = add_rn(prm.p0, mul_rn(prm.p1, mul_rn(rad, s)));
     }

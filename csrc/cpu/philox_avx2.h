@@ -2,10 +2,8 @@
 // Compiled with a per-function target attribute and chosen at run time (cpu_features::has_avx2), so the
 // extension still runs on x86-64 machines without AVX2 and builds on other architectures.
 //
-// Uniform values are bitwise identical to csrc/philox.h (the same float32 operations, each rounded,
-// no FMA). Normal and truncated-normal values use vectorised log/sin/cos (Cephes-style minimax
-// polynomials, about 1 ulp, evaluated with FMA) instead of libm, so they differ from the scalar path
-// by a few ulp.
+// Every distribution's values are bitwise identical to csrc/philox.h: the same float32 operations in
+// the same order, each rounded, no FMA, including philox.h's own log, sin/cos and erfinv.
 // Measured on the 2-core Xeon CI machine: uniform fill 0.2 -> ~1 G elements/s per core.
 #pragma once
 
@@ -21,7 +19,7 @@
 namespace torchfast {
 namespace avx2 {
 
-#define TF_AVX2 __attribute__((target("avx2,fma")))
+#define TF_AVX2 __attribute__((target("avx2")))
 
 
 // hi and lo 32-bit halves of M * c for 8 lanes.
@@ -73,61 +71,62 @@ TF_AVX2 inline __m256 unit8(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(k), _mm256_set1_ps(5.9604644775390625e-08f));
 }
 
-// Horner with fused multiply-adds. Only the normal and truncated-normal paths use it; the uniform
-// path is plain multiply then add (the sources are compiled with -ffp-contract=off, so those two
-// intrinsics are never fused) and stays bitwise equal to the other backends.
-TF_AVX2 inline __m256 poly(__m256 x, const float* c, int n) {
-  __m256 p = _mm256_set1_ps(c[0]);
-  for (int i = 1; i < n; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c[i]));
+TF_AVX2 inline __m256 mul8(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+TF_AVX2 inline __m256 add8(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+TF_AVX2 inline __m256 set8(float v) { return _mm256_set1_ps(v); }
+
+// Horner, each multiply and add rounded on its own (the sources are compiled with
+// -ffp-contract=off, so these intrinsics are never fused): philox.h's order, bit for bit.
+TF_AVX2 inline __m256 horner8(__m256 x, const float* c, int n) {
+  __m256 p = set8(c[0]);
+  for (int i = 1; i < n; ++i) p = add8(mul8(p, x), set8(c[i]));
   return p;
 }
 
-// Natural log of positive normal floats (Cephes logf).
+// philox.h's log_f32 on 8 lanes.
 TF_AVX2 inline __m256 log8(__m256 x) {
-  static const float c[9] = {7.0376836292E-2f, -1.1514610310E-1f, 1.1676998740E-1f, -1.2420140846E-1f,
-                             1.4249322787E-1f, -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f,
-                             3.3333331174E-1f};
+  static const float lg[4] = {0x1.c71c72p-3f, 0x1.24924ap-2f, 0x1.99999ap-2f, 0x1.555556p-1f};
   const __m256i bits = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-  __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
-  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(poly(m, c, 9), m), z);
-  y = _mm256_add_ps(y, _mm256_mul_ps(e, _mm256_set1_ps(-2.12194440E-4f)));
-  y = _mm256_sub_ps(y, _mm256_mul_ps(z, _mm256_set1_ps(0.5f)));
-  return _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(e, _mm256_set1_ps(0.693359375f)));
+  const __m256i mant = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff));
+  const __m256i big = _mm256_cmpgt_epi32(mant, _mm256_set1_epi32(0x3504f3));  // -1 where m > sqrt(2)
+  const __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(mant, _mm256_sub_epi32(_mm256_set1_epi32(0x3f800000),
+                                             _mm256_and_si256(big, _mm256_set1_epi32(0x00800000)))));
+  const __m256i ei = _mm256_sub_epi32(
+      _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
+                       _mm256_set1_epi32(127)),
+      big);
+  const __m256 e = _mm256_cvtepi32_ps(ei);
+  const __m256 f = _mm256_sub_ps(m, set8(1.0f));
+  const __m256 s = _mm256_div_ps(f, add8(f, set8(2.0f)));
+  const __m256 z = mul8(s, s);
+  const __m256 R = mul8(horner8(z, lg, 4), z);
+  const __m256 hfsq = mul8(mul8(f, f), set8(0.5f));
+  const __m256 t = add8(mul8(s, add8(hfsq, R)), mul8(e, set8(0x1.2fefa2p-17f)));
+  const __m256 r = _mm256_sub_ps(mul8(e, set8(0x1.62e3p-1f)), _mm256_sub_ps(_mm256_sub_ps(hfsq, t), f));
+  return _mm256_blendv_ps(r, set8(-INFINITY), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
 }
 
-// sin and cos of 0 <= x < 2 pi (Cephes sinf/cosf with the three-part pi/4 reduction).
-TF_AVX2 inline void sincos8(__m256 x, __m256& s, __m256& c) {
-  static const float sp[3] = {-1.9515295891E-4f, 8.3321608736E-3f, -1.6666654611E-1f};
-  static const float cp[3] = {2.443315711809948E-5f, -1.388731625493765E-3f, 4.166664568298827E-2f};
-  __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f)));  // x * 4/pi
-  j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
-  const __m256 y = _mm256_cvtepi32_ps(j);
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(y, _mm256_set1_ps(0.78515625f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(y, _mm256_set1_ps(3.77489497744594108e-8f)));
-  const __m256 z = _mm256_mul_ps(r, r);
-  const __m256 ps = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(poly(z, sp, 3), z), r), r);
-  const __m256 pc = _mm256_add_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(poly(z, cp, 3), z), z),
-                                                _mm256_mul_ps(z, _mm256_set1_ps(0.5f))),
-                                  _mm256_set1_ps(1.0f));
-  const __m256i q = _mm256_and_si256(j, _mm256_set1_epi32(7));
-  // Octants 2 and 6 (j & 2) swap the polynomials.
-  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)),
-                                                             _mm256_set1_epi32(2)));
-  __m256 sv = _mm256_blendv_ps(ps, pc, swap);
-  __m256 cv = _mm256_blendv_ps(pc, ps, swap);
-  // sin is negative for octants 4..7; cos for octants 2..5.
-  const __m256i sneg = _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(4)), 29);
-  const __m256i cneg = _mm256_slli_epi32(
-      _mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(2)), _mm256_set1_epi32(4)), 29);
-  s = _mm256_xor_ps(sv, _mm256_castsi256_ps(sneg));
-  c = _mm256_xor_ps(cv, _mm256_castsi256_ps(cneg));
+// philox.h's sincos_2pi_unit on 8 lanes: sin and cos of 2 pi u for the words' unit values.
+TF_AVX2 inline void sincos8(__m256i w, __m256& s, __m256& c) {
+  static const float sc[5] = {0x1.507834p-4f, -0x1.32d2ccp-1f, 0x1.466bc6p+1f, -0x1.4abbcep+2f, 0x1.921fb6p+1f};
+  static const float cc[6] = {-0x1.a6d1f2p-6f, 0x1.e1f506p-3f, -0x1.55d3c8p+0f, 0x1.03c1f0p+2f, -0x1.3bd3ccp+2f,
+                              1.0f};
+  const __m256i n = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(w, 9), 1), _mm256_set1_epi32(1));
+  const __m256i q = _mm256_srli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(1 << 21)), 22);
+  const __m256 r = mul8(_mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_slli_epi32(q, 22))), set8(0x1p-23f));
+  const __m256 t = mul8(r, r);
+  const __m256 sp = mul8(horner8(t, sc, 5), r);
+  const __m256 cp = horner8(t, cc, 6);
+  const __m256 odd = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
+  const __m256 a = _mm256_blendv_ps(sp, cp, odd), b = _mm256_blendv_ps(cp, sp, odd);
+  // sin negated in quadrants 2 and 3 (q & 2), cos in quadrants 1 and 2 ((q + 1) & 2).
+  const __m256i sneg = _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30);
+  const __m256i cneg = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)),
+                                                          _mm256_set1_epi32(2)), 30);
+  s = _mm256_xor_ps(a, _mm256_castsi256_ps(sneg));
+  c = _mm256_xor_ps(b, _mm256_castsi256_ps(cneg));
 }
 
 // erfinv in float32, Giles' approximation as in philox.h, on 8 lanes (both branches, blended).
@@ -136,13 +135,14 @@ TF_AVX2 inline __m256 erfinv8(__m256 x) {
                               0.00021858087f, -0.00125372503f, -0.00417768164f, 0.246640727f, 1.50140941f};
   static const float ct[9] = {-0.000200214257f, 0.000100950558f, 0.00134934322f, -0.00367342844f,
                               0.00573950773f, -0.0076224613f, 0.00943887047f, 1.00167406f, 2.83297682f};
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 w = _mm256_sub_ps(_mm256_setzero_ps(), log8(_mm256_mul_ps(_mm256_sub_ps(one, x), _mm256_add_ps(one, x))));
-  const __m256 pc = poly(_mm256_sub_ps(w, _mm256_set1_ps(2.5f)), cc, 9);
-  const __m256 central = _mm256_cmp_ps(w, _mm256_set1_ps(5.0f), _CMP_LT_OQ);
-  if (_mm256_movemask_ps(central) == 0xFF) return _mm256_mul_ps(pc, x);  // |x| < 0.9966: the usual case
-  const __m256 pt = poly(_mm256_sub_ps(_mm256_sqrt_ps(w), _mm256_set1_ps(3.0f)), ct, 9);
-  return _mm256_mul_ps(_mm256_blendv_ps(pt, pc, central), x);
+  const __m256 one = set8(1.0f);
+  const __m256 w = _mm256_sub_ps(_mm256_setzero_ps(), log8(mul8(add8(one, _mm256_sub_ps(_mm256_setzero_ps(), x)),
+                                                                add8(one, x))));
+  const __m256 pc = horner8(add8(w, set8(-2.5f)), cc, 9);
+  const __m256 central = _mm256_cmp_ps(w, set8(5.0f), _CMP_LT_OQ);
+  if (_mm256_movemask_ps(central) == 0xFF) return mul8(pc, x);  // |x| < 0.9966: the usual case
+  const __m256 pt = horner8(add8(_mm256_sqrt_ps(w), set8(-3.0f)), ct, 9);
+  return mul8(_mm256_blendv_ps(pt, pc, central), x);
 }
 
 // Distribution values of one group of 8 blocks, transposed to element order (32 floats).
@@ -156,7 +156,7 @@ TF_AVX2 inline void group_values(const __m256i w[4], const InitParams& prm, floa
     for (int r = 0; r < 4; r += 2) {
       const __m256 rad = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(unit8(w[r]))));
       __m256 s, c;
-      sincos8(_mm256_mul_ps(_mm256_set1_ps(6.2831854820251465f), unit8(w[r + 1])), s, c);
+      sincos8(w[r + 1], s, c);
       v[r] = _mm256_add_ps(mean, _mm256_mul_ps(std, _mm256_mul_ps(rad, c)));
       v[r + 1] = _mm256_add_ps(mean, _mm256_mul_ps(std, _mm256_mul_ps(rad, s)));
     }

@@ -1,6 +1,6 @@
 // AVX-512F version of philox_avx2.h: 32 Philox blocks (128 elements) per step, the same float32
-// operation sequences (so uniform values stay bitwise equal to every other backend; normal and
-// truncated-normal values match the AVX2 path's polynomials). Chosen at run time when the CPU has
+// operation sequences (so every distribution's values stay bitwise equal to every other backend's).
+// Chosen at run time when the CPU has
 // AVX-512F (TORCHFAST_NO_AVX512=1 turns it off, for tests and comparisons).
 #pragma once
 
@@ -10,7 +10,7 @@
 namespace torchfast {
 namespace avx512 {
 
-#define TF_AVX512 __attribute__((target("avx512f,fma")))
+#define TF_AVX512 __attribute__((target("avx512f")))
 
 TF_AVX512 inline void mulhilo16(__m512i c, __m512i m, __m512i& hi, __m512i& lo) {
   const __m512i pe = _mm512_mul_epu32(c, m);
@@ -57,9 +57,14 @@ TF_AVX512 inline __m512 unit16(__m512i w) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(k), _mm512_set1_ps(5.9604644775390625e-08f));
 }
 
-TF_AVX512 inline __m512 poly(__m512 x, const float* c, int n) {
-  __m512 p = _mm512_set1_ps(c[0]);
-  for (int i = 1; i < n; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c[i]));
+TF_AVX512 inline __m512 mul16(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+TF_AVX512 inline __m512 add16(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+TF_AVX512 inline __m512 set16(float v) { return _mm512_set1_ps(v); }
+
+// Horner, each multiply and add rounded on its own (never fused): philox.h's order, bit for bit.
+TF_AVX512 inline __m512 horner16(__m512 x, const float* c, int n) {
+  __m512 p = set16(c[0]);
+  for (int i = 1; i < n; ++i) p = add16(mul16(p, x), set16(c[i]));
   return p;
 }
 
@@ -67,49 +72,43 @@ TF_AVX512 inline __m512 flip_sign(__m512 v, __m512i sign_bits) {
   return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign_bits));
 }
 
-// Natural log of positive normal floats (the Cephes logf of philox_avx2.h).
+// philox.h's log_f32 on 16 lanes.
 TF_AVX512 inline __m512 log16(__m512 x) {
-  static const float c[9] = {7.0376836292E-2f, -1.1514610310E-1f, 1.1676998740E-1f, -1.2420140846E-1f,
-                             1.4249322787E-1f, -1.6668057665E-1f, 2.0000714765E-1f, -2.4999993993E-1f,
-                             3.3333331174E-1f};
+  static const float lg[4] = {0x1.c71c72p-3f, 0x1.24924ap-2f, 0x1.99999ap-2f, 0x1.555556p-1f};
   const __m512i bits = _mm512_castps_si512(x);
-  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
-  __m512 m = _mm512_castsi512_ps(
-      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007FFFFF)), _mm512_set1_epi32(0x3F000000)));
-  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
-  m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(m, m);
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(poly(m, c, 9), m), z);
-  y = _mm512_add_ps(y, _mm512_mul_ps(e, _mm512_set1_ps(-2.12194440E-4f)));
-  y = _mm512_sub_ps(y, _mm512_mul_ps(z, _mm512_set1_ps(0.5f)));
-  return _mm512_add_ps(_mm512_add_ps(m, y), _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f)));
+  const __m512i mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff));
+  const __mmask16 big = _mm512_cmpgt_epi32_mask(mant, _mm512_set1_epi32(0x3504f3));  // m > sqrt(2)
+  const __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(mant, _mm512_mask_blend_epi32(big, _mm512_set1_epi32(0x3f800000), _mm512_set1_epi32(0x3f000000))));
+  const __m512i e0 =
+      _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff)), _mm512_set1_epi32(127));
+  const __m512i ei = _mm512_mask_add_epi32(e0, big, e0, _mm512_set1_epi32(1));
+  const __m512 e = _mm512_cvtepi32_ps(ei);
+  const __m512 f = _mm512_sub_ps(m, set16(1.0f));
+  const __m512 s = _mm512_div_ps(f, add16(f, set16(2.0f)));
+  const __m512 z = mul16(s, s);
+  const __m512 R = mul16(horner16(z, lg, 4), z);
+  const __m512 hfsq = mul16(mul16(f, f), set16(0.5f));
+  const __m512 t = add16(mul16(s, add16(hfsq, R)), mul16(e, set16(0x1.2fefa2p-17f)));
+  const __m512 r = _mm512_sub_ps(mul16(e, set16(0x1.62e3p-1f)), _mm512_sub_ps(_mm512_sub_ps(hfsq, t), f));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), r, set16(-INFINITY));
 }
 
-// sin and cos of 0 <= x < 2 pi (as sincos8).
-TF_AVX512 inline void sincos16(__m512 x, __m512& s, __m512& c) {
-  static const float sp[3] = {-1.9515295891E-4f, 8.3321608736E-3f, -1.6666654611E-1f};
-  static const float cp[3] = {2.443315711809948E-5f, -1.388731625493765E-3f, 4.166664568298827E-2f};
-  __m512i j = _mm512_cvttps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(1.27323954473516f)));
-  j = _mm512_and_si512(_mm512_add_epi32(j, _mm512_set1_epi32(1)), _mm512_set1_epi32(~1));
-  const __m512 y = _mm512_cvtepi32_ps(j);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(y, _mm512_set1_ps(0.78515625f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(y, _mm512_set1_ps(2.4187564849853515625e-4f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(y, _mm512_set1_ps(3.77489497744594108e-8f)));
-  const __m512 z = _mm512_mul_ps(r, r);
-  const __m512 ps = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(poly(z, sp, 3), z), r), r);
-  const __m512 pc = _mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(poly(z, cp, 3), z), z),
-                                                _mm512_mul_ps(z, _mm512_set1_ps(0.5f))),
-                                  _mm512_set1_ps(1.0f));
-  const __m512i q = _mm512_and_si512(j, _mm512_set1_epi32(7));
-  const __mmask16 swap = _mm512_cmpeq_epi32_mask(_mm512_and_si512(q, _mm512_set1_epi32(2)), _mm512_set1_epi32(2));
-  const __m512 sv = _mm512_mask_blend_ps(swap, ps, pc);
-  const __m512 cv = _mm512_mask_blend_ps(swap, pc, ps);
-  const __m512i sneg = _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(4)), 29);
-  const __m512i cneg = _mm512_slli_epi32(
-      _mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(2)), _mm512_set1_epi32(4)), 29);
-  s = flip_sign(sv, sneg);
-  c = flip_sign(cv, cneg);
+// philox.h's sincos_2pi_unit on 16 lanes.
+TF_AVX512 inline void sincos16(__m512i w, __m512& s, __m512& c) {
+  static const float sc[5] = {0x1.507834p-4f, -0x1.32d2ccp-1f, 0x1.466bc6p+1f, -0x1.4abbcep+2f, 0x1.921fb6p+1f};
+  static const float cc[6] = {-0x1.a6d1f2p-6f, 0x1.e1f506p-3f, -0x1.55d3c8p+0f, 0x1.03c1f0p+2f, -0x1.3bd3ccp+2f,
+                              1.0f};
+  const __m512i n = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(w, 9), 1), _mm512_set1_epi32(1));
+  const __m512i q = _mm512_srli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(1 << 21)), 22);
+  const __m512 r = mul16(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_slli_epi32(q, 22))), set16(0x1p-23f));
+  const __m512 t = mul16(r, r);
+  const __m512 sp = mul16(horner16(t, sc, 5), r);
+  const __m512 cp = horner16(t, cc, 6);
+  const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
+  const __m512 a = _mm512_mask_blend_ps(odd, sp, cp), b = _mm512_mask_blend_ps(odd, cp, sp);
+  s = flip_sign(a, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(2)), 30));
+  c = flip_sign(b, _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30));
 }
 
 TF_AVX512 inline __m512 erfinv16(__m512 x) {
@@ -117,14 +116,14 @@ TF_AVX512 inline __m512 erfinv16(__m512 x) {
                               0.00021858087f, -0.00125372503f, -0.00417768164f, 0.246640727f, 1.50140941f};
   static const float ct[9] = {-0.000200214257f, 0.000100950558f, 0.00134934322f, -0.00367342844f,
                               0.00573950773f, -0.0076224613f, 0.00943887047f, 1.00167406f, 2.83297682f};
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 w =
-      _mm512_sub_ps(_mm512_setzero_ps(), log16(_mm512_mul_ps(_mm512_sub_ps(one, x), _mm512_add_ps(one, x))));
-  const __m512 pc = poly(_mm512_sub_ps(w, _mm512_set1_ps(2.5f)), cc, 9);
-  const __mmask16 central = _mm512_cmp_ps_mask(w, _mm512_set1_ps(5.0f), _CMP_LT_OQ);
-  if (central == 0xFFFF) return _mm512_mul_ps(pc, x);
-  const __m512 pt = poly(_mm512_sub_ps(_mm512_sqrt_ps(w), _mm512_set1_ps(3.0f)), ct, 9);
-  return _mm512_mul_ps(_mm512_mask_blend_ps(central, pt, pc), x);
+  const __m512 one = set16(1.0f);
+  const __m512 w = _mm512_sub_ps(_mm512_setzero_ps(),
+                                 log16(mul16(add16(one, _mm512_sub_ps(_mm512_setzero_ps(), x)), add16(one, x))));
+  const __m512 pc = horner16(add16(w, set16(-2.5f)), cc, 9);
+  const __mmask16 central = _mm512_cmp_ps_mask(w, set16(5.0f), _CMP_LT_OQ);
+  if (central == 0xFFFF) return mul16(pc, x);
+  const __m512 pt = horner16(add16(_mm512_sqrt_ps(w), set16(-3.0f)), ct, 9);
+  return mul16(_mm512_mask_blend_ps(central, pt, pc), x);
 }
 
 // 16 blocks -> 64 consecutive elements in element order.
@@ -138,7 +137,7 @@ TF_AVX512 inline void group_values(const __m512i w[4], const InitParams& prm, fl
     for (int r = 0; r < 4; r += 2) {
       const __m512 rad = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(unit16(w[r]))));
       __m512 s, c;
-      sincos16(_mm512_mul_ps(_mm512_set1_ps(6.2831854820251465f), unit16(w[r + 1])), s, c);
+      sincos16(w[r + 1], s, c);
       v[r] = _mm512_add_ps(mean, _mm512_mul_ps(std, _mm512_mul_ps(rad, c)));
       v[r + 1] = _mm512_add_ps(mean, _mm512_mul_ps(std, _mm512_mul_ps(rad, s)));
     }

@@ -172,15 +172,27 @@ struct StatsOp {  // shifted sums sum(x - K), sum((x - K)^2), K = the channel's 
   }
 };
 
+// The statistics the forward saved and the affine parameters (w, b may be null), read directly by
+// the backward's reduction and finish kernels: no prepare launch.
+template <typename acc_t>
+struct SavedStats {
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* w;
+  const acc_t* b;
+  // The forward's scale, by set_channel's expression (so bn_relu's recomputed mask is the forward's).
+  __device__ __forceinline__ acc_t scale(int64_t c) const { return (w ? w[c] : acc_t(1)) * invstd[c]; }
+  __device__ __forceinline__ acc_t bias(int64_t c) const { return b ? b[c] : acc_t(0); }
+};
+
 template <typename scalar_t, typename acc_t, Mask kMask>
 struct BackwardSumsOp {  // sum(gm), sum(gm * (x - mean)), gm = dy * mask
   static_assert(kMask != Mask::kApplied, "a reduction masks grad_out itself");
-  const acc_t* ch;
-  int64_t C;
+  SavedStats<acc_t> st;
   static constexpr bool kNeedsDy = true;
   static constexpr bool kMaskFromOutput = kMask == Mask::kFromOutput;  // the kernel masks dy before add()
   struct Channel { acc_t sc, bi, mu; };
-  __device__ Channel channel(int64_t c) const { return {ch[kScale * C + c], ch[kBias * C + c], ch[kMean * C + c]}; }
+  __device__ Channel channel(int64_t c) const { return {st.scale(c), st.bias(c), st.mean[c]}; }
   __device__ void add(const Channel& p, acc_t xv, acc_t gv, acc_t& s1, acc_t& s2) const {
     const acc_t gm =
         kMask == Mask::kFromOutput || relu_output_positive<scalar_t>(bn_pre_relu(xv, p.mu, p.sc, p.bi)) ? gv : acc_t(0);
@@ -344,15 +356,6 @@ __global__ void eval_prepare_kernel(int64_t C, const acc_t* rm, const acc_t* rv,
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   set_channel(C, c, rm[c], static_cast<acc_t>(1.0 / sqrt(static_cast<double>(rv[c]) + eps)), rv[c], w, b, ch, out);
-}
-
-// Backward: statistics saved by the forward.
-template <typename acc_t>
-__global__ void saved_prepare_kernel(int64_t C, const acc_t* mean, const acc_t* invstd, const acc_t* w,
-                                     const acc_t* b, acc_t* ch) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  set_channel(C, c, mean[c], invstd[c], acc_t(0), w, b, ch);
 }
 
 // Elementwise "ops": constants of channel c, then one output element from x and, when kNeedsAux,
@@ -557,16 +560,20 @@ void launch_elementwise(const scalar_t* x, const scalar_t* aux, scalar_t* out, c
   });
 }
 
+// Folds the reduction's partial sums into grad_weight, grad_bias and the elementwise pass's constants
+// k0, k1, k2, and writes the saved statistics' rows of the channel table that pass reads (the
+// backward's three launches: reduction, this, elementwise).
 template <typename acc_t>
-__global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws, const acc_t* w, bool training,
-                                       acc_t* ch, acc_t* grad_w, acc_t* grad_b) {
+__global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws, SavedStats<acc_t> st,
+                                       bool training, acc_t* ch, acc_t* grad_w, acc_t* grad_b) {
   const int64_t C = sh.C, c = fold_channel();
   if (c >= C) return;  // the whole warp
   double sum_dy, sum_dy_xmu;
   fold_partials(ws, c, splits, static_cast<int>(threadIdx.x % 32), sum_dy, sum_dy_xmu);
   if (threadIdx.x % 32 != 0) return;
-  const double inv = static_cast<double>(ch[kInvstd * C + c]);
-  const double wc = w ? static_cast<double>(w[c]) : 1.0;
+  set_channel(C, c, st.mean[c], st.invstd[c], acc_t(0), st.w, st.b, ch);
+  const double inv = static_cast<double>(st.invstd[c]);
+  const double wc = st.w ? static_cast<double>(st.w[c]) : 1.0;
   const double M = static_cast<double>(sh.N * sh.S);
   grad_b[c] = static_cast<acc_t>(sum_dy);
   grad_w[c] = static_cast<acc_t>(sum_dy_xmu * inv);
@@ -739,11 +746,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
-    const int cblocks = static_cast<int>((C + 127) / 128);
     const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
-    TF_LAUNCH(cblocks, 128, 0, stream, saved_prepare_kernel<acc_t>)(C, m.data_ptr<acc_t>(), is.data_ptr<acc_t>(),
-                                                             ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), chp);
-    TF_LAUNCH_CHECK();
+    const SavedStats<acc_t> st{m.data_ptr<acc_t>(), is.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
+                               ptr_or_null<acc_t>(b)};
     // bn_add_relu's reduction masks grad_out by out > 0 and writes it (grad_residual); in eval it
     // also writes dx = gm * k0, which needs no sums: the whole backward in one pass.
     const ReduceIO<scalar_t> io =
@@ -754,14 +759,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const int64_t splits = splits_for(sh, V);
     at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
     if (add) {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{chp, C},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{st},
                                      ws.data_ptr<acc_t>(), stream);
     } else {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{chp, C},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{st},
                                      ws.data_ptr<acc_t>(), stream);
     }
     TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(
-        sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), training, chp, grad_w.data_ptr<acc_t>(),
+        sh, splits, ws.data_ptr<acc_t>(), st, training, chp, grad_w.data_ptr<acc_t>(),
         grad_b.data_ptr<acc_t>());
     TF_LAUNCH_CHECK();
     if (!add) {

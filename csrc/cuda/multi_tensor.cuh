@@ -34,7 +34,12 @@ constexpr int kMaxBlocks = 96;
 constexpr int64_t kChunk = 65536;
 #endif
 static_assert(kChunk % 4 == 0, "a chunk must hold whole Philox blocks");
+#if defined(TORCHFAST_CUDA_EMULATION)
+constexpr int kThreads = 32;  // one warp: the emulator's small chunks still give each thread several
+                              // vectors, so the unrolled loops run (and their tails)
+#else
 constexpr int kThreads = 512;
+#endif
 
 struct ChunkTable {
   void* ptr[kMaxTensors];

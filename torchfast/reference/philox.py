@@ -15,10 +15,12 @@ Distributions, each float32 operation rounded on its own (no fused multiply-add)
 * uniform(lo, hi):           lo + (hi - lo) * u
 * normal(mean, std):         Box-Muller over word pairs (0, 1) and (2, 3) of a block:
                              r = sqrt(-2 log u0), t = 2 pi u1, z0 = r cos t, z1 = r sin t,
-                             value = mean + std * z
+                             value = mean + std * z, log = log_f32 and (sin, cos) = sincos_2pi
+                             below (not libm's: the same bits on every backend)
 * trunc_normal:              v = lo + (hi - lo) * u with lo, hi = 2 Phi(alpha) - 1, 2 Phi(beta) - 1;
                              value = clamp(mean + std * sqrt(2) * erfinv(v), a, b), erfinv in float32
-                             by Giles' single-precision approximation (no rejection, no host sync);
+                             by Giles' single-precision approximation with log_f32 (no rejection, no
+                             host sync);
                              bounds beyond 6 std use the normal stream instead (torchfast.init)
 float64 tensors take a full-precision variant of each (values_f64 below).
 """
@@ -29,7 +31,6 @@ W0, W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 
 UNIFORM, NORMAL, TRUNC_NORMAL, CONSTANT = 0, 1, 2, 3
-TWO_PI_F32 = 6.2831854820251465  # float32(2 * pi)
 
 # Giles' erfinv coefficients, single precision, central (w < 5) and tail branches.
 _ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
@@ -64,12 +65,72 @@ def word_to_unit(w: torch.Tensor) -> torch.Tensor:
     return (((w >> 9) * 2 + 1).to(torch.float64) * 2.0 ** -24).to(torch.float32)
 
 
+# log_f32 and sincos_2pi below: log, sin and cos of the float32 distributions, built from +, -, *, /
+# and integer operations only (each rounded on its own), so that every backend computes the same bits
+# (libm's logf/sinf/cosf differ between CPU and GPU libraries). The constants are float32 values.
+_LOG_SERIES = (0.2222222238779068, 0.2857142984867096, 0.4000000059604645, 0.6666666865348816)  # 2/9 .. 2/3
+_LN2_HI, _LN2_LO = 0.6931381225585938, 9.05800061445916e-06
+_SIN_PI = (0.08214588463306427, -0.5992645025253296, 2.550163984298706, -5.167712688446045,
+           3.1415927410125732)  # pi^9/9!, ..., pi: sin(pi r) = r P(r^2)
+_COS_PI = (-0.025806890800595284, 0.23533062636852264, -1.3352627754211426, 4.058712005615234,
+           -4.934802055358887, 1.0)  # -pi^10/10!, ..., 1: cos(pi r) = Q(r^2)
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (IEEE sqrt, as sqrtf, __fsqrt_rn and tl.sqrt_rn):
+    torch.sqrt's vectorised CPU float32 kernel can be one ulp off. The float64 root of a float32
+    value rounds correctly to float32."""
+    return torch.sqrt(x.double()).float()
+
+
+def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
+    p = torch.full_like(x, coeffs[0])
+    for c in coeffs[1:]:
+        p = p * x + c
+    return p
+
+
+def log_f32(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of 0 (-inf) or positive normal float32 values: x = 2^e m, m in [sqrt(2)/2, sqrt(2))
+    from the bits, f = m - 1, s = f / (2 + f), z = s^2, R = z (2/3 + z (2/5 + z (2/7 + z 2/9))),
+    hfsq = f^2 / 2, log x = e ln2_hi - ((hfsq - (s (hfsq + R) + e ln2_lo)) - f)."""
+    bits = x.view(torch.int32)
+    mant = bits & 0x7FFFFF
+    big = mant > 0x3504F3
+    half = torch.full_like(bits, 0x3F000000)
+    m = (mant | torch.where(big, half, half + 0x00800000)).view(torch.float32)
+    e = (((bits >> 23) & 0xFF) - 127 + big.to(torch.int32)).to(torch.float32)
+    f = m - 1.0
+    s = f / (f + 2.0)
+    z = s * s
+    r = _horner(z, _LOG_SERIES) * z
+    hfsq = (f * f) * 0.5
+    t = s * (hfsq + r) + e * _LN2_LO
+    out = e * _LN2_HI - ((hfsq - t) - f)
+    return torch.where(x == 0, torch.full_like(out, float("-inf")), out)
+
+
+def sincos_2pi(w: torch.Tensor):
+    """(sin, cos) of 2 pi u for the unit values u of words w, from the words: n = 2 (w >> 9) + 1,
+    2u = n 2^-23 = q / 2 + r with q = round(4u) and r = (n - q 2^22) 2^-23 in [-1/4, 1/4] (exact),
+    sin(pi r) = r P(r^2), cos(pi r) = Q(r^2), then quadrant q's swap and signs."""
+    n = (w >> 9) * 2 + 1
+    q = (n + (1 << 21)) >> 22
+    r = (n - (q << 22)).to(torch.float32) * 2.0 ** -23
+    t = r * r
+    sp = _horner(t, _SIN_PI) * r
+    cp = _horner(t, _COS_PI)
+    odd = (q & 1) == 1
+    a, b = torch.where(odd, cp, sp), torch.where(odd, sp, cp)
+    return torch.where((q & 2) == 2, -a, a), torch.where(((q + 1) & 2) == 2, -b, b)
+
+
 def erfinv_f32(x: torch.Tensor) -> torch.Tensor:
     one = torch.ones((), dtype=torch.float32, device=x.device)
-    w = -torch.log((one - x) * (one + x))
+    w = -log_f32((one - x) * (one + x))
     central = w < 5.0
     wc = w - 2.5
-    wt = torch.sqrt(w) - 3.0
+    wt = sqrt_rn(w) - 3.0
     pc = torch.full_like(x, _ERFINV_CENTRAL[0])
     for c in _ERFINV_CENTRAL[1:]:
         pc = pc * wc + c
@@ -96,9 +157,9 @@ def values(seed: int, stream: int, start: int, count: int, kind: int, params, de
         v = lo + (hi - lo) * u
     elif kind == NORMAL:
         mean, std = _f32(params[0], device), _f32(params[1], device)
-        r = torch.sqrt(torch.log(u[:, 0::2]) * -2.0)
-        t = u[:, 1::2] * TWO_PI_F32
-        z = torch.stack((r * torch.cos(t), r * torch.sin(t)), dim=2).reshape(nblk, 4)
+        r = sqrt_rn(log_f32(u[:, 0::2]) * -2.0)
+        sin, cos = sincos_2pi(w[:, 1::2])
+        z = torch.stack((r * cos, r * sin), dim=2).reshape(nblk, 4)
         v = mean + std * z
     elif kind == TRUNC_NORMAL:
         lo, hi = _f32(params[0], device), _f32(params[1], device)

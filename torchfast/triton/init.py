@@ -3,8 +3,9 @@
 Memory traffic: one write of every tensor. Each program fills one chunk of one tensor, located through
 a chunk table (tensor address, element count, first element, stream, distribution, six parameters).
 Counters follow csrc/philox.h: block i//4 in counter words 0-1, the tensor's stream in words 2-3,
-key = seed; tl.philox implements exactly Philox4x32-10 with that layout. Uniform values are bitwise
-equal to the other backends: the kernel is compiled with FMA contraction off.
+key = seed; tl.philox implements exactly Philox4x32-10 with that layout. float32 values of every
+distribution are bitwise equal to the other backends: the kernel is compiled with FMA contraction off,
+and log, sin, cos and sqrt are the stream's own (_log_f32, _sincos_2pi, sqrt_rn), not libdevice's.
 
 Block shape: BLOCK_B Philox blocks (4 * BLOCK_B elements) per step; 1024 blocks = 4096 elements,
 16 KB of fp32 written per step, enough to keep an H100/H200 SM's store queue busy with 4-8 warps;
@@ -22,9 +23,55 @@ from torchfast.triton import INTERPRET, chunk_table, tl_dtype, upload
 CHUNK = 1 << 16  # elements per program
 
 
+# _log_f32 and _sincos_2pi: csrc/philox.h's log_f32 and sincos_2pi_unit (torchfast/reference/philox.py
+# spells them out), the same float32 operations in the same order, so that normal and truncated-normal
+# values are the same bits as on every other backend.
+@triton.jit
+def _log_f32(x):
+    x = x.to(tl.float32)  # a no-op in the float32 stream (the float64 kernel compiles this body too, unused)
+    bits = x.to(tl.int32, bitcast=True)
+    mant = bits & 0x7FFFFF
+    big = mant > 0x3504F3
+    m = (mant | tl.where(big, 0x3F000000, 0x3F800000)).to(tl.float32, bitcast=True)
+    e = (((bits >> 23) & 0xFF) - 127 + big.to(tl.int32)).to(tl.float32)
+    f = m - 1.0
+    s = tl.div_rn(f, f + 2.0)
+    z = s * s
+    r = 0.2222222238779068 * z + 0.2857142984867096
+    r = r * z + 0.4000000059604645
+    r = r * z + 0.6666666865348816
+    r = r * z
+    hfsq = (f * f) * 0.5
+    t = s * (hfsq + r) + e * 9.05800061445916e-06
+    out = e * 0.6931381225585938 - ((hfsq - t) - f)
+    return tl.where(x == 0.0, float("-inf"), out)
+
+
+@triton.jit
+def _sincos_2pi(w):
+    n = ((w >> 9) * 2 + 1).to(tl.int32)
+    q = (n + (1 << 21)) >> 22
+    r = (n - (q << 22)).to(tl.float32) * 1.1920928955078125e-07
+    t = r * r
+    sp = 0.08214588463306427 * t - 0.5992645025253296
+    sp = sp * t + 2.550163984298706
+    sp = sp * t - 5.167712688446045
+    sp = sp * t + 3.1415927410125732
+    sp = sp * r
+    cp = -0.025806890800595284 * t + 0.23533062636852264
+    cp = cp * t - 1.3352627754211426
+    cp = cp * t + 4.058712005615234
+    cp = cp * t - 4.934802055358887
+    cp = cp * t + 1.0
+    odd = (q & 1) == 1
+    a = tl.where(odd, cp, sp)
+    b = tl.where(odd, sp, cp)
+    return tl.where((q & 2) == 2, -a, a), tl.where(((q + 1) & 2) == 2, -b, b)
+
+
 @triton.jit
 def _erfinv_f32(x):
-    w = -tl.log((1.0 - x) * (1.0 + x))
+    w = -_log_f32((1.0 - x) * (1.0 + x))
     wc = w - 2.5
     pc = 2.81022636e-08
     pc = 3.43273939e-07 + pc * wc
@@ -35,7 +82,7 @@ def _erfinv_f32(x):
     pc = -0.00417768164 + pc * wc
     pc = 0.246640727 + pc * wc
     pc = 1.50140941 + pc * wc
-    wt = tl.sqrt(w) - 3.0
+    wt = tl.sqrt_rn(w) - 3.0
     pt = -0.000200214257
     pt = 0.000100950558 + pt * wt
     pt = 0.00134934322 + pt * wt
@@ -149,12 +196,12 @@ def _philox_fill_kernel(addr_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, pa
             span = p1 - p0
             v0, v1, v2, v3 = p0 + span * u0, p0 + span * u1, p0 + span * u2, p0 + span * u3
         elif kind == 1:  # normal(p0, p1), Box-Muller on word pairs (0, 1) and (2, 3)
-            r01 = tl.sqrt(-2.0 * tl.log(u0))
-            t01 = 6.2831854820251465 * u1
-            r23 = tl.sqrt(-2.0 * tl.log(u2))
-            t23 = 6.2831854820251465 * u3
-            v0, v1 = p0 + p1 * (r01 * tl.cos(t01)), p0 + p1 * (r01 * tl.sin(t01))
-            v2, v3 = p0 + p1 * (r23 * tl.cos(t23)), p0 + p1 * (r23 * tl.sin(t23))
+            r01 = tl.sqrt_rn(-2.0 * _log_f32(u0))
+            s01, c01 = _sincos_2pi(w1)
+            r23 = tl.sqrt_rn(-2.0 * _log_f32(u2))
+            s23, c23 = _sincos_2pi(w3)
+            v0, v1 = p0 + p1 * (r01 * c01), p0 + p1 * (r01 * s01)
+            v2, v3 = p0 + p1 * (r23 * c23), p0 + p1 * (r23 * s23)
         elif kind == 2:  # truncated normal: inverse CDF, then clamp to [p2, p3]
             span = p1 - p0
             v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u0), p2), p3)

@@ -1,0 +1,69 @@
+"""Resource facts of the compiled CUDA kernels, read from the built extension with cuobjdump (no GPU
+needed): no kernel spills to local memory or keeps a stack frame, on any architecture built.
+
+A stack frame means arrays or structs indexed at run time, a spill, or a library slow path (sincosf's
+Payne-Hanek reduction kept one in the init kernels until the stream got its own sin/cos). The one
+known exception is the float64 init kernel, which calls the CUDA library's double-precision sin, cos
+and log for the full-precision stream.
+"""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import torchfast
+from torchfast import _ext
+
+ALLOWED_STACK = ("philox_fill_f64_kernel",)
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:  # Triton's wheel bundles one
+        path = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _kernels():
+    """[(arch, mangled name, {REG, STACK, LOCAL, ...})] of every kernel in torchfast._C."""
+    build = _ext.build_info()
+    if not build.get("built") or not build.get("cuda"):
+        pytest.skip("torchfast._C was built without the CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel)")
+    so = torchfast._C.__file__
+    out = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kernels, arch, name = [], None, None
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        if "REG:" in line and name is not None:
+            kernels.append((arch, name, {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)}))
+            name = None
+    return kernels
+
+
+def test_no_kernel_spills_or_keeps_a_stack_frame():
+    kernels = _kernels()
+    names = " ".join(n for _, n, _ in kernels)
+    for expected in ("reduce_nsc_kernel", "reduce_ncs_kernel", "elementwise_nsc_kernel", "elementwise_ncs_kernel",
+                     "backward_finish_kernel", "norm_chunks_kernel", "clip_chunks_kernel", "philox_fill_kernel"):
+        assert expected in names, expected
+    bad = ["%s %s %s" % (arch, name, res) for arch, name, res in kernels
+           if (res.get("LOCAL", 0) or res.get("STACK", 0)) and not any(a in name for a in ALLOWED_STACK)]
+    assert not bad, "\n".join(bad)
+    assert all(res.get("LOCAL", 0) == 0 for _, _, res in kernels)  # not even the allowed ones spill
