@@ -29,6 +29,13 @@ class GPT2Small(nn.Module):
         self.ln_f = nn.LayerNorm(d)
 
 
+class GPT2Medium(GPT2Small):
+    """GPT-2 medium's parameter structure: 24 blocks of width 1024."""
+
+    def __init__(self):
+        super().__init__(d=1024, layers=24)
+
+
 def _tensors(shape_list, device, dtype, min_dim=1):
     return [torch.empty(s, device=device, dtype=dtype) for s in shape_list if len(s) >= min_dim]
 
@@ -40,6 +47,8 @@ def cases(device, quick):
     if not quick:
         yield "kaiming_normal", "resnet50 convs"
     yield "construct model", "GPT2Small"
+    if not quick:  # GPT-2 medium's structure (24 x 1024, 355M parameters): ~5 s per stock build on 2 cores
+        yield "construct model", "GPT2Medium"
 
 
 def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None, out_dir=None):
@@ -52,12 +61,14 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
     for case, what in all_cases:
         impls = []
         if case == "construct model":
-            nbytes = 4 * sum(math.prod(s) for s in S.gpt2_small())
-            impls.append(("stock eager", lambda: GPT2Small().to(device) if device.type != "cpu" else GPT2Small()))
+            model_cls = GPT2Small if what == "GPT2Small" else GPT2Medium
+            with torch.device("meta"):
+                nbytes = 4 * sum(p.numel() for p in model_cls().parameters())
+            impls.append(("stock eager", lambda: model_cls().to(device) if device.type != "cpu" else model_cls()))
             for b in backends:
                 def build(b=b):
                     with torch.device("meta"):
-                        m = GPT2Small()
+                        m = model_cls()
                     m.to_empty(device=device)
                     with torchfast.use_backend(b):
                         torchfast.init.reset_parameters(m)
@@ -66,7 +77,7 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
 
                 def build_fast(b=b):  # the model's own init code, fills recorded and batched
                     with torchfast.use_backend(b), torchfast.init.fast_init(seed=0, device=device):
-                        return GPT2Small()
+                        return model_cls()
                 impls.append(("fast_init " + b, build_fast))
         else:
             if case == "kaiming_normal":
