@@ -49,6 +49,26 @@ def cases(device, quick):
     yield "construct model", "GPT2Small"
     if not quick:  # GPT-2 medium's structure (24 x 1024, 355M parameters): ~5 s per stock build on 2 cores
         yield "construct model", "GPT2Medium"
+        for name in _LIBRARY_MODELS:  # real models with their own init code (stock vs fast_init only)
+            if _library_model(name) is not None:
+                yield "construct model", name
+
+
+# name -> (module, constructor): torchvision and timm models built with their own init, when installed.
+_LIBRARY_MODELS = {"torchvision resnet50": ("torchvision", lambda tv: tv.models.resnet50()),
+                   "timm vit_tiny": ("timm", lambda timm: timm.create_model("vit_tiny_patch16_224")),
+                   "timm resnet50": ("timm", lambda timm: timm.create_model("resnet50"))}
+
+
+def _library_model(name):
+    """A constructor for a _LIBRARY_MODELS entry, or None when its library is missing."""
+    import importlib
+    module, make = _LIBRARY_MODELS[name]
+    try:
+        lib = importlib.import_module(module)
+    except ImportError:
+        return None
+    return lambda: make(lib)
 
 
 def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None, out_dir=None):
@@ -60,7 +80,17 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
     all_cases = list(cases(device, quick))
     for case, what in all_cases:
         impls = []
-        if case == "construct model":
+        if case == "construct model" and what in _LIBRARY_MODELS:
+            make = _library_model(what)
+            with torch.device("meta"):
+                nbytes = 4 * sum(p.numel() for p in make().parameters())
+            impls.append(("stock eager", lambda: make().to(device)))
+            for b in backends:
+                def build_lib(b=b):
+                    with torchfast.use_backend(b), torchfast.init.fast_init(seed=0, device=device):
+                        return make()
+                impls.append(("fast_init " + b, build_lib))
+        elif case == "construct model":
             model_cls = GPT2Small if what == "GPT2Small" else GPT2Medium
             with torch.device("meta"):
                 nbytes = 4 * sum(p.numel() for p in model_cls().parameters())
@@ -105,9 +135,19 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
                     with torchfast.use_backend(b):
                         fast_fn(ts)
                 impls.append(("torchfast " + b, fast))
-        for impl, fn in impls:
-            t = common.bench(fn, device, reps=5 if device.type == "cpu" else None, warmup=1)
-            rows.append(common.make_row(device, "init", case, what, dtype, "-", impl, t, nbytes, copy_bw))
+        if case == "construct model" and device.type == "cpu":
+            # Builds take turns in rotating order: a build's time on this VM moves with the page-fault
+            # cost of its fresh memory, which depends on what ran just before (measured: the build right
+            # after another build's memory was freed is 2-3x faster). The median of 9 rounds.
+            times = common.bench_interleaved([(impl, lambda: None, fn) for impl, fn in impls], device, reps=9,
+                                             warmup=1, rotate=True)
+            for impl, _ in impls:
+                rows.append(common.make_row(device, "init", case, what, dtype, "-", impl, times[impl], nbytes,
+                                            copy_bw))
+        else:
+            for impl, fn in impls:
+                t = common.bench(fn, device, reps=5 if device.type == "cpu" else None, warmup=1)
+                rows.append(common.make_row(device, "init", case, what, dtype, "-", impl, t, nbytes, copy_bw))
         if progress:
             progress.step("init %s" % case)
     return rows, len(all_cases)

@@ -82,13 +82,16 @@ def bench(fn, device, reps=None, warmup=None, min_time=None):
     return statistics.median(times)
 
 
-def bench_interleaved(impls, device, reps, warmup=2, before_each=None):
+def bench_interleaved(impls, device, reps, warmup=2, before_each=None, rotate=False):
     """{name: median seconds of its call} for impls = [(name, setup, call)]: each call preceded by its
     setup() (and before_each(), e.g. a barrier across ranks), neither timed; the implementations take
-    turns call by call, so a change in machine load hits them alike; the first `warmup` rounds dropped."""
+    turns call by call, so a change in machine load hits them alike; the first `warmup` rounds dropped.
+    rotate: round i starts with implementation i % len(impls), so none always runs right after the
+    same other one (whose freed memory it may inherit)."""
     times = {name: [] for name, _, _ in impls}
     for i in range(reps + warmup):
-        for name, setup, call in impls:
+        k = i % len(impls) if rotate else 0
+        for name, setup, call in impls[k:] + impls[:k]:
             setup()
             sync(device)
             if before_each is not None:
