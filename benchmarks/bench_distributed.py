@@ -12,9 +12,12 @@ Cases (GPT-2-small-sized gradients, 148 tensors, 124M elements, sharded over the
 Both clip (each timed call is preceded, untimed, by doubling the gradients). The all-reduces per call
 are counted. Timings are the median over iterations where stock and torchfast take turns; rank 0 prints.
 
-SyncBatchNorm is not timed here: stock's SyncBatchNorm runs on GPUs only, and torchfast's
-SyncBatchNormReLU runs stock's synchronised path for now (see the README), so there is nothing of
-torchfast's to measure on a CPU.
+  sync_bn  SyncBatchNormReLU training forward+backward, 16x64x56x56 per rank (--bn-shape), both layouts,
+           against stock SyncBatchNorm + ReLU on GPUs. Stock's SyncBatchNorm needs CUDA kernels, so on
+           CPUs the baselines are (a) the same synchronised computation composed of stock tensor ops
+           (var_mean, all_reduce, elementwise ops; torchfast's reference engine, what one writes without
+           torchfast) and (b) unsynchronised stock BatchNorm2d + ReLU (does less: no statistics across
+           processes), each rank on its own batch.
 """
 import argparse
 import os
@@ -45,11 +48,52 @@ def _count_all_reduce(fn):
     return len(calls)
 
 
+def _bench_sync_bn(args, device, shape):
+    """[(case, shape, baseline s, torchfast s)] for SyncBatchNormReLU training steps (module call and
+    backward, as in a training loop), both layouts, the implementations taking turns."""
+    from torch import nn
+    from torchfast.nn import SyncBatchNormReLU
+    rows = []
+    c = shape[1]
+    for cl in (False, True):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+        dy = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+        fused = SyncBatchNormReLU(c).to(device)
+        layout = "channels_last" if cl else "NCHW"
+
+        def step(layer, ctx=None):
+            def run():
+                xi = x.detach().requires_grad_()
+                if ctx is None:
+                    y = layer(xi)
+                else:
+                    with ctx():
+                        y = layer(xi)
+                y.backward(dy)
+            return run
+        if device.type == "cuda":
+            stock = nn.Sequential(nn.SyncBatchNorm(c), nn.ReLU()).to(device)
+            impls = [("stock", lambda: None, step(stock)), ("torchfast", lambda: None, step(fused))]
+            med = common.bench_interleaved(impls, device, args.iters, warmup=2, before_each=dist.barrier, rotate=True)
+            rows.append(("vs SyncBatchNorm+ReLU, %s" % layout, shape, med["stock"], med["torchfast"]))
+            continue
+        composed = SyncBatchNormReLU(c)
+        plain = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        impls = [("composed", lambda: None, step(composed, lambda: torchfast.use_backend("reference"))),
+                 ("plain", lambda: None, step(plain)), ("torchfast", lambda: None, step(fused))]
+        med = common.bench_interleaved(impls, device, args.iters, warmup=2, before_each=dist.barrier, rotate=True)
+        rows.append(("vs stock ops composed, %s" % layout, shape, med["composed"], med["torchfast"]))
+        rows.append(("vs unsynced BatchNorm2d+ReLU, %s" % layout, shape, med["plain"], med["torchfast"]))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     ap.add_argument("--iters", type=int, default=7)
-    ap.add_argument("--tiny", action="store_true", help="small gradients (a smoke run for the tests)")
+    ap.add_argument("--tiny", action="store_true", help="small gradients and maps (a smoke run for the tests)")
+    ap.add_argument("--bn-shape", default="16,64,56,56", help="per-rank N,C,H,W of the SyncBatchNorm case")
     args = ap.parse_args(argv)
     device_type = args.device
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -109,6 +153,9 @@ def main(argv=None):
     n_fast = _count_all_reduce(lambda: torchfast.clip_grad_norm_(fast_z, norm0, process_group=group))
     rows.append(("zero process_group=", med["torch"], med["torchfast"], 1, n_fast))
 
+    bn_rows = _bench_sync_bn(args, device, (2, 8, 6, 6) if args.tiny else tuple(int(v) for v in
+                                                                           args.bn_shape.split(",")))
+
     if rank == 0:
         print("%d ranks, %s, %s gradients (%d tensors, %.1fM elements in all)" % (
             world, device.type, "tiny" if args.tiny else "GPT-2 small", len(full),
@@ -118,6 +165,12 @@ def main(argv=None):
         for name, a, b, na, nb in rows:
             print("%-22s %10.2f %12.2f %8.2f %18s / %d" % (name, a * 1e3, b * 1e3, a / b,
                                                            "(DTensor's)" if na is None else na, nb))
+        print()
+        print("SyncBatchNormReLU training forward+backward, %s per rank, %d thread(s) per rank" % (
+            "x".join(map(str, bn_rows[0][1])), torch.get_num_threads()))
+        print("%-34s %10s %12s %8s" % ("case", "baseline ms", "torchfast ms", "x"))
+        for name, _shape, base, fast in bn_rows:
+            print("%-34s %10.2f %12.2f %8.2f" % (name, base * 1e3, fast * 1e3, base / fast))
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 

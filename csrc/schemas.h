@@ -40,6 +40,21 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "bn_update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
+  // The local pieces of the synchronised layers (torchfast.nn.SyncBatchNormReLU/AddReLU), which
+  // communicate between them (CPU kernels; other devices compose stock ops in Python).
+  // bn_stats: per-channel mean and biased variance of this process's batch (statistics dtype; NaN when
+  // empty). bn_relu_bwd_reduce: the masked gradient's per-channel sum(gm) and sum(gm * (x - mean)) in
+  // float64, the mask recomputed from the input (out None: bn_relu) or out > 0 (bn_add_relu, which
+  // also returns gm, the residual's gradient; bn_relu returns an empty tensor there).
+  // bn_relu_bwd_elemt: the input gradient from sums and a count that cover every process's batch;
+  // `grad` is dy masked here from the input (mask_from_input) or gm already masked.
+  m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "bn_relu_bwd_reduce(Tensor grad_out, Tensor? out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_bwd_elemt(Tensor grad, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor sum_dy, Tensor sum_dy_xmu, int count, bool mask_from_input) -> Tensor");
   // The p-norm of all tensors of the list taken together (one device, one dtype). A 0-dim tensor
   // in float32 (float64 for float64 tensors). norm_type is any p > 0 or inf.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");

@@ -105,8 +105,8 @@ def test_gpu_check_dry_run_plans_inside_its_budget(tmp_path):
 
 
 def test_distributed_benchmark_runs_on_two_gloo_ranks():
-    """benchmarks/bench_distributed.py under torchrun (2 CPU processes, gloo), tiny gradients: both cases
-    timed, one all-reduce per torchfast call."""
+    """benchmarks/bench_distributed.py under torchrun (2 CPU processes, gloo), tiny gradients: both clipping
+    cases timed, one all-reduce per torchfast call; the SyncBatchNormReLU rows in both layouts."""
     import socket
     import subprocess
     with socket.socket() as s:
@@ -119,3 +119,5 @@ def test_distributed_benchmark_runs_on_two_gloo_ranks():
     lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith(("dtensor", "zero"))}
     assert set(lines) == {"dtensor", "zero"}, r.stdout
     assert all(line.rstrip().endswith("/ 1") for line in lines.values()), r.stdout
+    bn = [line for line in r.stdout.splitlines() if line.startswith("vs ")]
+    assert len(bn) == 4 and all(float(line.split()[-1]) > 0 for line in bn), r.stdout

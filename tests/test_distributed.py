@@ -4,6 +4,7 @@ rank that fails must not leave the others waiting), and the group torn down in e
 
 Each rank runs the cases below and writes "ok", "skip: <reason>" or its traceback to a file the test
 reads back."""
+import contextlib
 import datetime
 import math
 import os
@@ -15,6 +16,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import torchfast
 
@@ -188,33 +190,184 @@ def case_fsdp2(rank, world):
         torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-7)
 
 
+def _global_batch(world, dtype, channels_last, seed):
+    """Per-rank batch sizes (unequal; with 3 ranks one is empty) and the global input, residual and
+    output gradient, the same on every rank."""
+    sizes = {2: [3, 5], 3: [2, 0, 4]}[world]
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, 5, 6, 7, generator=g) * 2 + 0.5
+    r = torch.randn(n, 5, 6, 7, generator=g)
+    dy = torch.randn(n, 5, 6, 7, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, r, dy = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, r, dy))
+    return sizes, x, r, dy
+
+
+def _rank_slice(t, sizes, rank):
+    return t[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+
+
+@contextlib.contextmanager
+def _counting_collectives():
+    """The names of the torch.distributed collectives called inside, in order."""
+    names = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter_tensor")
+    real = {n: getattr(dist, n) for n in names}
+    calls = []
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real[name](*args, **kwargs)
+        return call
+    for n in names:
+        setattr(dist, n, counting(n))
+    try:
+        yield calls
+    finally:
+        for n in names:
+            setattr(dist, n, real[n])
+
+
 def case_sync_batchnorm_relu(rank, world):
-    """In a group of several processes a SyncBatchNormReLU training call synchronises as stock's
-    SyncBatchNorm does: stock supports GPU inputs only, so CPU inputs raise stock's error, in the fused
-    sync layers and in a fused model alike (the single-process fallbacks are tested elsewhere); eval
-    needs no synchronisation and runs the fused op."""
-    from torch import nn
+    """SyncBatchNormReLU / SyncBatchNormAddReLU over the group equal BatchNormReLU2d / BatchNormAddReLU2d
+    in one process on the concatenated global batch: output, input and residual gradients (this rank's
+    rows), the weight and bias gradients summed over the ranks (each rank's own, as stock's), and the
+    running statistics (global count for the unbiased variance), with unequal and empty per-rank
+    batches, both layouts, float32 and bfloat16, on the CPU kernels and on the tensor-op engine
+    (reference backend). Eval needs no synchronisation and runs the fused op."""
     from torchfast.nn import SyncBatchNormReLU
+    _check_sync_layers(rank, world, "cpu", [(torch.float32, False, None), (torch.float32, True, None),
+                                            (torch.bfloat16, True, None), (torch.float32, False, "reference"),
+                                            (torch.bfloat16, False, "reference")])
+    # eval: no synchronisation, the fused op with the running statistics
     x = torch.randn(4, 3, 5, 5)
-    stock, fused = nn.SyncBatchNorm(3), SyncBatchNormReLU(3)
-    for layer in (stock, fused):
-        try:
-            layer(x)
-        except ValueError as e:
-            msg = str(e)
-        else:
-            msg = None
-        if layer is stock:
-            want = msg
-    assert want is not None and msg == want, (want, msg)
-    fused.eval()
-    torch.testing.assert_close(fused(x), torch.relu(stock.eval()(x)))
+    stock, fused = nn.SyncBatchNorm(3).eval(), SyncBatchNormReLU(3).eval()
+    torch.testing.assert_close(fused(x), torch.relu(stock(x)))
+
+
+def case_sync_batchnorm_relu_cuda(rank, world):
+    """case_sync_batchnorm_relu's checks on CUDA tensors, every rank on the first GPU, gloo carrying the
+    collectives: stock's CUDA statistics and gradient-sum kernels around torchfast's fused passes, on
+    both GPU backends. The single-process reference runs on the GPU too."""
+    if not torch.cuda.is_available():
+        raise _Skip("no CUDA device")
+    _check_sync_layers(rank, world, "cuda", [(torch.float32, False, None), (torch.float32, True, None),
+                                             (torch.bfloat16, True, None), (torch.float16, False, "triton"),
+                                             (torch.float32, True, "triton")])
+
+
+def _check_sync_layers(rank, world, device, cases):
+    from torchfast.nn import BatchNormAddReLU2d, BatchNormReLU2d, SyncBatchNormAddReLU, SyncBatchNormReLU
+    for k, (dtype, cl, backend) in enumerate(cases):
+        for add in (False, True):
+            sizes, x, r, dy = (t.to(device) if isinstance(t, torch.Tensor) else t
+                               for t in _global_batch(world, dtype, cl, seed=10 * k + add))
+            single = (BatchNormAddReLU2d if add else BatchNormReLU2d)(5, momentum=0.3).to(device)
+            sync = (SyncBatchNormAddReLU if add else SyncBatchNormReLU)(5, momentum=0.3).to(device)
+            with torch.no_grad():
+                for m in (single, sync):
+                    m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+                    m.bias.copy_(torch.linspace(-0.3, 0.3, 5))
+            xs = x.clone().requires_grad_()
+            rs = r.clone().requires_grad_()
+            want = single(xs, rs) if add else single(xs)
+            want.backward(dy)
+            xl = _rank_slice(x, sizes, rank).clone().requires_grad_()
+            rl = _rank_slice(r, sizes, rank).clone().requires_grad_()
+            with torchfast.use_backend(backend), _counting_collectives() as calls:
+                got = sync(xl, rl) if add else sync(xl)
+                n_forward = len(calls)
+                got.backward(_rank_slice(dy, sizes, rank))
+            assert calls == ["all_reduce", "all_reduce"] and n_forward == 1, calls  # one each way
+            tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+            what = "%s cl=%s backend=%s add=%s" % (dtype, cl, backend, add)
+            torch.testing.assert_close(got, _rank_slice(want, sizes, rank), **tol, msg=lambda m: what + ": out " + m)
+            torch.testing.assert_close(xl.grad, _rank_slice(xs.grad, sizes, rank), **tol,
+                                       msg=lambda m: what + ": grad_input " + m)
+            if add:
+                torch.testing.assert_close(rl.grad, _rank_slice(rs.grad, sizes, rank), **tol,
+                                           msg=lambda m: what + ": grad_residual " + m)
+            if cl and xl.numel():
+                assert xl.grad.is_contiguous(memory_format=torch.channels_last), what
+            gw = sync.weight.grad.clone()
+            gb = sync.bias.grad.clone()
+            dist.all_reduce(gw)
+            dist.all_reduce(gb)
+            torch.testing.assert_close(gw, single.weight.grad, rtol=1e-4, atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
+                                       msg=lambda m: what + ": grad_weight " + m)
+            torch.testing.assert_close(gb, single.bias.grad, rtol=1e-4, atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
+                                       msg=lambda m: what + ": grad_bias " + m)
+            torch.testing.assert_close(sync.running_mean, single.running_mean, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: what + ": running_mean " + m)
+            torch.testing.assert_close(sync.running_var, single.running_var, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: what + ": running_var " + m)
+            assert int(sync.num_batches_tracked) == 1
+
+
+class _Net(nn.Module):
+    """A small residual CNN with the fused layers: conv, BatchNorm+ReLU, conv, BatchNorm+add+ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        from torchfast.nn import BatchNormAddReLU2d, BatchNormReLU2d
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = BatchNormReLU2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAddReLU2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        y = self.bn2(self.conv2(y), y)
+        return self.head(y.mean((2, 3)))
+
+
+def case_ddp_training(rank, world):
+    """The fused CNN converted with torchfast.nn.convert_sync_batchnorm and trained under DDP (4 images
+    per rank, 3 SGD steps) ends with the same weights and running statistics as the unconverted model
+    trained in one process on the concatenated batches: synchronised statistics and gradients are the
+    global batch's."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torchfast.nn import SyncBatchNormAddReLU, SyncBatchNormReLU, convert_sync_batchnorm
+    torch.manual_seed(0)
+    single = _Net()
+    dist_model = _Net()
+    dist_model.load_state_dict(single.state_dict())
+    dist_model = convert_sync_batchnorm(dist_model)
+    assert isinstance(dist_model.bn1, SyncBatchNormReLU) and isinstance(dist_model.bn2, SyncBatchNormAddReLU)
+    ddp = DDP(dist_model)
+    with pytest.raises(ValueError, match="only work with GPU modules"):  # stock's layer still needs a GPU
+        DDP(nn.Sequential(nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3)))
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
+    opt_dist = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4 * world, 3, 9, 9, generator=g)
+        target = torch.randn(4 * world, 4, generator=g)
+        for model, opt, xs, ts in ((single, opt_single, x, target),
+                                   (ddp, opt_dist, x[4 * rank:4 * rank + 4], target[4 * rank:4 * rank + 4])):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xs), ts).backward()
+            opt.step()
+    got, want = dist_model.state_dict(), single.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda m: k + ": " + m)
 
 
 # ------------------------------------------------------------------------------------------- tests
 
+def test_sync_batchnorm_relu_cuda(tmp_path):
+    """The synchronised layers on CUDA tensors (2 ranks sharing the first GPU, gloo)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _run("case_sync_batchnorm_relu_cuda", 2, tmp_path)
+
+
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", ["case_plain_shards", "case_dtensor", "case_fsdp2", "case_sync_batchnorm_relu"])
+@pytest.mark.parametrize("case", ["case_plain_shards", "case_dtensor", "case_fsdp2", "case_sync_batchnorm_relu",
+                                  "case_ddp_training"])
 def test_sharded_clipping_matches_unsharded(case, world, tmp_path):
     _run(case, world, tmp_path)
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -37,14 +38,19 @@ namespace {
 struct Kernels {
   decltype(&bn_cpu_base::forward) forward;
   decltype(&bn_cpu_base::backward) backward;
+  decltype(&bn_cpu_base::stats) stats;
+  decltype(&bn_cpu_base::backward_reduce) backward_reduce;
+  decltype(&bn_cpu_base::backward_apply) backward_apply;
 };
 
 const Kernels& kernels() {
 #if defined(TORCHFAST_BN_HAVE_AVX2)
-  static const Kernels avx2{&bn_cpu_avx2::forward, &bn_cpu_avx2::backward};
+  static const Kernels avx2{&bn_cpu_avx2::forward, &bn_cpu_avx2::backward, &bn_cpu_avx2::stats,
+                            &bn_cpu_avx2::backward_reduce, &bn_cpu_avx2::backward_apply};
   if (cpu_features::has_avx2()) return avx2;
 #endif
-  static const Kernels base{&bn_cpu_base::forward, &bn_cpu_base::backward};
+  static const Kernels base{&bn_cpu_base::forward, &bn_cpu_base::backward, &bn_cpu_base::stats,
+                            &bn_cpu_base::backward_reduce, &bn_cpu_base::backward_apply};
   return base;
 }
 
@@ -200,9 +206,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_bwd_cpu(
   return backward_cpu("bn_add_relu_bwd", grad_out, out, input, weight, c10::nullopt, mean, invstd, training, 0.0);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The local pieces of the synchronised layers (see schemas.h).
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
+  const char* op = "bn_stats";
+  check_input(input, op);
+  if (half_through_float_copies(input)) return bn_stats_cpu(input.to(at::kFloat));
+  const int64_t C = input.size(1);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({C}, input.options().dtype(acc_type)), var = at::empty({C}, input.options().dtype(acc_type));
+  if (input.numel() == 0) {  // no statistics: NaN, as the training forward's
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  kernels().stats(native_layout(input) ? input : input.contiguous(), mean, var);
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_reduce_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& out, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  const char* op = "bn_relu_bwd_reduce";
+  check_input(input, op);
+  check_grad_out(grad_out, input, op);
+  const bool add = out.has_value() && out->defined();
+  if (add) check_like_input(*out, input, op, "out");
+  if (half_through_float_copies(input)) {
+    auto [s1, s2, gm] = bn_relu_bwd_reduce_cpu(grad_out.to(at::kFloat),
+                                               add ? c10::optional<at::Tensor>(out->to(at::kFloat)) : c10::nullopt,
+                                               input.to(at::kFloat), weight, bias, mean, invstd);
+    return {s1, s2, add ? gm.to(input.scalar_type()) : gm};
+  }
+  const int64_t C = input.size(1);
+  check_channel_vector(weight, C, op, "weight");
+  check_channel_vector(bias, C, op, "bias");
+  check_channel_vector(mean, C, op, "mean");
+  check_channel_vector(invstd, C, op, "invstd");
+  const bool native = native_layout(input);
+  const at::Tensor x = native ? input : input.contiguous();
+  const at::Tensor dy = in_layout_of(grad_out, x);
+  const at::Tensor o = add ? in_layout_of(*out, x) : at::Tensor();
+  at::Tensor gm = add ? at::empty_like(x) : at::empty({0}, input.options());
+  auto opts = input.options().dtype(at::kDouble);
+  at::Tensor sum_dy = at::zeros({C}, opts), sum_dy_xmu = at::zeros({C}, opts);
+  if (input.numel() > 0)
+    kernels().backward_reduce(x, dy, o, gm, weight, bias, mean, invstd, mask_threshold(input.scalar_type()), sum_dy,
+                              sum_dy_xmu);
+  if (add && !native) gm = at::empty_like(input).copy_(gm);
+  return {sum_dy, sum_dy_xmu, gm};
+}
+
+at::Tensor bn_relu_bwd_elemt_cpu(const at::Tensor& grad, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, int64_t count,
+                                 bool mask_from_input) {
+  const char* op = "bn_relu_bwd_elemt";
+  check_input(input, op);
+  check_grad_out(grad, input, op);
+  if (half_through_float_copies(input))
+    return bn_relu_bwd_elemt_cpu(grad.to(at::kFloat), input.to(at::kFloat), weight, bias, mean, invstd, sum_dy,
+                                 sum_dy_xmu, count, mask_from_input)
+        .to(input.scalar_type());
+  const int64_t C = input.size(1);
+  check_channel_vector(weight, C, op, "weight");
+  check_channel_vector(bias, C, op, "bias");
+  check_channel_vector(mean, C, op, "mean");
+  check_channel_vector(invstd, C, op, "invstd");
+  check_channel_vector(sum_dy, C, op, "sum_dy");
+  check_channel_vector(sum_dy_xmu, C, op, "sum_dy_xmu");
+  TORCH_CHECK(sum_dy.scalar_type() == at::kDouble && sum_dy_xmu.scalar_type() == at::kDouble, op,
+              ": sum_dy and sum_dy_xmu must be float64 (bn_relu_bwd_reduce's), got ", sum_dy.scalar_type(), " and ",
+              sum_dy_xmu.scalar_type());
+  TORCH_CHECK(count >= input.numel() / std::max<int64_t>(C, 1), op, ": count (", count,
+              ") is smaller than this input's elements per channel");
+  const bool native = native_layout(input);
+  const at::Tensor x = native ? input : input.contiguous();
+  const at::Tensor g = in_layout_of(grad, x);
+  at::Tensor grad_in = at::empty_like(x);
+  if (input.numel() > 0)
+    kernels().backward_apply(x, g, mask_from_input, grad_in, weight, bias, mean, invstd,
+                             mask_threshold(input.scalar_type()), sum_dy.contiguous(), sum_dy_xmu.contiguous(), count);
+  if (!native) grad_in = at::empty_like(input).copy_(grad_in);
+  return grad_in;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_relu_bwd_reduce", &bn_relu_bwd_reduce_cpu);
+  m.impl("bn_relu_bwd_elemt", &bn_relu_bwd_elemt_cpu);
   m.impl("bn_relu_fwd", &bn_relu_fwd_cpu);
   m.impl("bn_relu_bwd", &bn_relu_bwd_cpu);
   m.impl("bn_add_relu_fwd", &bn_add_relu_fwd_cpu);

@@ -1126,6 +1126,23 @@ bool by_channel(const Geometry& g) {
   return g.layout == Layout::kNCS && g.C >= at::get_num_threads() && g.S >= kMinChannelRow;
 }
 
+// The mask source's parameters (see MaskSource): bn_add_relu masks by the saved output, (out - 0) * 1 + 0 >
+// 0, exactly out > 0; bn_relu by the input with the forward's mean, scale and shift.
+template <typename acc_t>
+void mask_params(bool from_out, const std::vector<acc_t>& m, const std::vector<acc_t>& is, const std::vector<acc_t>& w,
+                 const c10::optional<at::Tensor>& bias, std::vector<acc_t>& mmu, std::vector<acc_t>& msc,
+                 std::vector<acc_t>& msh) {
+  const int64_t C = static_cast<int64_t>(m.size());
+  if (from_out) {
+    mmu.assign(C, acc_t(0));
+    msc.assign(C, acc_t(1));
+    msh.assign(C, acc_t(0));
+  } else {
+    mmu = m;
+    scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), msc, msh);
+  }
+}
+
 }  // namespace
 
 void forward(const at::Tensor& x, const at::Tensor& res, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd,
@@ -1185,14 +1202,7 @@ void backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& o, at
     const Geometry g = geometry(x);
     std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
     std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), mmu, msc, msh;
-    if (add) {
-      mmu.assign(C, acc_t(0));  // (out - 0) * 1 + 0 > 0: exactly out > 0
-      msc.assign(C, acc_t(1));
-      msh.assign(C, acc_t(0));
-    } else {
-      mmu = m;
-      scale_shift(m, is, w, per_channel<acc_t>(bias, C, 0), msc, msh);
-    }
+    mask_params<acc_t>(add, m, is, w, bias, mmu, msc, msh);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     scalar_t* dxp = grad_in.data_ptr<scalar_t>();
@@ -1217,6 +1227,64 @@ void backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& o, at
       backward_elementwise<scalar_t, acc_t>(xp, gsrc, add ? nullptr : xp, dxp, g, mmu.data(), msc.data(), msh.data(),
                                             ms.mthr, m.data(), k0.data(), k1.data(), k2.data());
     }
+  });
+}
+
+// The local pieces of the synchronised layers (torchfast.nn.SyncBatchNormReLU), which all-reduce between
+// them: the batch statistics alone, the backward's sums alone, and the backward's elementwise pass from
+// sums and a count that cover every process's batch.
+
+void stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
+  const int64_t C = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> invstd(C);  // not wanted: eps 0 makes it inf for a constant channel, unused
+    batch_stats<scalar_t, acc_t>(x.data_ptr<scalar_t>(), geometry(x), 0.0, mean.data_ptr<acc_t>(), invstd.data(),
+                                 var.data_ptr<acc_t>());
+  });
+}
+
+void backward_reduce(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& o, at::Tensor& grad_res,
+                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& mean, const at::Tensor& invstd, double mask_thr, at::Tensor& sum_dy,
+                     at::Tensor& sum_dy_xmu) {
+  const bool add = o.defined();
+  const int64_t C = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_bwd_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), mmu, msc, msh;
+    mask_params<acc_t>(add, m, is, w, bias, mmu, msc, msh);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const MaskSource<scalar_t, acc_t> ms{add ? o.data_ptr<scalar_t>() : xp, mmu.data(), msc.data(), msh.data(),
+                                         add ? acc_t(0) : static_cast<acc_t>(mask_thr),
+                                         add ? grad_res.data_ptr<scalar_t>() : nullptr};
+    backward_sums<scalar_t, acc_t>(xp, dy.data_ptr<scalar_t>(), ms, geometry(x), m.data(), sum_dy.data_ptr<double>(),
+                                   sum_dy_xmu.data_ptr<double>());
+  });
+}
+
+void backward_apply(const at::Tensor& x, const at::Tensor& grad, bool mask_from_input, at::Tensor& grad_in,
+                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, double mask_thr, const at::Tensor& sum_dy,
+                    const at::Tensor& sum_dy_xmu, int64_t count) {
+  const int64_t C = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_bwd_elemt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> m = per_channel<acc_t>(mean, C, 0), is = per_channel<acc_t>(invstd, C, 1);
+    std::vector<acc_t> w = per_channel<acc_t>(weight, C, 1), mmu, msc, msh;
+    mask_params<acc_t>(!mask_from_input, m, is, w, bias, mmu, msc, msh);
+    const double* s1 = sum_dy.data_ptr<double>();
+    const double* s2 = sum_dy_xmu.data_ptr<double>();
+    std::vector<acc_t> k0(C), k1(C), k2(C);
+    acc_t gw, gb;  // the process's own weight and bias gradients come from its own sums, not these
+    for (int64_t c = 0; c < C; ++c)
+      backward_coeffs<acc_t>(s1[c], s2[c], w[c], is[c], static_cast<double>(count), true, gw, gb, k0[c], k1[c], k2[c]);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    backward_elementwise<scalar_t, acc_t>(xp, grad.data_ptr<scalar_t>(), mask_from_input ? xp : nullptr,
+                                          grad_in.data_ptr<scalar_t>(), geometry(x), mmu.data(), msc.data(),
+                                          msh.data(), mask_from_input ? static_cast<acc_t>(mask_thr) : acc_t(0),
+                                          m.data(), k0.data(), k1.data(), k2.data());
   });
 }
 

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
+from torchfast.nn import _sync
+from torchfast.nn.functional import _kernel_dtypes, _stock_semantics_needed, batch_norm_add_relu, batch_norm_relu
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
            "BatchNormAddReLU3d", "SyncBatchNormReLU", "SyncBatchNormAddReLU", "convert_batchnorm_relu",
@@ -55,12 +56,29 @@ def _sync_needed(bn) -> bool:
     return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
 
 
+def _sync_call(bn, input, residual):
+    """A SyncBatchNorm training call across processes: the fused synchronised op (torchfast.nn._sync),
+    or stock SyncBatchNorm and then the add and ReLU for what the fused kernels do not take (mixed
+    dtypes, another residual shape or dtype, forward-mode AD, torch.func transforms)."""
+    if input.dim() < 2:
+        bn._check_input_dim(input)
+    if input.size(1) == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    fusable = (_kernel_dtypes(input, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+               and not _stock_semantics_needed(input, residual, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+               and (residual is None or (isinstance(residual, torch.Tensor) and residual.shape == input.shape
+                                         and residual.dtype == input.dtype and residual.device == input.device)))
+    if not fusable:
+        return _sync.stock_sync_forward(bn, input, residual)
+    running_mean, running_var, _training, momentum = _bn_call_args(bn, input)
+    return _sync.sync_forward(bn, input, residual, running_mean, running_var, momentum)
+
+
 def bn_relu_module(bn, input):
-    """``relu(bn(input))`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls). For a
-    SyncBatchNorm whose call synchronises statistics across processes: stock's synchronised BatchNorm,
-    then the ReLU (not fused); otherwise the fused op."""
+    """``relu(bn(input))`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls). A
+    SyncBatchNorm whose call synchronises statistics across processes runs the fused synchronised op."""
     if _sync_needed(bn):
-        return torch.relu(nn.SyncBatchNorm.forward(bn, input))
+        return _sync_call(bn, input, None)
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
     return batch_norm_relu(input, running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
 
@@ -69,7 +87,7 @@ def bn_add_relu_module(bn, input, residual):
     """``relu(bn(input) + residual)`` for a BatchNorm module `bn`, fused (what the ``fuse`` pass calls);
     SyncBatchNorm as in ``bn_relu_module``."""
     if _sync_needed(bn):
-        return torch.relu(nn.SyncBatchNorm.forward(bn, input) + residual)
+        return _sync_call(bn, input, residual)
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
     return batch_norm_add_relu(input, residual, running_mean, running_var, bn.weight, bn.bias, training, momentum,
                                bn.eps)
@@ -195,9 +213,10 @@ def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
 
 
 class SyncBatchNormReLU(_BatchNormReLUMixin, nn.SyncBatchNorm):
-    """``relu(nn.SyncBatchNorm(...)(x))``: SyncBatchNorm's constructor, state_dict and semantics. A call
-    that synchronises statistics across processes runs stock's SyncBatchNorm and then the ReLU (not
-    fused yet); any other (one process, eval) runs the fused op. What
+    """``relu(nn.SyncBatchNorm(...)(x))``: SyncBatchNorm's constructor, state_dict and semantics. A
+    training call in a group of several processes computes the statistics over the group (one
+    all-reduce forward, one backward) around fused kernels, on GPUs and on CPUs (gloo; stock
+    SyncBatchNorm needs a GPU); any other call (one process, eval) runs the fused op. What
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` makes of a ``BatchNormReLU*d`` (see below)."""
 
 
@@ -228,6 +247,27 @@ def _convert_sync_batchnorm(cls, module, process_group=None):
 # for this, so importing torchfast extends that classmethod: fused layers become the fused sync layers
 # (sharing their Parameters and buffers); every other module converts exactly as before.
 nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(_convert_sync_batchnorm)
+
+
+def _patch_ddp_cpu_check():
+    """DistributedDataParallel refuses CPU modules holding a SyncBatchNorm ("SyncBatchNorm layers only
+    work with GPU modules": stock's needs CUDA kernels). torchfast's synchronised layers run on CPUs too
+    (gloo), so the check is narrowed to the layers it is about: a module with a stock SyncBatchNorm still
+    gets DDP's error; one whose synchronised layers are all torchfast's does not."""
+    ddp = getattr(getattr(nn, "parallel", None), "DistributedDataParallel", None)
+    stock = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if stock is None or getattr(stock, "_torchfast", False):
+        return
+
+    def check(self, module):
+        if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, _FusedBatchNorm) for m in module.modules()):
+            return stock(self, module)
+        return None
+    check._torchfast = True
+    ddp._passing_sync_batchnorm_handle = check
+
+
+_patch_ddp_cpu_check()
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
