@@ -55,6 +55,47 @@ def test_clip_grad_norm_matches_stock(device, backend, norm_type, dtype, max_nor
 
 
 @pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_views_at_any_offset_and_repeated_calls(device, backend, dtype):
+    """Gradients that are views of one buffer at odd element offsets (addresses not 16-byte aligned,
+    which the Triton kernels launch apart from the aligned ones) next to aligned ones, sizes around the
+    kernels' block and chunk ends; then the same call again on the same tensors (the Triton chunk table
+    comes from its cache: the result must not change) and on new tensors of the same sizes."""
+    skip_unsupported(backend, "clip_grad", device, dtype)
+    torchfast.set_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    buf = torch.randn(8000, generator=g).to(dtype).to(device)
+    grads, end = [], 0
+    for gap, n in ((1, 129), (3, 2047), (0, 2048), (5, 1), (1, 2049)):  # disjoint views, odd offsets
+        grads.append(buf[end + gap:end + gap + n])
+        end += gap + n
+    grads.append(torch.randn(4099, generator=g).to(dtype).to(device))
+    assert any(t.data_ptr() % 16 for t in grads) and any(t.data_ptr() % 16 == 0 for t in grads)
+    for _ in range(2):
+        for norm_type in (2.0, math.inf):
+            want = tnu.get_total_norm([t.clone() for t in grads], norm_type)
+            got = torchfast.get_total_norm(grads, norm_type)
+            torch.testing.assert_close(got, want, rtol=2e-3 if dtype == torch.bfloat16 else 1e-5, atol=0)
+        before = [t.clone() for t in grads]
+        ref = [t.clone() for t in grads]
+        total = tnu.get_total_norm(ref)
+        tnu.clip_grads_with_norm_([_with_grad(t) for t in ref], 0.25 * float(total), total)
+        torchfast.clip_grads_with_norm_([_with_grad(t) for t in grads], 0.25 * float(total), total)
+        for a, b, c in zip(grads, ref, before):
+            torch.testing.assert_close(a, b, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+            assert not torch.equal(a, c) or c.abs().max() == 0
+        grads = [t.clone() for t in grads]  # next round: new tensors, new addresses
+
+
+def _with_grad(t):
+    """A Parameter whose .grad is `t` itself (not a copy): clipping writes into t."""
+    p = torch.nn.Parameter(torch.empty_like(t))
+    p.grad = t
+    assert p.grad is t
+    return p
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
 def test_mixed_dtypes_none_grads_and_single_tensor(device, backend):
     skip_unsupported(backend, "clip_grad", device, torch.float32, torch.bfloat16, torch.float64)
     torchfast.set_backend(backend)
@@ -294,3 +335,18 @@ if given is not None:
 else:
     def test_property_cpu_matches_stock():
         pytest.skip("hypothesis is a test extra (pip install .[test]); the property test needs it")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (tensors on a GPU other than the current)")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernels_on_the_second_gpu_triton_and_cuda(backend):
+    """cuda:1 tensors while cuda:0 is current: the kernels must run on the tensors' GPU."""
+    skip_unsupported(backend, "clip_grad", "cuda", torch.float32)
+    torchfast.set_backend(backend)
+    ps = _params(torch.float32, "cuda:1")
+    ref = _clone(ps)
+    with torch.cuda.device(0):
+        n = torchfast.clip_grad_norm_(ps, 0.5)
+    torch.testing.assert_close(n, tnu.clip_grad_norm_(ref, 0.5), rtol=1e-5, atol=0)
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

@@ -27,3 +27,11 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80():
     assert len(result["ok"]) >= 120, result["ok"]
     assert any("sm_90" in k for k in result["ok"]) and any("philox_fill" in k for k in result["ok"])
     assert any("from_out=True" in k for k in result["ok"]) and any("forward add" in k for k in result["ok"])
+    # the multi-tensor clip kernels on aligned tensors: 16-byte vector loads and stores
+    for dt in ("fp32", "bf16"):
+        norm = result["vectors"]["norm_chunks %s aligned=True sm_90" % dt]
+        clip = result["vectors"]["clip_chunks %s aligned=True sm_90" % dt]
+        # the whole-block loop: 16-byte vectors only (what stays scalar is the table reads and the tail)
+        assert norm.get("ld.v4", 0) >= 1 and clip.get("ld.v4", 0) >= 1 and clip.get("st.v4", 0) >= 1, (dt, norm, clip)
+        plain = result["vectors"]["clip_chunks %s aligned=False sm_90" % dt]
+        assert plain.get("ld.v4", 0) == 0, plain  # the hint is what makes the difference

@@ -11,6 +11,7 @@ Prints one JSON object: {"ok": [...], "failed": {variant: error}}.
 """
 import json
 import os
+import re
 import sys
 import time
 
@@ -46,7 +47,11 @@ def _compile(kernel, types, constexprs, target, **options):
     for n in missing:  # lower-case scalar arguments default to i32 only if they are not pointers
         if n.endswith("_ptr") or n.endswith("_out"):
             raise ValueError("%s: pointer argument %s needs a type" % (fn.__name__, n))
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    # Pointer arguments 16-byte aligned, as Triton's launcher specialises them for aligned tensors
+    # (every tensor PyTorch allocates), so the vectorisation seen here is the GPU's.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if str(sig[n]).startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=target, options=options or None)
 
 
@@ -93,13 +98,18 @@ def variants():
                      "scale_ptr": f, "beta_ptr": f, "eps": "fp32", "M": "i64"},
                     {"CHANNELS_LAST": dt == tl.float16, "HAS_W": True, "HAS_B": dt != tl.bfloat16, "BLOCK_C": 64,
                      "BLOCK_SP": 32}, {}))
-        out.append(("norm_chunks %s" % dt, clip_grad._norm_chunks_kernel,
-                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "partial_ptr": f, "p": "fp32"},
-                    {"KIND": 1, "IN_DTYPE": dt, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048}, {"num_warps": 8}))
-        out.append(("clip_chunks %s" % dt, clip_grad._clip_chunks_kernel,
-                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "total_ptr": f,
-                     "max_norm": "fp32"},
-                    {"IN_DTYPE": dt, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048}, {"num_warps": 8}))
+        vec = 16 // torch_dtype[dt].itemsize
+        for aligned in (True, False):
+            out.append(("norm_chunks %s aligned=%s" % (dt, aligned), clip_grad._norm_chunks_kernel,
+                        {"base_ptr": d, "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
+                         "partial_ptr": f, "p": "fp32"},
+                        {"KIND": 1, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048, "ALIGNED": aligned, "VEC": vec},
+                        {"num_warps": 8}))
+            out.append(("clip_chunks %s aligned=%s" % (dt, aligned), clip_grad._clip_chunks_kernel,
+                        {"base_ptr": d, "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
+                         "total_ptr": f, "max_norm": "fp32"},
+                        {"CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048, "ALIGNED": aligned, "VEC": vec},
+                        {"num_warps": 8}))
         out.append(("philox_fill %s" % dt, init._philox_fill_kernel,
                     {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "stream_ptr": "*i64",
                      "kind_ptr": "*i64", "param_ptr": "*fp32", "seed": "i64"},
@@ -139,8 +149,9 @@ def variants():
                     {"FROM_VAR": from_var, "HAS_W": True, "HAS_B": True, "BLOCK_C": 64}, {}))
     for kind in (0, 2, 3):
         out.append(("norm_chunks kind=%d" % kind, clip_grad._norm_chunks_kernel,
-                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "partial_ptr": f, "p": "fp32"},
-                    {"KIND": kind, "IN_DTYPE": tl.float32, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048},
+                    {"base_ptr": f, "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "partial_ptr": f,
+                     "p": "fp32"},
+                    {"KIND": kind, "CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048, "ALIGNED": True, "VEC": 4},
                     {"num_warps": 8}))
     for kind in (0, 1, 2, 3):
         out.append(("norm_finish kind=%d" % kind, clip_grad._norm_finish_kernel,
@@ -149,9 +160,19 @@ def variants():
     return out
 
 
+def _vector_accesses(ptx: str) -> dict:
+    """Global loads and stores in the PTX by width: {"ld.v4": n, "ld.v2": n, "ld.1": n, "st.v4": ...}."""
+    out = {}
+    for m in re.finditer(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)", ptx):
+        width = re.search(r"\.v(\d)", m.group(2))
+        k = "%s.%s" % (m.group(1), "v" + width.group(1) if width else "1")
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 def main():
     only = sys.argv[1:]
-    ok, failed = [], {}
+    ok, failed, vectors = [], {}, {}
     t0 = time.time()
     for name, kernel, types, constexprs, options in variants():
         if only and not any(o in name for o in only):
@@ -163,9 +184,10 @@ def main():
                 if "cubin" not in k.asm:
                     raise RuntimeError("no cubin produced")
                 ok.append(key)
+                vectors[key] = _vector_accesses(k.asm["ptx"])
             except Exception as e:  # noqa: BLE001 - report every failure, not the first
                 failed[key] = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[-1][:300] if str(e) else "")
-    print(json.dumps({"ok": ok, "failed": failed, "seconds": round(time.time() - t0, 1)}))
+    print(json.dumps({"ok": ok, "failed": failed, "vectors": vectors, "seconds": round(time.time() - t0, 1)}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 them). One file per op: bn_relu.py, clip_grad.py, init.py. Importing this package imports triton;
 torchfast does so only when the triton backend is first used.
 """
+import collections
+import contextlib
 import os
 
 import torch
@@ -53,3 +55,42 @@ def chunk_table(tensors, chunk: int, per_tensor=()):
     ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
     rows = [ptrs[idx], ns[idx], start] + [torch.as_tensor(col, dtype=torch.int64)[idx] for col in per_tensor]
     return torch.stack(rows), idx
+
+
+def device_guard(device):
+    """Launch on `device`'s GPU: Triton launches on the current CUDA device, so tensors on another GPU
+    (cuda:1 while cuda:0 is current) would be handed to a kernel on the wrong device."""
+    device = torch.device(device)
+    # Under torch.compile the generated code sets the device itself.
+    if device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling() \
+            and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+_TABLES = collections.OrderedDict()
+_TABLES_KEPT = 16
+
+
+def device_chunk_table(tensors, chunk: int, device, base=None):
+    """chunk_table(tensors, chunk)[0] on `device`, cached by (device, chunk, base, every tensor's address
+    and element count): the table is a function of exactly these, so a hit is always the right table.
+    With `base` (a tensor), row 0 holds each chunk's tensor's offset from base's address in elements
+    instead of its address (kernels then address base_ptr + offset, a pointer whose alignment Triton
+    knows). A training loop's gradients usually keep their addresses from step to step (the caching
+    allocator hands the same blocks back), and then nothing is built or uploaded: no host work beyond
+    the key, and nothing that would stop a CUDA graph capture. The last 16 tables are kept."""
+    key = (str(device), chunk, None if base is None else (base.data_ptr(), base.element_size()),
+           tuple((t.data_ptr(), t.numel()) for t in tensors))
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    table = chunk_table(tensors, chunk)[0]
+    if base is not None:
+        table[0] = (table[0] - base.data_ptr()) // base.element_size()
+    table = upload(table, device)
+    _TABLES[key] = table
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table

@@ -47,7 +47,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from torchfast._ops import _register_bn_add_relu, _register_bn_relu
-from torchfast.triton import INTERPRET, configs
+from torchfast.triton import INTERPRET, configs, device_guard
 
 RED_TILE = 256 if INTERPRET else 2048  # elements per reduction tile
 MIN_COL_BLOCK = 16
@@ -494,13 +494,19 @@ def _backward_passes(g, x, dy, dx, mean, invstd, weight, training, scale, beta, 
 def bn_relu_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
                        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bn_forward(input, None, weight, bias, running_mean, running_var, training, eps)
+    with device_guard(input.device):
+        return _bn_forward(input, None, weight, bias, running_mean, running_var, training, eps)
 
 
 @triton_op("torchfast::bn_relu_bwd_triton", mutates_args=())
 def bn_relu_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                        training: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with device_guard(input.device):
+        return _bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training)
+
+
+def _bn_relu_bwd(grad_out, input, weight, bias, mean, invstd, training):
     native = _native(input)
     x = input if native else input.contiguous()
     dy = grad_out.contiguous(memory_format=_memory_format(x))
@@ -528,7 +534,8 @@ def bn_add_relu_fwd_triton(input: torch.Tensor, residual: torch.Tensor, weight: 
                            bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                            running_var: Optional[torch.Tensor], training: bool,
                            eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bn_forward(input, residual, weight, bias, running_mean, running_var, training, eps)
+    with device_guard(input.device):
+        return _bn_forward(input, residual, weight, bias, running_mean, running_var, training, eps)
 
 
 @triton_op("torchfast::bn_add_relu_bwd_triton", mutates_args=())
@@ -538,6 +545,11 @@ def bn_add_relu_bwd_triton(grad_out: torch.Tensor, out: torch.Tensor, input: tor
     """Reduction pass: reads grad_out, out, x; writes gm = grad_out * (out > 0), the residual's
     gradient, and the per-channel partial sums. Elementwise pass: reads gm (and x in training), writes
     dx. grad_out and out in another layout than x's are brought to it first."""
+    with device_guard(input.device):
+        return _bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training)
+
+
+def _bn_add_relu_bwd(grad_out, out, input, weight, mean, invstd, training):
     _check_like(grad_out, input, "grad_out")
     _check_like(out, input, "out")
     native = _native(input)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
-from torchfast.triton import INTERPRET, chunk_table, tl_dtype, upload
+from torchfast.triton import INTERPRET, chunk_table, device_guard, tl_dtype, upload
 
 CHUNK = 1 << 16  # elements per program
 
@@ -233,9 +233,10 @@ def _fill_launch(tensors, seed, streams, kinds, params):
     prm = prm.view(-1, 6)[idx].contiguous()
     table, prm_t = upload(table, device), upload(prm, device)
     block_b = 64 if INTERPRET else 1024
-    _philox_fill_kernel[(idx.numel(),)](table[0], table[1], table[2], table[3], table[4], prm_t, seed, OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK,
-                                      BLOCK_B=block_b, num_warps=8,
-                                      enable_fp_fusion=False)
+    with device_guard(device):
+        _philox_fill_kernel[(idx.numel(),)](table[0], table[1], table[2], table[3], table[4], prm_t, seed,
+                                            OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK, BLOCK_B=block_b,
+                                            num_warps=8, enable_fp_fusion=False)
 
 
 # ------------------------------------------------------------------------------------------------
