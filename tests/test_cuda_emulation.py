@@ -161,7 +161,9 @@ def _check_bn(shape, layout, dtype, training, affine, offset, seed, grad_layout=
     assert_close_to_oracle(out, r_out, o_out, name + " out")
     assert_close_to_oracle(mean, r_mean, o_mean, name + " mean")
     assert_close_to_oracle(invstd, r_invstd, o_invstd, name + " invstd")
-    assert_close_to_oracle(var, r_var, o_var, name + " var")
+    # float64 has no wider oracle: the one-pass shifted sums' rounding (conditioned by the mean's
+    # distance from the shift) against the reference's, up to 64 ulps
+    assert_close_to_oracle(var, r_var, o_var, name + " var", atol_ulps=64.0 if dtype == torch.float64 else 16.0)
 
     g = _input(shape, grad_layout or layout, dtype, seed + 7, offset)
     gi, gw, gb = ops().bn_relu_bwd(g, x, w, b, mean, invstd, training)
@@ -310,7 +312,9 @@ def _check_bn_add(shape, layout, dtype, training, affine, offset, seed, res_layo
     assert_close_to_oracle(out, r_out, o_out, name + " out")
     assert_close_to_oracle(mean, r_mean, o_mean, name + " mean")
     assert_close_to_oracle(invstd, r_invstd, o_invstd, name + " invstd")
-    assert_close_to_oracle(var, r_var, o_var, name + " var")
+    # float64 has no wider oracle: the one-pass shifted sums' rounding (conditioned by the mean's
+    # distance from the shift) against the reference's, up to 64 ulps
+    assert_close_to_oracle(var, r_var, o_var, name + " var", atol_ulps=64.0 if dtype == torch.float64 else 16.0)
     assert (out > 0).any() and (out == 0).any(), name + ": the mask should take both values"
 
     g = _input(shape, grad_layout or layout, dtype, seed + 7, offset)
@@ -721,3 +725,108 @@ def test_results_do_not_depend_on_thread_order(emu, shape, layout):
     for schedule, run in zip((1, 2), runs[1:]):
         for i, (a, b) in enumerate(zip(runs[0], run)):
             assert torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(a.isnan(), b.isnan())), (schedule, i)
+
+
+# ------------------------------------------------------------------------------------- memory traffic
+
+# Activation-sized passes per op (reads, writes), as documented at the top of csrc/cuda/bn_relu.cu.
+_PASSES = {
+    ("bn_relu", "train fwd"): (2, 1), ("bn_relu", "eval fwd"): (1, 1), ("bn_relu", "train bwd"): (4, 1),
+    ("bn_add_relu", "train fwd"): (3, 1), ("bn_add_relu", "eval fwd"): (2, 1),
+    ("bn_add_relu", "train bwd"): (5, 2), ("bn_add_relu", "eval bwd"): (3, 2),
+}
+
+
+def _traffic(emu, fn):
+    """fn()'s launches as [(requests, sectors, useful bytes, distinct bytes read, distinct bytes written)]."""
+    emu.set_traffic(True)
+    try:
+        fn()
+        return emu.traffic_log()
+    finally:
+        emu.set_traffic(False)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 7, 7), (2, 32, 14, 14), (3, 16, 20, 24)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bn_memory_traffic(emu, shape, layout, dtype):
+    """What each BatchNorm op moves, by the emulator's memory model: the activation bytes are the
+    documented passes (within 5 %: sector rounding at row ends), the reduction workspace is counted
+    apart (written once, read once by the finish kernel; the emulator splits far more finely than a GPU
+    would, see kRowsPerThread), and the warp-level requests are coalesced: at least 90 % of the bytes of
+    the 32-byte sectors they touch are bytes the threads asked for."""
+    x = _input(shape, layout, dtype, 3)
+    r = _input(shape, layout, dtype, 4)
+    dy = _input(shape, layout, dtype, 5)
+    w, b, rm, rv = _params(shape[1], dtype, 6)
+    T = x.numel() * x.element_size()
+    o = ops()
+    _, mean, invstd, _ = o.bn_relu_fwd(x, w, b, rm, rv, True, 1e-5)
+    y_add = o.bn_add_relu_fwd(x, r, w, b, rm, rv, True, 1e-5)[0]
+    calls = {
+        ("bn_relu", "train fwd"): lambda: o.bn_relu_fwd(x, w, b, rm, rv, True, 1e-5),
+        ("bn_relu", "eval fwd"): lambda: o.bn_relu_fwd(x, w, b, rm, rv, False, 1e-5),
+        ("bn_relu", "train bwd"): lambda: o.bn_relu_bwd(dy, x, w, b, mean, invstd, True),
+        ("bn_add_relu", "train fwd"): lambda: o.bn_add_relu_fwd(x, r, w, b, rm, rv, True, 1e-5),
+        ("bn_add_relu", "eval fwd"): lambda: o.bn_add_relu_fwd(x, r, w, b, rm, rv, False, 1e-5),
+        ("bn_add_relu", "train bwd"): lambda: o.bn_add_relu_bwd(dy, y_add, x, w, mean, invstd, True),
+        ("bn_add_relu", "eval bwd"): lambda: o.bn_add_relu_bwd(dy, y_add, x, w, mean, invstd, False),
+    }
+    for key, fn in calls.items():
+        log = _traffic(emu, fn)
+        reads, writes = _PASSES[key]
+        minimal = (reads + writes) * T
+        total = sum(rb + wb for _, _, _, rb, wb in log)
+        # the reductions' second launch is the finish kernel: what it reads is the workspace
+        workspace = 2 * log[1][3] if key[1] in ("train fwd", "train bwd", "eval bwd") else 0
+        what = "%s %s %s %s %s" % (key, shape, layout, dtype, log)
+        assert total - workspace <= 1.05 * minimal, what
+        assert total - workspace >= 0.95 * minimal, what  # the model sees every pass
+        useful = sum(u for _, _, u, _, _ in log)
+        sectors = sum(s for _, s, _, _, _ in log)
+        # Contiguous maps whose rows are not whole sectors (7x7: 196 bytes in fp32, 98 in bf16) cannot
+        # reach 90 %: a row of B bytes at any alignment spans (B - 1) / 32 + 1 sectors on average, a
+        # warp's run that crosses a row end shares the sector there with the next row's request, and
+        # their reductions read one element per thread (S % V != 0). Measured 0.56 (bf16 7x7, the add
+        # backward in eval) to 0.97: a known gap (README), held here at 0.5.
+        row = shape[2] * shape[3] * x.element_size()
+        floor = 0.9 if layout == "channels_last" or row % 32 == 0 else 0.5
+        assert useful >= floor * 32 * sectors, what
+
+
+def test_clip_and_init_memory_traffic(emu):
+    """Multi-tensor norm reads every gradient once, clip reads and writes it once, init writes every
+    tensor once (within 5 %: sector rounding at tensor ends; the partials are 4 bytes per chunk), all
+    with coalesced requests (>= 90 % of the sector bytes used), misaligned views included."""
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(20000, generator=g)
+    tensors = [torch.randn(s, generator=g) for s in (4099, 33, 1, 6000)] + [buf[1:7001], buf[7003:7003 + 5000]]
+    o = ops()
+
+    def check(log, tensors, reads, writes, what, efficiency=0.9):
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        total_r = sum(rb for *_, rb, _ in log)
+        total_w = sum(wb for *_, wb in log)
+        assert reads * nbytes <= total_r <= 1.05 * reads * nbytes + 1024, (what, log)
+        assert writes * nbytes <= total_w <= 1.05 * writes * nbytes + 1024, (what, log)
+        assert sum(u for _, _, u, _, _ in log) >= efficiency * 32 * sum(s for _, s, _, _, _ in log), (what, log)
+    check(_traffic(emu, lambda: o.multi_tensor_norm(tensors, 2.0)), tensors, 1, 0, "norm")
+    total = torch.tensor(1e6)
+    check(_traffic(emu, lambda: o.multi_tensor_clip_(tensors, total, 1.0)), tensors, 1, 1, "clip")
+    # init writes a Philox block of 4 elements per thread: one 16-byte store when the tensor is
+    # aligned; a misaligned view takes 4 scalar stores per thread, 25 % of their sectors (known, left:
+    # views into a buffer at odd offsets are rare init targets), so only its bytes are held.
+    aligned = tensors[:4]
+    for ts, eff in ((aligned, 0.9), (tensors, 0.2)):
+        n = len(ts)
+        check(_traffic(emu, lambda: o.philox_fill_(ts, 7, list(range(n)), [0] * n, [0.0, 1.0, 0, 0, 0, 0] * n)), ts,
+              0, 1, "init", eff)
+
+
+def test_misaligned_vector_access_faults(emu):
+    """A vector load at an address that is not a multiple of its size faults in the emulator, as on a GPU
+    (the kernels pick their vector width from the pointers' alignment; this shows a wrong pick would
+    not pass silently)."""
+    with pytest.raises(RuntimeError, match="misaligned"):
+        emu.emulator_self_test("misaligned")

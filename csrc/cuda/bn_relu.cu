@@ -15,8 +15,10 @@
 // x * scale + (bias - mean * scale): when |mean| >> std (late ResNet/DenseNet layers) the folded
 // shift cancels catastrophically against x * scale. The fma is explicit so that the forward and
 // the bn_relu backward's recomputed mask round identically whatever the compiler contracts.
-// Per-channel work goes through a [C, splits] partial table folded by a second kernel in split
-// order, in double (deterministic, no atomics).
+// Per-channel work goes through a [splits][2][C] partial table folded by a second kernel in a fixed
+// order, in double (deterministic, no atomics). The number of splits comes from the reduction
+// kernel's occupancy: about kWaves waves of resident blocks, fewer when a thread would get less than
+// kVecsPerThread vectors (contiguous) or kRowsPerThread rows (channels_last) to add.
 //
 // Every pass reads and writes 16-byte vectors (4 fp32, 8 fp16/bf16) when the pointers are 16-byte
 // aligned and the layout allows it, 8-byte vectors when only half the width fits (e.g. 14x14 maps in
@@ -51,9 +53,17 @@ namespace cuda {
 namespace {
 
 constexpr int kBnThreads = 256;
+#if defined(TORCHFAST_CUDA_EMULATION)
+// Under emulation (small test shapes): a split per few vectors or rows, so the tests run reductions
+// with more splits than a finish kernel has lanes.
+constexpr int64_t kVecsPerThread = 1;
+constexpr int64_t kRowsPerThread = 1;
+#else
 constexpr int64_t kVecsPerThread = 8;  // target vectors per thread of a contiguous-layout reduction split
 constexpr int64_t kRowsPerThread = 16;  // target rows per thread of a channels_last reduction split
-constexpr int64_t kMaxSplits = 1024;
+#endif
+constexpr int64_t kMaxSplits = 2048;
+constexpr int64_t kWaves = 3;  // target waves of a reduction grid
 constexpr int64_t kBlocksPerSM = 16;  // grid cap of the grid-stride elementwise kernels
 
 // The widest vector for a dtype: 16 bytes, except fp64 (not tuned: one element).
@@ -249,8 +259,8 @@ __global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, FastDivmod ro
   s1 = block_reduce(s1, add, shared);
   s2 = block_reduce(s2, add, shared);
   if (threadIdx.x == 0) {
-    ws[(c * splits + split) * 2 + 0] = s1;
-    ws[(c * splits + split) * 2 + 1] = s2;
+    st(ws + (split * 2 + 0) * sh.C + c, s1);
+    st(ws + (split * 2 + 1) * sh.C + c, s2);
   }
 }
 
@@ -291,56 +301,69 @@ __global__ void reduce_nsc_kernel(ReduceIO<scalar_t> io, Shape sh, int64_t split
     }
     __syncthreads();
     if (threadIdx.y == 0 && cv < CV) {
+      Vec<acc_t, V> t1, t2;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        acc_t t1 = 0, t2 = 0;
+        t1.v[k] = t2.v[k] = acc_t(0);
         for (int y = 0; y < by; ++y) {
-          t1 += p1[(y * bx + threadIdx.x) * V + k];
-          t2 += p2[(y * bx + threadIdx.x) * V + k];
+          t1.v[k] += p1[(y * bx + threadIdx.x) * V + k];
+          t2.v[k] += p2[(y * bx + threadIdx.x) * V + k];
         }
-        const int64_t c = cv * V + k;
-        ws[(c * splits + split) * 2 + 0] = t1;
-        ws[(c * splits + split) * 2 + 1] = t2;
       }
+      // [split][2][C]: the thread's V channels are adjacent, a warp's stores one contiguous run
+      store_vec<V>(ws + (split * 2 + 0) * C + cv * V, t1);
+      store_vec<V>(ws + (split * 2 + 1) * C + cv * V, t2);
     }
     __syncthreads();
   }
 }
 
-// The finish kernels give each channel one warp (kFoldWarps channels per block): lane l folds the
-// channel's splits l, l + 32, ... in double, then the warp combines its 32 lane sums by shuffles in a
-// fixed order (deterministic). A thread per channel walking up to 1024 splits one load after the
-// other would take longer than the pass that produced them.
-constexpr int kFoldWarps = 8;
+// The partial sums are stored [split][2][C] (the channels_last reduction's warps store 32 consecutive
+// channels at once). The finish kernels fold them with blocks of kFoldChannels channels x kFoldLanes
+// split lanes: thread (tx, ty) adds splits ty, ty + kFoldLanes, ... of channel blockIdx.x *
+// kFoldChannels + tx in double (a warp reads 32 consecutive channels of one split: coalesced), then
+// the lanes are added in lane order (deterministic, no atomics).
+constexpr int kFoldChannels = 32;
+constexpr int kFoldLanes = 16;
 
+// Folds channel c's partials into (a, b); true in the one thread per channel that then holds them
+// (ty == 0, c < C). Every thread of the block must call it (it has a barrier).
 template <typename acc_t>
-__device__ __forceinline__ void fold_partials(const acc_t* ws, int64_t c, int64_t splits, int lane, double& a,
+__device__ __forceinline__ bool fold_partials(const acc_t* ws, int64_t C, int64_t splits, int64_t& c, double& a,
                                               double& b) {
+  __shared__ double f1[kFoldLanes * kFoldChannels], f2[kFoldLanes * kFoldChannels];
+  c = static_cast<int64_t>(blockIdx.x) * kFoldChannels + threadIdx.x;
+  double s1 = 0, s2 = 0;
+  if (c < C) {
+    for (int64_t s = threadIdx.y; s < splits; s += kFoldLanes) {
+      s1 += static_cast<double>(ld(ws + (s * 2 + 0) * C + c));
+      s2 += static_cast<double>(ld(ws + (s * 2 + 1) * C + c));
+    }
+  }
+  f1[threadIdx.y * kFoldChannels + threadIdx.x] = s1;
+  f2[threadIdx.y * kFoldChannels + threadIdx.x] = s2;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C) return false;
   a = 0;
   b = 0;
-  for (int64_t s = lane; s < splits; s += 32) {
-    a += static_cast<double>(ws[(c * splits + s) * 2 + 0]);
-    b += static_cast<double>(ws[(c * splits + s) * 2 + 1]);
+  for (int y = 0; y < kFoldLanes; ++y) {
+    a += f1[y * kFoldChannels + threadIdx.x];
+    b += f2[y * kFoldChannels + threadIdx.x];
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, o);
-    b += __shfl_down_sync(0xffffffffu, b, o);
-  }
+  return true;
 }
 
-// Channel of the calling warp in a finish kernel (grid ceil(C / kFoldWarps), block 32 * kFoldWarps).
-__device__ __forceinline__ int64_t fold_channel() {
-  return static_cast<int64_t>(blockIdx.x) * kFoldWarps + threadIdx.x / 32;
-}
+// Grid and block of a finish kernel.
+inline unsigned fold_grid(int64_t C) { return static_cast<unsigned>((C + kFoldChannels - 1) / kFoldChannels); }
+inline dim3 fold_block() { return dim3(kFoldChannels, kFoldLanes); }
 
 template <typename scalar_t, typename acc_t>
 __global__ void stats_finish_kernel(const scalar_t* x, Shape sh, int64_t splits, const acc_t* ws, const acc_t* w,
                                     const acc_t* b, double eps, acc_t* ch, StatsOut<acc_t> out) {
-  const int64_t C = sh.C, c = fold_channel();
-  if (c >= C) return;  // the whole warp: no lane is left waiting at a shuffle
+  const int64_t C = sh.C;
+  int64_t c;
   double S1, S2;
-  fold_partials(ws, c, splits, static_cast<int>(threadIdx.x % 32), S1, S2);
-  if (threadIdx.x % 32 != 0) return;
+  if (!fold_partials(ws, C, splits, c, S1, S2)) return;
   const double M = static_cast<double>(sh.N * sh.S);
   const double K = static_cast<double>(static_cast<acc_t>(x[sh.first(c)]));
   const double m1 = S1 / M;
@@ -435,8 +458,8 @@ __global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* aux, s
       uint64_t row, pos, n, c;
       div_s.divmod(static_cast<uint64_t>(i), row, pos);
       div_c.divmod(row, n, c);
-      const acc_t gv = Op::kNeedsAux ? static_cast<acc_t>(aux[i]) : acc_t(0);
-      out[i] = static_cast<scalar_t>(op.apply(op.channel(static_cast<int64_t>(c)), static_cast<acc_t>(x[i]), gv));
+      const acc_t gv = Op::kNeedsAux ? static_cast<acc_t>(ld(aux + i)) : acc_t(0);
+      st(out + i, static_cast<scalar_t>(op.apply(op.channel(static_cast<int64_t>(c)), static_cast<acc_t>(ld(x + i)), gv)));
     }
   }
 }
@@ -471,18 +494,23 @@ dim3 nsc_block(int64_t CV) {
   return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(kBnThreads / bx));
 }
 
-// Reduction splits per channel: enough that each thread folds about kVecsPerThread vectors
-// (contiguous) or kRowsPerThread rows (channels_last), at most kMaxSplits.
-int64_t splits_for(const Shape& sh, int V) {
-  int64_t want;
+// Reduction splits: about kWaves waves of the reduction kernel's resident blocks (`resident`: blocks per
+// SM from the occupancy API times the SM count), fewer when a thread would get less than
+// kVecsPerThread vectors (contiguous) or kRowsPerThread rows (channels_last), at most kMaxSplits. The
+// contiguous kernel's grid is (C, splits), so its waves count C blocks per split.
+int64_t splits_for(const Shape& sh, int V, int64_t resident) {
+  const int64_t target = std::max<int64_t>(1, kWaves * resident);
+  int64_t work, occupancy;
   if (sh.channels_last) {
     const int64_t by = nsc_block(sh.C / V).y;
-    want = (sh.N * sh.S + by * kRowsPerThread - 1) / (by * kRowsPerThread);
+    work = (sh.N * sh.S + by * kRowsPerThread - 1) / (by * kRowsPerThread);
+    occupancy = target;
   } else {
     const int64_t vecs = sh.N * (sh.S / V);
-    want = (vecs + kBnThreads * kVecsPerThread - 1) / (kBnThreads * kVecsPerThread);
+    work = (vecs + kBnThreads * kVecsPerThread - 1) / (kBnThreads * kVecsPerThread);
+    occupancy = (target + sh.C - 1) / std::max<int64_t>(sh.C, 1);
   }
-  return std::max<int64_t>(1, std::min<int64_t>(want, kMaxSplits));
+  return std::max<int64_t>(1, std::min<int64_t>({work, occupancy, kMaxSplits}));
 }
 
 // The vector width a pass can use: 16 bytes (max_vec), else 8 bytes, else one element; the widest
@@ -525,6 +553,24 @@ void launch_reduce_v(const ReduceIO<scalar_t>& io, const Shape& sh, int64_t spli
 }
 
 // V: pick_vec over every pointer of io, with reduction = true.
+// The splits for a reduction with Op at vector width V (see splits_for); the occupancy of the kernel
+// instantiation that will run is asked once per instantiation.
+template <typename scalar_t, typename acc_t, typename Op>
+int64_t reduce_splits(const Shape& sh, int V) {
+  int64_t per_sm = 1;
+  with_vec<scalar_t>(V, [&](auto v) {
+    constexpr int W = decltype(v)::value;
+    if (sh.channels_last) {
+      static const int64_t n = blocks_per_sm(reduce_nsc_kernel<scalar_t, acc_t, Op, W>, kBnThreads);
+      per_sm = n;
+    } else {
+      static const int64_t n = blocks_per_sm(reduce_ncs_kernel<scalar_t, acc_t, Op, W>, kBnThreads);
+      per_sm = n;
+    }
+  });
+  return splits_for(sh, V, per_sm * multiprocessor_count());
+}
+
 template <typename scalar_t, typename acc_t, typename Op>
 void launch_reduce(const ReduceIO<scalar_t>& io, const Shape& sh, int V, int64_t splits, const Op& op, acc_t* ws,
                    Stream stream) {
@@ -566,11 +612,10 @@ void launch_elementwise(const scalar_t* x, const scalar_t* aux, scalar_t* out, c
 template <typename acc_t>
 __global__ void backward_finish_kernel(Shape sh, int64_t splits, const acc_t* ws, SavedStats<acc_t> st,
                                        bool training, acc_t* ch, acc_t* grad_w, acc_t* grad_b) {
-  const int64_t C = sh.C, c = fold_channel();
-  if (c >= C) return;  // the whole warp
+  const int64_t C = sh.C;
+  int64_t c;
   double sum_dy, sum_dy_xmu;
-  fold_partials(ws, c, splits, static_cast<int>(threadIdx.x % 32), sum_dy, sum_dy_xmu);
-  if (threadIdx.x % 32 != 0) return;
+  if (!fold_partials(ws, C, splits, c, sum_dy, sum_dy_xmu)) return;
   set_channel(C, c, st.mean[c], st.invstd[c], acc_t(0), st.w, st.b, ch);
   const double inv = static_cast<double>(st.invstd[c]);
   const double wc = st.w ? static_cast<double>(st.w[c]) : 1.0;
@@ -659,18 +704,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     acc_t* chp = ch.data_ptr<acc_t>();
     const StatsOut<acc_t> stats{mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>()};
     const int cblocks = static_cast<int>((C + 127) / 128);
-    const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
     if (training) {
       if (numel == 0) {  // an empty batch: NaN statistics, as stock
         for (at::Tensor* t : {&mean, &invstd, &var}) t->fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
       const int V = pick_vec<scalar_t>(sh, true, {x.data_ptr()});
-      const int64_t splits = splits_for(sh, V);
+      const int64_t splits = reduce_splits<scalar_t, acc_t, StatsOp<scalar_t, acc_t>>(sh, V);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
       launch_reduce<scalar_t, acc_t>(ReduceIO<scalar_t>{x.data_ptr<scalar_t>()}, sh, V, splits,
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
-      TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
+      TF_LAUNCH(fold_grid(C), fold_block(), 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
           chp, stats);
       TF_LAUNCH_CHECK();
@@ -746,7 +790,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     using acc_t = at::opmath_type<scalar_t>;
     const Shape sh = shape_of(x);
     acc_t* chp = ch.data_ptr<acc_t>();
-    const int fold_blocks = static_cast<int>((C + kFoldWarps - 1) / kFoldWarps);
     const SavedStats<acc_t> st{m.data_ptr<acc_t>(), is.data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
                                ptr_or_null<acc_t>(b)};
     // bn_add_relu's reduction masks grad_out by out > 0 and writes it (grad_residual); in eval it
@@ -756,7 +799,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                                  grad_res.data_ptr<scalar_t>(), training ? nullptr : dx.data_ptr<scalar_t>()}
             : ReduceIO<scalar_t>{x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()};
     const int V = pick_vec<scalar_t>(sh, true, {io.x, io.dy, io.y, io.gm, io.dx});
-    const int64_t splits = splits_for(sh, V);
+    // the two backward ops have the same loads and registers: the occupancy of either
+    const int64_t splits = reduce_splits<scalar_t, acc_t, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>>(sh, V);
     at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
     if (add) {
       launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{st},
@@ -765,7 +809,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{st},
                                      ws.data_ptr<acc_t>(), stream);
     }
-    TF_LAUNCH(fold_blocks, 32 * kFoldWarps, 0, stream, backward_finish_kernel<acc_t>)(
+    TF_LAUNCH(fold_grid(C), fold_block(), 0, stream, backward_finish_kernel<acc_t>)(
         sh, splits, ws.data_ptr<acc_t>(), st, training, chp, grad_w.data_ptr<acc_t>(),
         grad_b.data_ptr<acc_t>());
     TF_LAUNCH_CHECK();

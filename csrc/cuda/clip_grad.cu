@@ -50,6 +50,16 @@ __device__ __forceinline__ void norm_add(acc_t p, const Combine<acc_t>& op, acc_
 // One block per chunk. The chunk is read in 16-byte vectors when its start is 16-byte aligned (every
 // chunk of an aligned tensor: kChunk is a multiple of the vector width), its last numel % V elements
 // one at a time.
+// Elements before the first 16-byte boundary of a chunk starting at p with n elements: 0 for an
+// aligned chunk; n (no vector body at all) when p is not even element-aligned or the chunk ends first.
+template <typename scalar_t>
+__host__ __device__ inline int64_t head_elements(const scalar_t* p, int64_t n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % sizeof(scalar_t) != 0) return n;
+  const int64_t head = static_cast<int64_t>((16 - a % 16) % 16 / sizeof(scalar_t));
+  return head < n ? head : n;
+}
+
 template <typename scalar_t, typename acc_t, int KIND>
 __global__ void norm_chunks_kernel(ChunkTable table, acc_t p, acc_t* partial) {
   constexpr int V = 16 / sizeof(scalar_t);
@@ -61,30 +71,34 @@ __global__ void norm_chunks_kernel(ChunkTable table, acc_t p, acc_t* partial) {
   const Combine<acc_t> op{KIND};
   acc_t acc = 0;
   int64_t i = begin + threadIdx.x;
-  if (aligned16(x + begin)) {
-    const int64_t nvec = (end - begin) / V, bd = blockDim.x;
+  const int64_t head = head_elements(x + begin, end - begin);
+  if (head < end - begin) {
+    // A misaligned tensor's first elements up to a 16-byte boundary one per thread, then vectors.
+    if (threadIdx.x < head) norm_add<KIND>(p, op, static_cast<acc_t>(ld(x + begin + threadIdx.x)), acc);
+    const scalar_t* body = x + begin + head;
+    const int64_t nvec = (end - begin - head) / V, bd = blockDim.x;
     int64_t q = threadIdx.x;
     // kUnroll independent 16-byte loads in flight per thread, accumulated in the order the
     // one-at-a-time loop would (vector q, q + bd, ...): the same sum, bit for bit.
     for (; q + (kUnroll - 1) * bd < nvec; q += kUnroll * bd) {
       Vec<scalar_t, V> v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec<V>(x + begin + (q + u * bd) * V);
+      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec<V>(body + (q + u * bd) * V);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int k = 0; k < V; ++k) norm_add<KIND>(p, op, static_cast<acc_t>(v[u].v[k]), acc);
     }
     for (; q < nvec; q += bd) {
-      const Vec<scalar_t, V> v = load_vec<V>(x + begin + q * V);
+      const Vec<scalar_t, V> v = load_vec<V>(body + q * V);
 #pragma unroll
       for (int k = 0; k < V; ++k) norm_add<KIND>(p, op, static_cast<acc_t>(v.v[k]), acc);
     }
-    i = begin + nvec * V + threadIdx.x;
+    i = begin + head + nvec * V + threadIdx.x;
   }
-  for (; i < end; i += blockDim.x) norm_add<KIND>(p, op, static_cast<acc_t>(x[i]), acc);
+  for (; i < end; i += blockDim.x) norm_add<KIND>(p, op, static_cast<acc_t>(ld(x + i)), acc);
   acc = block_reduce(acc, op, shared);
-  if (threadIdx.x == 0) partial[table.first_block + blockIdx.x] = acc;
+  if (threadIdx.x == 0) st(partial + table.first_block + blockIdx.x, acc);
 }
 
 template <typename acc_t>
@@ -92,7 +106,7 @@ __global__ void norm_finish_kernel(const acc_t* partial, int64_t n, int kind, ac
   __shared__ acc_t shared[32];
   Combine<acc_t> op{kind};
   acc_t acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = op(acc, partial[i]);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = op(acc, ld(partial + i));
   acc = block_reduce(acc, op, shared);
   if (threadIdx.x == 0) {
     if (kind == kTwo) acc = ::sqrt(acc);
@@ -111,29 +125,35 @@ __global__ void clip_chunks_kernel(ChunkTable table, const acc_t* total_norm, ac
   const int64_t end = min(table.numel[slot], begin + kChunk);
   scalar_t* x = static_cast<scalar_t*>(table.ptr[slot]);
   int64_t i = begin + threadIdx.x;
-  if (aligned16(x + begin)) {
-    const int64_t nvec = (end - begin) / V, bd = blockDim.x;
+  const int64_t head = head_elements(x + begin, end - begin);
+  if (head < end - begin) {
+    if (threadIdx.x < head) {  // a misaligned tensor's first elements, up to a 16-byte boundary
+      scalar_t* e = x + begin + threadIdx.x;
+      st(e, static_cast<scalar_t>(static_cast<acc_t>(ld(e)) * coef));
+    }
+    scalar_t* body = x + begin + head;
+    const int64_t nvec = (end - begin - head) / V, bd = blockDim.x;
     int64_t q = threadIdx.x;
     for (; q + (kUnroll - 1) * bd < nvec; q += kUnroll * bd) {  // kUnroll loads in flight, then the stores
       Vec<scalar_t, V> v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec<V>(x + begin + (q + u * bd) * V);
+      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec<V>(body + (q + u * bd) * V);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
         for (int k = 0; k < V; ++k) v[u].v[k] = static_cast<scalar_t>(static_cast<acc_t>(v[u].v[k]) * coef);
-        store_vec<V>(x + begin + (q + u * bd) * V, v[u]);
+        store_vec<V>(body + (q + u * bd) * V, v[u]);
       }
     }
     for (; q < nvec; q += bd) {
-      Vec<scalar_t, V> v = load_vec<V>(x + begin + q * V);
+      Vec<scalar_t, V> v = load_vec<V>(body + q * V);
 #pragma unroll
       for (int k = 0; k < V; ++k) v.v[k] = static_cast<scalar_t>(static_cast<acc_t>(v.v[k]) * coef);
-      store_vec<V>(x + begin + q * V, v);
+      store_vec<V>(body + q * V, v);
     }
-    i = begin + nvec * V + threadIdx.x;
+    i = begin + head + nvec * V + threadIdx.x;
   }
-  for (; i < end; i += blockDim.x) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * coef);
+  for (; i < end; i += blockDim.x) st(x + i, static_cast<scalar_t>(static_cast<acc_t>(ld(x + i)) * coef));
 }
 
 void check_list(at::TensorList tensors, const char* op) {

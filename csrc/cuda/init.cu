@@ -42,7 +42,7 @@ __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t se
     } else {
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        if (r < n) out[i + r] = static_cast<scalar_t>(v[r]);
+        if (r < n) st(out + i + r, static_cast<scalar_t>(v[r]));
     }
   }
 }
@@ -64,8 +64,8 @@ __global__ void philox_fill_f64_kernel(ChunkTable table, InitTable init, const d
   for (int64_t i = begin + 2 * static_cast<int64_t>(threadIdx.x); i < end; i += 2 * static_cast<int64_t>(blockDim.x)) {
     double v[2];
     philox_values_f64(seed, stream, static_cast<uint64_t>(i >> 1), prm, v);
-    out[i] = v[0];
-    if (i + 1 < end) out[i + 1] = v[1];
+    st(out + i, v[0]);
+    if (i + 1 < end) st(out + i + 1, v[1]);
   }
 }
 

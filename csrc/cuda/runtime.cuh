@@ -19,6 +19,11 @@ namespace cuda {
 using Stream = int;
 inline Stream current_stream() { return 0; }
 inline int64_t multiprocessor_count() { return 3; }  // small, so grid-stride loops wrap in tests
+// Resident blocks per SM of a kernel (the occupancy API's answer on a GPU): 8 here.
+template <typename Kernel>
+int64_t blocks_per_sm(Kernel, int) {
+  return 8;
+}
 inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
 }  // namespace cuda
 }  // namespace torchfast
@@ -39,6 +44,14 @@ namespace cuda {
 using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
 inline int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// Resident blocks per SM of `kernel` at `threads` threads per block (registers and shared memory
+// decide), at least 1.
+template <typename Kernel>
+int64_t blocks_per_sm(Kernel kernel, int threads) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
+  return n > 0 ? n : 1;
+}
 inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 }  // namespace cuda
 }  // namespace torchfast
@@ -94,15 +107,38 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// Every global access of an activation, gradient or workspace goes through these four, so that the
+// emulator sees it (alignment faults and the traffic model, emulator.h); on the GPU they are plain
+// loads and stores.
+#if defined(TORCHFAST_CUDA_EMULATION)
+#define TF_RECORD(p, bytes, align, write) ::tfemu::record_access(p, bytes, align, write)
+#else
+#define TF_RECORD(p, bytes, align, write) ((void)0)
+#endif
+
 #if defined(__CUDACC__) || defined(TORCHFAST_CUDA_EMULATION)
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  TF_RECORD(p, sizeof(T) * V, sizeof(T) * V, false);
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  TF_RECORD(p, sizeof(T) * V, sizeof(T) * V, true);
   *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+template <typename T>
+__device__ __forceinline__ T ld(const T* p) {
+  TF_RECORD(p, sizeof(T), sizeof(T), false);
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void st(T* p, T v) {
+  TF_RECORD(p, sizeof(T), sizeof(T), true);
+  *p = v;
 }
 #endif
 

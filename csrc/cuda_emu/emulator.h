@@ -28,6 +28,10 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <map>
+#include <set>
+#include <tuple>
+#include <unordered_set>
 
 #define __global__
 #define __device__
@@ -74,6 +78,7 @@ struct Fiber {
   int warp;
   uint64_t slot;      // this thread's value offered to a shuffle
   uint64_t slot_gen;  // the warp barrier generation it was offered in
+  uint64_t mem_seq;   // this thread's global memory accesses so far (the traffic model's request index)
 };
 
 struct BlockRun {
@@ -97,6 +102,24 @@ inline BlockRun* g_run = nullptr;
 inline int g_schedule = 0;
 // Kernel launches so far (the tests count the launches of each op).
 inline int64_t g_launches = 0;
+
+// ---- The memory system, as far as a CPU can tell (on only while g_traffic is set) ----------------
+// Every global access the kernels make through runtime.cuh's accessors (load_vec, store_vec, ld, st)
+// is recorded. The k-th access of each thread of a warp is taken as one warp-level request (the
+// threads of a warp run the same instruction stream); a request costs the distinct 32-byte sectors
+// its threads touch. Per launch: requests, sectors, useful bytes (what the threads asked for), and
+// the distinct sectors read and written, i.e. the DRAM traffic if nothing a launch touched twice had
+// to be fetched twice.
+struct LaunchTraffic {
+  uint64_t requests = 0, sectors = 0, useful_bytes = 0, read_bytes = 0, write_bytes = 0;
+};
+inline bool g_traffic = false;
+inline std::vector<LaunchTraffic> g_traffic_log;
+struct TrafficRun {
+  std::map<std::tuple<uint64_t, int, uint64_t, bool>, std::pair<std::set<uint64_t>, uint64_t>> requests;
+  std::unordered_set<uint64_t> read, written;
+};
+inline TrafficRun g_traffic_run;
 
 inline std::vector<char*>& stacks() {
   static std::vector<char*> s;
@@ -196,6 +219,7 @@ inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
             f.warp = static_cast<int>(t / 32);
             f.state = State::kRunnable;
             f.slot_gen = ~uint64_t(0);
+            f.mem_seq = 0;
             r.warp_live[f.warp] += 1;
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = st[t];
@@ -245,9 +269,42 @@ inline void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
         }
   } catch (...) {
     g_run = nullptr;
+    g_traffic_run = TrafficRun();
     throw;
   }
   g_run = nullptr;
+  if (g_traffic) {
+    LaunchTraffic t;
+    for (const auto& kv : g_traffic_run.requests) {
+      t.requests += 1;
+      t.sectors += kv.second.first.size();
+      t.useful_bytes += kv.second.second;
+    }
+    t.read_bytes = 32 * g_traffic_run.read.size();
+    t.write_bytes = 32 * g_traffic_run.written.size();
+    g_traffic_log.push_back(t);
+    g_traffic_run = TrafficRun();
+  }
+}
+
+// One global access of `bytes` at p by the running thread. Vector accesses must be aligned to their
+// size, as on a GPU (where a misaligned one faults).
+inline void record_access(const void* p, uint64_t bytes, uint64_t align, bool write) {
+  const uint64_t a = reinterpret_cast<uintptr_t>(p);
+  if (align > 1 && a % align != 0)
+    throw std::runtime_error("emulated misaligned " + std::to_string(align) + "-byte " +
+                             (write ? "store" : "load") + " at address " + std::to_string(a) +
+                             " (a GPU faults: misaligned address)");
+  if (!g_traffic || g_run == nullptr) return;
+  Fiber& f = g_run->fibers[g_run->current];
+  const uint64_t block = (uint64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  auto& req = g_traffic_run.requests[std::make_tuple(block, f.warp, f.mem_seq++, write)];
+  req.second += bytes;
+  auto& unique = write ? g_traffic_run.written : g_traffic_run.read;
+  for (uint64_t sct = a / 32; sct <= (a + bytes - 1) / 32; ++sct) {
+    req.first.insert(sct);
+    unique.insert(sct);
+  }
 }
 
 // Launch(grid, block, kernel)(args...): converts the arguments to the kernel's parameter types once

@@ -44,6 +44,11 @@ __global__ void half_warp_shuffle_kernel(int* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_down_sync(0xffffffffu, static_cast<int>(threadIdx.x), 8);
 }
 
+__global__ void misaligned_kernel(int* out) {
+  const auto v = torchfast::cuda::load_vec<4>(reinterpret_cast<const float*>(out) + 1);  // 4 bytes past 16
+  out[threadIdx.x] = static_cast<int>(v.v[0]);
+}
+
 __global__ void shuffle_kernel(int* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, static_cast<int>(threadIdx.x) * 10, 3);
 }
@@ -53,6 +58,7 @@ std::vector<int> emulator_self_test(const std::string& which) {
   if (which == "deadlock") TF_LAUNCH(1, 64, 0, 0, deadlock_kernel)(out.data());
   else if (which == "half_warp") TF_LAUNCH(1, 32, 0, 0, half_warp_shuffle_kernel)(out.data());
   else if (which == "shuffle") TF_LAUNCH(1, 64, 0, 0, shuffle_kernel)(out.data());
+  else if (which == "misaligned") TF_LAUNCH(1, 32, 0, 0, misaligned_kernel)(out.data());
   else if (which == "bad_block") TF_LAUNCH(1, 1025, 0, 0, shuffle_kernel)(out.data());
   else if (which == "bad_grid") TF_LAUNCH(dim3(1, 65536), 32, 0, 0, shuffle_kernel)(out.data());
   else TORCH_CHECK(false, "emulator_self_test: unknown case ", which);
@@ -68,8 +74,26 @@ void set_schedule(int schedule) {
 
 int64_t launch_count() { return tfemu::g_launches; }
 
+// The traffic model (emulator.h): on/off, and per launch since it was switched on
+// (requests, sectors, useful bytes, distinct bytes read, distinct bytes written).
+void set_traffic(bool on) {
+  tfemu::g_traffic = on;
+  tfemu::g_traffic_log.clear();
+}
+
+std::vector<std::vector<int64_t>> traffic_log() {
+  std::vector<std::vector<int64_t>> out;
+  for (const auto& t : tfemu::g_traffic_log)
+    out.push_back({static_cast<int64_t>(t.requests), static_cast<int64_t>(t.sectors),
+                   static_cast<int64_t>(t.useful_bytes), static_cast<int64_t>(t.read_bytes),
+                   static_cast<int64_t>(t.write_bytes)});
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_count", &launch_count);
+  m.def("set_traffic", &set_traffic);
+  m.def("traffic_log", &traffic_log);
   m.def("fast_divmod", &fast_divmod);
   m.def("set_schedule", &set_schedule);
   m.def("emulator_self_test", &emulator_self_test);
