@@ -87,6 +87,40 @@ def test_fast_divmod_exact(emu):
         assert got == want, "divisor %d" % d
 
 
+def test_fast_divmod32_exact(emu):
+    """The 32-bit variant the elementwise pass uses below 2^31 elements: exact for every n < 2^31."""
+    g = torch.Generator().manual_seed(1)
+    top = (1 << 31) - 1
+    divisors = [1, 2, 3, 7, 49, 196, 3136, 12544, 65535, 65537, (1 << 30) + 1, top]
+    divisors += torch.randint(1, 1 << 31, (20,), generator=g).tolist()
+    for d in divisors:
+        nums = [0, 1, d - 1, d, d + 1, 2 * d - 1, top, top - 1, top - d]
+        nums += torch.randint(0, top, (300,), generator=g).tolist()
+        nums = [n for n in nums if 0 <= n <= top]
+        assert emu.fast_divmod32(d, nums) == [v for n in nums for v in divmod(n, d)], "divisor %d" % d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_index64_paths_match(emu, dtype):
+    """The elementwise pass's 64-bit index path (tensors of 2^31 elements or more), forced on small
+    tensors, gives exactly the 32-bit path's results: 7x7 maps (vectors straddling rows) and a tail."""
+    o = ops()
+    for shape in ((3, 5, 7, 7), (2, 3, 5, 5)):
+        x = _input(shape, "contiguous", dtype, 11)
+        dy = _input(shape, "contiguous", dtype, 12)
+        w, b, rm, rv = _params(shape[1], dtype, 13)
+        results = []
+        for force in (False, True):
+            emu.force_index64(force)
+            try:
+                y, mean, invstd, _ = o.bn_relu_fwd(x, w, b, rm, rv, True, 1e-5)
+                gi = o.bn_relu_bwd(dy, x, w, b, mean, invstd, True)[0]
+                results.append((y, gi))
+            finally:
+                emu.force_index64(False)
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), shape
+
+
 # --------------------------------------------------------------------------------------------- BN+ReLU
 
 def _input(shape, layout, dtype, seed, offset=False):

@@ -29,12 +29,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, case, out_dir):
+def _worker(rank, world, port, case, out_dir, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     status = "ok"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         try:
             getattr(sys.modules[__name__], case)(rank, world)
         finally:
@@ -51,11 +53,11 @@ class _Skip(Exception):
     pass
 
 
-def _run(case, world, tmp_path, timeout=180):
+def _run(case, world, tmp_path, timeout=180, backend="gloo"):
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, case, str(tmp_path), backend)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout
@@ -252,7 +254,8 @@ def case_sync_batchnorm_relu_cuda(rank, world):
     both GPU backends. The single-process reference runs on the GPU too."""
     if not torch.cuda.is_available():
         raise _Skip("no CUDA device")
-    _check_sync_layers(rank, world, "cuda", [(torch.float32, False, None), (torch.float32, True, None),
+    device = "cuda:%d" % rank if dist.get_backend() == "nccl" else "cuda"
+    _check_sync_layers(rank, world, device, [(torch.float32, False, None), (torch.float32, True, None),
                                              (torch.bfloat16, True, None), (torch.float16, False, "triton"),
                                              (torch.float32, True, "triton")])
 
@@ -363,6 +366,13 @@ def test_sync_batchnorm_relu_cuda(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _run("case_sync_batchnorm_relu_cuda", 2, tmp_path)
+
+
+def test_sync_batchnorm_relu_nccl(tmp_path):
+    """The synchronised layers over NCCL, one GPU per rank (2 ranks)."""
+    if torch.cuda.device_count() < 2 or not dist.is_nccl_available():
+        pytest.skip("NCCL needs two GPUs (found %d) and a torch built with NCCL" % torch.cuda.device_count())
+    _run("case_sync_batchnorm_relu_cuda", 2, tmp_path, backend="nccl")
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -419,21 +419,24 @@ struct BackwardOp {  // dx = gm * k0 - k1 - (x - mean) * k2, gm the ReLU-masked 
 // channel is row % C. A vector that runs past the end of its row (S % V != 0; S >= V, so it reaches
 // at most the next row) takes the next channel's constants for its last elements. The numel % V
 // tail elements go to the first threads of block 0, one each. aux: the op's second input.
-template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* aux, scalar_t* out, int64_t numel,
-                                       Shape sh, FastDivmod div_s, FastDivmod div_c, Op op) {
-  const int64_t nvec = numel / V;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nvec; q += step) {
-    const int64_t i = q * V;
-    uint64_t row, pos, n, c;
-    div_s.divmod(static_cast<uint64_t>(i), row, pos);
+template <typename scalar_t, typename acc_t, typename Op, int V, typename Div>
+__global__ void elementwise_ncs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ aux,
+                                       scalar_t* __restrict__ out, int64_t numel_, Shape sh, Div div_s, Div div_c,
+                                       Op op) {
+  // Index math in Div's width: 32-bit (one multiply-high per division) below 2^31 elements.
+  using index_t = typename Div::index_t;
+  const index_t numel = static_cast<index_t>(numel_), nvec = numel / V, S = static_cast<index_t>(sh.S);
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nvec; q += step) {
+    const index_t i = q * V;
+    index_t row, pos, n, c;
+    div_s.divmod(i, row, pos);
     div_c.divmod(row, n, c);
     const auto p = op.channel(static_cast<int64_t>(c));
     const Vec<scalar_t, V> xv = load_vec<V>(x + i);
     Vec<scalar_t, V> gv, o;
     if (Op::kNeedsAux) gv = load_vec<V>(aux + i);
-    const int64_t in_row = sh.S - static_cast<int64_t>(pos);  // elements of this vector still in row `row`
+    const index_t in_row = S - pos;  // elements of this vector still in row `row`
     if (V == 1 || in_row >= V) {
 #pragma unroll
       for (int k = 0; k < V; ++k)
@@ -447,16 +450,16 @@ __global__ void elementwise_ncs_kernel(const scalar_t* x, const scalar_t* aux, s
       for (int k = 0; k < V; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.v[k]), gk = Op::kNeedsAux ? static_cast<acc_t>(gv.v[k]) : acc_t(0);
         const acc_t here = op.apply(p, xk, gk), next = op.apply(p_next, xk, gk);
-        o.v[k] = static_cast<scalar_t>(k < in_row ? here : next);
+        o.v[k] = static_cast<scalar_t>(static_cast<index_t>(k) < in_row ? here : next);
       }
     }
     store_vec<V>(out + i, o);
   }
   if (V > 1 && blockIdx.x == 0) {
-    const int64_t i = nvec * V + threadIdx.x;
+    const index_t i = nvec * V + threadIdx.x;
     if (i < numel) {
-      uint64_t row, pos, n, c;
-      div_s.divmod(static_cast<uint64_t>(i), row, pos);
+      index_t row, pos, n, c;
+      div_s.divmod(i, row, pos);
       div_c.divmod(row, n, c);
       const acc_t gv = Op::kNeedsAux ? static_cast<acc_t>(ld(aux + i)) : acc_t(0);
       st(out + i, static_cast<scalar_t>(op.apply(op.channel(static_cast<int64_t>(c)), static_cast<acc_t>(ld(x + i)), gv)));
@@ -590,10 +593,15 @@ void launch_elementwise_v(const scalar_t* x, const scalar_t* aux, scalar_t* out,
               elementwise_nsc_kernel<scalar_t, acc_t, Op, V>)(x, aux, out, sh, op);
   } else {
     const int64_t numel = sh.N * sh.C * sh.S;
-    const int64_t blocks = std::min<int64_t>(cap, (numel / V + kBnThreads - 1) / kBnThreads);
-    TF_LAUNCH(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBnThreads, 0, stream,
-              elementwise_ncs_kernel<scalar_t, acc_t, Op, V>)(x, aux, out, numel, sh, FastDivmod(sh.S),
-                                                              FastDivmod(sh.C), op);
+    const unsigned blocks =
+        static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(cap, (numel / V + kBnThreads - 1) / kBnThreads)));
+    if (use_index32(numel)) {
+      TF_LAUNCH(blocks, kBnThreads, 0, stream, elementwise_ncs_kernel<scalar_t, acc_t, Op, V, FastDivmod32>)(
+          x, aux, out, numel, sh, FastDivmod32(sh.S), FastDivmod32(sh.C), op);
+    } else {
+      TF_LAUNCH(blocks, kBnThreads, 0, stream, elementwise_ncs_kernel<scalar_t, acc_t, Op, V, FastDivmod>)(
+          x, aux, out, numel, sh, FastDivmod(sh.S), FastDivmod(sh.C), op);
+    }
   }
   TF_LAUNCH_CHECK();
 }

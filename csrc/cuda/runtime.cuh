@@ -71,6 +71,7 @@ namespace cuda {
 // N+1-bit multiplier 2^64 + m). Exact for every n < 2^63. A 64-bit hardware division costs dozens of
 // instructions on a GPU; this costs a 64-bit multiply-high and an add.
 struct FastDivmod {
+  using index_t = uint64_t;
   uint64_t d = 1, m = 1;
   int shift = 0;
 
@@ -97,6 +98,44 @@ struct FastDivmod {
   }
 #endif
 };
+
+// The same for 32-bit operands (a 32-bit multiply-high: one instruction), exact for every n < 2^31:
+// for passes over tensors of fewer than 2^31 elements, whose index math then stays 32-bit.
+struct FastDivmod32 {
+  using index_t = uint32_t;
+  uint32_t d = 1, m = 1;
+  int shift = 0;
+
+  FastDivmod32() = default;
+  explicit FastDivmod32(uint64_t divisor) : d(static_cast<uint32_t>(divisor)) {
+    TORCH_CHECK(divisor >= 1 && divisor < (uint64_t(1) << 31), "FastDivmod32: divisor out of range");
+    shift = 0;
+    while ((uint64_t(1) << shift) < d) ++shift;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+#if defined(__CUDACC__) || defined(TORCHFAST_CUDA_EMULATION)
+  __host__ __device__ __forceinline__ uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, m);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> 32);
+#endif
+    return (t + n) >> shift;  // t + n < 2^32 for n < 2^31
+  }
+  __host__ __device__ __forceinline__ void divmod(uint32_t n, uint32_t& q, uint32_t& r) const {
+    q = div(n);
+    r = n - q * d;
+  }
+#endif
+};
+
+#if defined(TORCHFAST_CUDA_EMULATION)
+// Tests set this to run the 64-bit index paths on small tensors.
+inline bool g_force_index64 = false;
+inline bool use_index32(int64_t numel) { return !g_force_index64 && numel < (int64_t(1) << 31); }
+#else
+inline bool use_index32(int64_t numel) { return numel < (int64_t(1) << 31); }
+#endif
 
 // Whether a pointer can be read and written in 16-byte vectors.
 __host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -74,6 +74,23 @@ void set_schedule(int schedule) {
 
 int64_t launch_count() { return tfemu::g_launches; }
 
+// The 32-bit multiply-high division, checked like fast_divmod; and the switch that makes the kernels
+// take their 64-bit index paths on small tensors.
+std::vector<int64_t> fast_divmod32(int64_t divisor, const std::vector<int64_t>& numerators) {
+  const torchfast::cuda::FastDivmod32 d(static_cast<uint64_t>(divisor));
+  std::vector<int64_t> out;
+  for (int64_t n : numerators) {
+    TORCH_CHECK(n >= 0 && n < (int64_t(1) << 31), "fast_divmod32: numerators must be in [0, 2^31)");
+    uint32_t q, r;
+    d.divmod(static_cast<uint32_t>(n), q, r);
+    out.push_back(q);
+    out.push_back(r);
+  }
+  return out;
+}
+
+void force_index64(bool on) { torchfast::cuda::g_force_index64 = on; }
+
 // The traffic model (emulator.h): on/off, and per launch since it was switched on
 // (requests, sectors, useful bytes, distinct bytes read, distinct bytes written).
 void set_traffic(bool on) {
@@ -95,6 +112,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_traffic", &set_traffic);
   m.def("traffic_log", &traffic_log);
   m.def("fast_divmod", &fast_divmod);
+  m.def("fast_divmod32", &fast_divmod32);
+  m.def("force_index64", &force_index64);
   m.def("set_schedule", &set_schedule);
   m.def("emulator_self_test", &emulator_self_test);
 }
