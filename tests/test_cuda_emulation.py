@@ -102,10 +102,11 @@ def test_fast_divmod32_exact(emu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_index64_paths_match(emu, dtype):
-    """The elementwise pass's 64-bit index path (tensors of 2^31 elements or more), forced on small
-    tensors, gives exactly the 32-bit path's results: 7x7 maps (vectors straddling rows) and a tail."""
+    """The contiguous passes' 64-bit index paths (tensors of 2^31 elements or more), forced on small
+    tensors, give exactly the 32-bit paths' results (statistics, output, input gradient): 7x7 maps
+    (vectors straddling rows) and a tail."""
     o = ops()
-    for shape in ((3, 5, 7, 7), (2, 3, 5, 5)):
+    for shape in ((3, 5, 7, 7), (2, 3, 5, 5), (2, 3, 4, 6)):  # the last: vector reductions
         x = _input(shape, "contiguous", dtype, 11)
         dy = _input(shape, "contiguous", dtype, 12)
         w, b, rm, rv = _params(shape[1], dtype, 13)
@@ -115,7 +116,7 @@ def test_index64_paths_match(emu, dtype):
             try:
                 y, mean, invstd, _ = o.bn_relu_fwd(x, w, b, rm, rv, True, 1e-5)
                 gi = o.bn_relu_bwd(dy, x, w, b, mean, invstd, True)[0]
-                results.append((y, gi))
+                results.append((torch.cat([y.flatten(), gi.flatten()]), torch.cat([mean, invstd])))
             finally:
                 emu.force_index64(False)
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), shape

@@ -235,18 +235,21 @@ __device__ __forceinline__ void mask_from_output(const ReduceIO<scalar_t>& io, i
 // Contiguous layout: grid (C, splits). Channel c is N rows of S elements, walked as one sequence
 // of N * S / V vectors (S % V == 0); split k takes vectors k * blockDim + t, stepping by
 // splits * blockDim. Writes the two sums of (c, split) to ws.
-template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, FastDivmod rows, int64_t splits, Op op,
+template <typename scalar_t, typename acc_t, typename Op, int V, typename Div>
+__global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, Div rows, int64_t splits, Op op,
                                   acc_t* ws) {
   __shared__ acc_t shared[32];
   const int64_t c = blockIdx.x, split = blockIdx.y;
-  const int64_t total = sh.N * (sh.S / V);
+  // Index math in Div's width: 32-bit below 2^31 elements (see launch_reduce_v).
+  using index_t = typename Div::index_t;
+  const index_t total = static_cast<index_t>(sh.N * (sh.S / V)), C = static_cast<index_t>(sh.C),
+                S = static_cast<index_t>(sh.S), step = static_cast<index_t>(splits) * blockDim.x;
   const auto p = op.channel(c);
   acc_t s1 = 0, s2 = 0;
-  for (int64_t j = split * blockDim.x + threadIdx.x; j < total; j += splits * blockDim.x) {
-    uint64_t n, v;
-    rows.divmod(static_cast<uint64_t>(j), n, v);  // rows divides by S / V
-    const int64_t off = (static_cast<int64_t>(n) * sh.C + c) * sh.S + static_cast<int64_t>(v) * V;
+  for (index_t j = static_cast<index_t>(split) * blockDim.x + threadIdx.x; j < total; j += step) {
+    index_t n, v;
+    rows.divmod(j, n, v);  // rows divides by S / V
+    const index_t off = (n * C + static_cast<index_t>(c)) * S + v * V;
     const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
     Vec<scalar_t, V> gv;
     if (Op::kNeedsDy) gv = load_vec<V>(io.dy + off);
@@ -549,8 +552,14 @@ void launch_reduce_v(const ReduceIO<scalar_t>& io, const Shape& sh, int64_t spli
     TF_LAUNCH(static_cast<unsigned>(splits), nsc_block(sh.C / V), 0, stream,
               reduce_nsc_kernel<scalar_t, acc_t, Op, V>)(io, sh, splits, op, ws);
   } else {
-    TF_LAUNCH(dim3(static_cast<unsigned>(sh.C), static_cast<unsigned>(splits)), kBnThreads, 0, stream,
-              reduce_ncs_kernel<scalar_t, acc_t, Op, V>)(io, sh, FastDivmod(sh.S / V), splits, op, ws);
+    const dim3 grid(static_cast<unsigned>(sh.C), static_cast<unsigned>(splits));
+    if (use_index32(sh.N * sh.C * sh.S)) {
+      TF_LAUNCH(grid, kBnThreads, 0, stream, reduce_ncs_kernel<scalar_t, acc_t, Op, V, FastDivmod32>)(
+          io, sh, FastDivmod32(sh.S / V), splits, op, ws);
+    } else {
+      TF_LAUNCH(grid, kBnThreads, 0, stream, reduce_ncs_kernel<scalar_t, acc_t, Op, V, FastDivmod>)(
+          io, sh, FastDivmod(sh.S / V), splits, op, ws);
+    }
   }
   TF_LAUNCH_CHECK();
 }
@@ -567,7 +576,7 @@ int64_t reduce_splits(const Shape& sh, int V) {
       static const int64_t n = blocks_per_sm(reduce_nsc_kernel<scalar_t, acc_t, Op, W>, kBnThreads);
       per_sm = n;
     } else {
-      static const int64_t n = blocks_per_sm(reduce_ncs_kernel<scalar_t, acc_t, Op, W>, kBnThreads);
+      static const int64_t n = blocks_per_sm(reduce_ncs_kernel<scalar_t, acc_t, Op, W, FastDivmod32>, kBnThreads);
       per_sm = n;
     }
   });
