@@ -342,6 +342,28 @@ def test_triton_compiles_fullgraph():
 
 
 @requires_cuda
+def test_triton_compiles_with_dynamic_batch():
+    """torch.compile(dynamic=True) over the Triton ops: batch sizes 3..9 in both layouts give stock's
+    results, and the batch size stays symbolic (at most one recompile per layout, not one per size)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    layer = BatchNormReLU2d(8).cuda()
+    compiled = torch.compile(layer, dynamic=True, backend=counter)
+    with torchfast.use_backend("triton"):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n in (3, 5, 9):
+                x = torch.randn(n, 8, 14, 14, device="cuda").contiguous(memory_format=fmt).requires_grad_()
+                y = compiled(x)
+                y.sum().backward()
+                ref = F.relu(F.batch_norm(x.detach(), None, None, layer.weight, layer.bias, training=True))
+                torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    # one graph per layout at most: a recompile per batch size would make 6
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+@requires_cuda
 def test_cuda_autocast_and_graph():
     layer = BatchNormReLU2d(8).cuda()
     x = torch.randn(4, 8, 16, 16, device="cuda")

@@ -255,9 +255,8 @@ def case_sync_batchnorm_relu_cuda(rank, world):
     if not torch.cuda.is_available():
         raise _Skip("no CUDA device")
     device = "cuda:%d" % rank if dist.get_backend() == "nccl" else "cuda"
-    _check_sync_layers(rank, world, device, [(torch.float32, False, None), (torch.float32, True, None),
-                                             (torch.bfloat16, True, None), (torch.float16, False, "triton"),
-                                             (torch.float32, True, "triton")])
+    _check_sync_layers(rank, world, device, [(torch.float32, False, None), (torch.bfloat16, True, None),
+                                             (torch.float16, False, "triton"), (torch.float32, True, "triton")])
 
 
 def _check_sync_layers(rank, world, device, cases):

@@ -375,7 +375,9 @@ class _Geometry:
             tiles = triton.cdiv(self.rows, self.row_block)
         else:
             tiles = triton.cdiv(self.n, self.row_block) * triton.cdiv(self.s, self.col_block)
-        self.splits = max(1, min(MAX_SPLITS, triton.cdiv(tiles, TILES_PER_PROGRAM)))
+        # sym_min/sym_max: under torch.compile(dynamic=True) the batch size stays symbolic here (Python's
+        # min/max would guard on it and recompile for every batch size); on ints they are min/max.
+        self.splits = torch.sym_max(1, torch.sym_min(MAX_SPLITS, triton.cdiv(tiles, TILES_PER_PROGRAM)))
 
     def reduce(self, x, dy, scale, beta, mean, ws, backward, out=None, gm=None):
         """Partial sums into ws. Backward with `out` given: the ReLU mask is out > 0 and the masked
