@@ -56,6 +56,31 @@ def test_backend_matches_reference(device, backend, dtype):
                 assert torch.equal(a, b), (fn.__name__, kw)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_views_at_odd_offsets_and_step_ends(device, backend, dtype):
+    """Tensors that are views of one buffer at odd element offsets (not 16-byte aligned: the Triton
+    kernels launch them apart from the aligned ones) next to aligned tensors whose sizes end just
+    before, at and after the kernels' whole steps: every backend writes the reference's values and
+    nothing outside the views."""
+    skip_unsupported(backend, "init", device, dtype)
+
+    def make():
+        buf = torch.full((3000,), 7.0, dtype=dtype, device=device)
+        views = [buf[1:256], buf[259:259 + 1025], buf[1300:1301], buf[1303:1303 + 1500]]
+        return buf, views + [torch.empty(n, dtype=dtype, device=device) for n in (255, 256, 257, 4097)]
+    for fn, kw in [(tfi.uniform_, dict(a=-1.0, b=2.0)), (tfi.normal_, dict(mean=0.5, std=2.0))]:
+        with torchfast.use_backend("reference"):
+            ref_buf, ref = make()
+            fn(ref, **kw, seed=99)
+        with torchfast.use_backend(backend):
+            buf, out = make()
+            fn(out, **kw, seed=99)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b), fn.__name__
+        assert torch.equal(buf, ref_buf)  # the gaps between the views kept their 7.0
+
+
 def test_float64_values_have_full_precision():
     """float64 tensors take the full-precision stream: 53-bit uniforms (the bits below float32's are
     used), normal and truncated normal computed in float64 (against the float64 inverse CDF and the

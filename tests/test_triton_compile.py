@@ -35,3 +35,7 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80():
         assert norm.get("ld.v4", 0) >= 1 and clip.get("ld.v4", 0) >= 1 and clip.get("st.v4", 0) >= 1, (dt, norm, clip)
         plain = result["vectors"]["clip_chunks %s aligned=False sm_90" % dt]
         assert plain.get("ld.v4", 0) == 0, plain  # the hint is what makes the difference
+    # init: the whole steps of an aligned launch store 16-byte vectors
+    for dt in ("fp32", "bf16", "fp16"):
+        fill = result["vectors"]["philox_fill %s aligned=True sm_90" % dt]
+        assert fill.get("st.v4", 0) >= 1, (dt, fill)

@@ -110,16 +110,17 @@ def variants():
                          "total_ptr": f, "max_norm": "fp32"},
                         {"CHUNK_ELEMS": clip_grad.CHUNK, "BLOCK": 2048, "ALIGNED": aligned, "VEC": vec},
                         {"num_warps": 8}))
-        out.append(("philox_fill %s" % dt, init._philox_fill_kernel,
-                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "stream_ptr": "*i64",
-                     "kind_ptr": "*i64", "param_ptr": "*fp32", "seed": "i64"},
-                    {"OUT_DTYPE": dt, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024},
-                    {"num_warps": 8, "enable_fp_fusion": False}))
+        for aligned in (True, False):
+            out.append(("philox_fill %s aligned=%s" % (dt, aligned), init._philox_fill_kernel,
+                        {"base_ptr": d, "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
+                         "stream_ptr": "*i64", "kind_ptr": "*i64", "param_ptr": "*fp32", "seed": "i64"},
+                        {"OUT_DTYPE": dt, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024, "ALIGNED": aligned,
+                         "VEC": vec}, {"num_warps": 8, "enable_fp_fusion": False}))
     # float64 init: the full-precision stream (float64 parameters, erf/exp/log/sin/cos in float64)
     out.append(("philox_fill fp64", init._philox_fill_kernel,
-                {"addr_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64", "stream_ptr": "*i64",
-                 "kind_ptr": "*i64", "param_ptr": "*fp64", "seed": "i64"},
-                {"OUT_DTYPE": tl.float64, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024},
+                {"base_ptr": "*fp64", "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
+                 "stream_ptr": "*i64", "kind_ptr": "*i64", "param_ptr": "*fp64", "seed": "i64"},
+                {"OUT_DTYPE": tl.float64, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024, "ALIGNED": True, "VEC": 2},
                 {"num_warps": 8, "enable_fp_fusion": False}))
     f = "*fp32"
     # M == 1 (eval backward of a 1-element batch): Triton passes an integer argument equal to 1 as

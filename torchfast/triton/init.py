@@ -166,12 +166,49 @@ def _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, se
 
 
 @triton.jit
-def _philox_fill_kernel(addr_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, param_ptr, seed,
-                        OUT_DTYPE: tl.constexpr, CHUNK_ELEMS: tl.constexpr, BLOCK_B: tl.constexpr):
+def _values32(seed, blk, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, BLOCK_B: tl.constexpr):
+    """The 4 * BLOCK_B values of Philox blocks blk (float32), element 4 b + r being word r of block b."""
+    w0, w1, w2, w3 = tl.philox(seed, (blk & 0xFFFFFFFF).to(tl.uint32), (blk >> 32).to(tl.uint32),
+                               tl.zeros_like(blk).to(tl.uint32) + s_lo, tl.zeros_like(blk).to(tl.uint32) + s_hi)
+    u0, u1, u2, u3 = _unit(w0), _unit(w1), _unit(w2), _unit(w3)
+    if kind == 0:  # uniform(p0, p1)
+        span = p1 - p0
+        v0, v1, v2, v3 = p0 + span * u0, p0 + span * u1, p0 + span * u2, p0 + span * u3
+    elif kind == 1:  # normal(p0, p1), Box-Muller on word pairs (0, 1) and (2, 3)
+        r01 = tl.sqrt_rn(-2.0 * _log_f32(u0))
+        s01, c01 = _sincos_2pi(w1)
+        r23 = tl.sqrt_rn(-2.0 * _log_f32(u2))
+        s23, c23 = _sincos_2pi(w3)
+        v0, v1 = p0 + p1 * (r01 * c01), p0 + p1 * (r01 * s01)
+        v2, v3 = p0 + p1 * (r23 * c23), p0 + p1 * (r23 * s23)
+    elif kind == 2:  # truncated normal: inverse CDF, then clamp to [p2, p3]
+        span = p1 - p0
+        v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u0), p2), p3)
+        v1 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u1), p2), p3)
+        v2 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u2), p2), p3)
+        v3 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u3), p2), p3)
+    else:  # constant p0
+        v0 = tl.zeros_like(u0) + p0
+        v1, v2, v3 = v0, v0, v0
+    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [4 * BLOCK_B])
+
+
+@triton.jit
+def _philox_fill_kernel(base_ptr, offset_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, param_ptr, seed,
+                        OUT_DTYPE: tl.constexpr, CHUNK_ELEMS: tl.constexpr, BLOCK_B: tl.constexpr,
+                        ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """One chunk of one tensor per program. The tensor is addressed as base_ptr + its element offset
+    (a pointer read from memory would carry no alignment); ALIGNED (every tensor of the launch 16-byte
+    aligned): the offset is declared a multiple of VEC elements, so the unmasked whole steps store
+    16-byte vectors, and only the chunk's last partial step is masked."""
     pid = tl.program_id(0).to(tl.int64)
-    out = tl.load(addr_ptr + pid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    n = tl.load(numel_ptr + pid)
+    offset = tl.load(offset_ptr + pid)
     start = tl.load(start_ptr + pid)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, VEC)
+        start = tl.multiple_of(start, 4 * BLOCK_B)
+    out = base_ptr + offset
+    n = tl.load(numel_ptr + pid)
     stream = tl.load(stream_ptr + pid)
     kind = tl.load(kind_ptr + pid)
     p0 = tl.load(param_ptr + 6 * pid + 0)
@@ -186,57 +223,50 @@ def _philox_fill_kernel(addr_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, pa
         _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, seed, CHUNK_ELEMS, BLOCK_B)
         return
     lanes = tl.arange(0, BLOCK_B).to(tl.int64)
-    for step in range(0, tl.minimum(CHUNK_ELEMS, n - start), 4 * BLOCK_B):
-        blk = (start + step) // 4 + lanes
-        w0, w1, w2, w3 = tl.philox(seed, (blk & 0xFFFFFFFF).to(tl.uint32), (blk >> 32).to(tl.uint32),
-                                   tl.zeros_like(lanes).to(tl.uint32) + s_lo,
-                                   tl.zeros_like(lanes).to(tl.uint32) + s_hi)
-        u0, u1, u2, u3 = _unit(w0), _unit(w1), _unit(w2), _unit(w3)
-        if kind == 0:  # uniform(p0, p1)
-            span = p1 - p0
-            v0, v1, v2, v3 = p0 + span * u0, p0 + span * u1, p0 + span * u2, p0 + span * u3
-        elif kind == 1:  # normal(p0, p1), Box-Muller on word pairs (0, 1) and (2, 3)
-            r01 = tl.sqrt_rn(-2.0 * _log_f32(u0))
-            s01, c01 = _sincos_2pi(w1)
-            r23 = tl.sqrt_rn(-2.0 * _log_f32(u2))
-            s23, c23 = _sincos_2pi(w3)
-            v0, v1 = p0 + p1 * (r01 * c01), p0 + p1 * (r01 * s01)
-            v2, v3 = p0 + p1 * (r23 * c23), p0 + p1 * (r23 * s23)
-        elif kind == 2:  # truncated normal: inverse CDF, then clamp to [p2, p3]
-            span = p1 - p0
-            v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u0), p2), p3)
-            v1 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u1), p2), p3)
-            v2 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u2), p2), p3)
-            v3 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u3), p2), p3)
-        else:  # constant p0
-            v0 = tl.zeros_like(u0) + p0
-            v1, v2, v3 = v0, v0, v0
-        # element 4 b + r takes word r of block b
-        vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [4 * BLOCK_B])
-        offs = start + step + tl.arange(0, 4 * BLOCK_B).to(tl.int64)
-        tl.store(out + offs, vals.to(OUT_DTYPE), mask=offs < tl.minimum(n, start + CHUNK_ELEMS))
+    end = tl.minimum(n, start + CHUNK_ELEMS)
+    full_end = start + (end - start) // (4 * BLOCK_B) * (4 * BLOCK_B)
+    for first in range(start, full_end, 4 * BLOCK_B):  # whole steps: no mask
+        vals = _values32(seed, first // 4 + lanes, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, BLOCK_B)
+        tl.store(out + first + tl.arange(0, 4 * BLOCK_B).to(tl.int64), vals.to(OUT_DTYPE))
+    if full_end < end:
+        vals = _values32(seed, full_end // 4 + lanes, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, BLOCK_B)
+        offs = full_end + tl.arange(0, 4 * BLOCK_B).to(tl.int64)
+        tl.store(out + offs, vals.to(OUT_DTYPE), mask=offs < end)
 
 
 def _fill_launch(tensors, seed, streams, kinds, params):
-    """Fill each (contiguous, same device and dtype) tensor with its distribution; one launch."""
+    """Fill each (contiguous, same device and dtype) tensor with its distribution; one launch per
+    alignment group (16-byte aligned tensors, almost always all of them, and the rest)."""
     if not tensors:
         return
     dtype, device = tensors[0].dtype, tensors[0].device
     for i, t in enumerate(tensors):
         if not t.is_contiguous() or t.dtype != dtype or t.device != device:
             raise ValueError("philox_fill_ (triton): tensor %d must be contiguous, %s, on %s" % (i, dtype, device))
-    table, idx = chunk_table(tensors, CHUNK, per_tensor=(streams, kinds))
-    if idx.numel() == 0:
-        return
+        if t.data_ptr() % t.element_size():
+            raise ValueError("philox_fill_ (triton): tensor %d's address is not a multiple of its element size"
+                             % i)
     # float64 tensors take their parameters unrounded (the full-precision stream)
-    prm = torch.tensor(params, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    prm = prm.view(-1, 6)[idx].contiguous()
-    table, prm_t = upload(table, device), upload(prm, device)
+    prm_all = torch.tensor(params, dtype=torch.float64 if dtype == torch.float64 else torch.float32).view(-1, 6)
+    aligned = [i for i, t in enumerate(tensors) if t.data_ptr() % 16 == 0]
+    groups = [(aligned, True)]
+    if len(aligned) < len(tensors):
+        groups.append(([i for i, t in enumerate(tensors) if t.data_ptr() % 16], False))
     block_b = 64 if INTERPRET else 1024
-    with device_guard(device):
-        _philox_fill_kernel[(idx.numel(),)](table[0], table[1], table[2], table[3], table[4], prm_t, seed,
-                                            OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK, BLOCK_B=block_b,
-                                            num_warps=8, enable_fp_fusion=False)
+    for members, flag in groups:
+        group = [tensors[i] for i in members]
+        if not any(t.numel() for t in group):
+            continue
+        table, idx = chunk_table(group, CHUNK, per_tensor=([streams[i] for i in members], [kinds[i] for i in members]))
+        base = group[0]
+        table[0] = (table[0] - base.data_ptr()) // base.element_size()
+        prm = prm_all[torch.tensor(members, dtype=torch.int64)[idx]].contiguous()
+        table, prm_t = upload(table, device), upload(prm, device)
+        with device_guard(device):
+            _philox_fill_kernel[(idx.numel(),)](base, table[0], table[1], table[2], table[3], table[4], prm_t, seed,
+                                                OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK, BLOCK_B=block_b,
+                                                ALIGNED=flag, VEC=16 // base.element_size(), num_warps=8,
+                                                enable_fp_fusion=False)
 
 
 # ------------------------------------------------------------------------------------------------
