@@ -64,7 +64,12 @@ constexpr int64_t kRowsPerThread = 16;  // target rows per thread of a channels_
 #endif
 constexpr int64_t kMaxSplits = 2048;
 constexpr int64_t kWaves = 3;  // target waves of a reduction grid
+#if defined(TORCHFAST_CUDA_EMULATION)
+constexpr int64_t kBlocksPerSM = 1;  // small grids under emulation: the grid-stride and unrolled loops wrap
+#else
 constexpr int64_t kBlocksPerSM = 16;  // grid cap of the grid-stride elementwise kernels
+#endif
+constexpr int kRowUnroll = 4;  // rows in flight per thread in the channels_last elementwise pass
 
 // The widest vector for a dtype: 16 bytes, except fp64 (not tuned: one element).
 template <typename scalar_t>
@@ -473,23 +478,39 @@ __global__ void elementwise_ncs_kernel(const scalar_t* __restrict__ x, const sca
 // channels_last: block (bx, by) with bx = min(C / V, 256); thread (tx, ty) loads the constants of
 // channel vectors tx, tx + bx, ... once, then walks rows blockIdx.x * by + ty, grid-stride.
 template <typename scalar_t, typename acc_t, typename Op, int V>
-__global__ void elementwise_nsc_kernel(const scalar_t* x, const scalar_t* aux, scalar_t* out, Shape sh, Op op) {
+__global__ void elementwise_nsc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ aux,
+                                       scalar_t* __restrict__ out, Shape sh, Op op) {
   const int64_t C = sh.C, CV = C / V, R = sh.N * sh.S;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
     typename Op::Channel p[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
-    for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < R; r += step) {
-      const int64_t i = r * C + cv * V;
-      const Vec<scalar_t, V> xv = load_vec<V>(x + i);
-      Vec<scalar_t, V> gv, o;
-      if (Op::kNeedsAux) gv = load_vec<V>(aux + i);
+    const auto apply = [&](const Vec<scalar_t, V>& xv, const Vec<scalar_t, V>& gv) {
+      Vec<scalar_t, V> o;
 #pragma unroll
       for (int k = 0; k < V; ++k)
         o.v[k] = static_cast<scalar_t>(
             op.apply(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsAux ? static_cast<acc_t>(gv.v[k]) : acc_t(0)));
-      store_vec<V>(out + i, o);
+      return o;
+    };
+    int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+    // kRowUnroll rows' loads in flight before their stores (grid-stride rows r, r + step, ...).
+    for (; r + (kRowUnroll - 1) * step < R; r += kRowUnroll * step) {
+      Vec<scalar_t, V> xv[kRowUnroll], gv[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        xv[u] = load_vec<V>(x + (r + u * step) * C + cv * V);
+        if (Op::kNeedsAux) gv[u] = load_vec<V>(aux + (r + u * step) * C + cv * V);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) store_vec<V>(out + (r + u * step) * C + cv * V, apply(xv[u], gv[u]));
+    }
+    for (; r < R; r += step) {
+      const int64_t i = r * C + cv * V;
+      Vec<scalar_t, V> gv;
+      if (Op::kNeedsAux) gv = load_vec<V>(aux + i);
+      store_vec<V>(out + i, apply(load_vec<V>(x + i), gv));
     }
   }
 }
