@@ -96,8 +96,8 @@ def variants():
         out.append(("stats_finish %s" % dt, bn_relu._stats_finish_kernel,
                     {"ws_ptr": f, "x_ptr": d, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
                      "scale_ptr": f, "beta_ptr": f, "eps": "fp32", "M": "i64"},
-                    {"CHANNELS_LAST": dt == tl.float16, "HAS_W": True, "HAS_B": dt != tl.bfloat16, "BLOCK_C": 64,
-                     "BLOCK_SP": 32}, {}))
+                    {"CHANNELS_LAST": dt == tl.float16, "HAS_W": True, "HAS_B": dt != tl.bfloat16,
+                     "BLOCK_C": bn_relu.FIN_BLOCK_C, "BLOCK_SP": bn_relu.FIN_BLOCK_SP}, {}))
         vec = 16 // torch_dtype[dt].itemsize
         for aligned in (True, False):
             out.append(("norm_chunks %s aligned=%s" % (dt, aligned), clip_grad._norm_chunks_kernel,
@@ -128,13 +128,14 @@ def variants():
     out.append(("stats_finish M=1", bn_relu._stats_finish_kernel,
                 {"ws_ptr": f, "x_ptr": f, "w_ptr": f, "b_ptr": f, "mean_ptr": f, "invstd_ptr": f, "var_ptr": f,
                  "scale_ptr": f, "beta_ptr": f, "eps": "fp32"},
-                {"M": 1, "CHANNELS_LAST": False, "HAS_W": False, "HAS_B": False, "BLOCK_C": 64, "BLOCK_SP": 32}, {}))
+                {"M": 1, "CHANNELS_LAST": False, "HAS_W": False, "HAS_B": False, "BLOCK_C": bn_relu.FIN_BLOCK_C,
+                 "BLOCK_SP": bn_relu.FIN_BLOCK_SP}, {}))
     for batch_stats in (True, False):
         out.append(("backward_finish batch=%s M=1" % batch_stats, bn_relu._backward_finish_kernel,
                     {"ws_ptr": f, "w_ptr": f, "invstd_ptr": f, "gw_ptr": f, "gb_ptr": f, "k0_ptr": f, "k1_ptr": f,
                      "k2_ptr": f},
-                    {"M": 1, "SPLITS": 1, "USE_BATCH_STATS": batch_stats, "HAS_W": batch_stats, "BLOCK_C": 64,
-                     "BLOCK_SP": 32}, {}))
+                    {"M": 1, "SPLITS": 1, "USE_BATCH_STATS": batch_stats, "HAS_W": batch_stats,
+                     "BLOCK_C": bn_relu.FIN_BLOCK_C, "BLOCK_SP": bn_relu.FIN_BLOCK_SP}, {}))
     # eval backward (USE_BATCH_STATS=False: no k1/k2 term; with MASK_FROM_OUT no read of x)
     for from_out in (False, True):
         out.append(("backward eval bf16 from_out=%s" % from_out, bn_relu._backward_kernel,

@@ -54,8 +54,10 @@ MIN_COL_BLOCK = 16
 MAX_COL_BLOCK = 1024
 TILES_PER_PROGRAM = 8
 MAX_SPLITS = 1024
-FIN_BLOCK_C = 32 if INTERPRET else 64  # channels per finish program
-FIN_BLOCK_SP = 32  # splits folded per step of a finish program
+# Finish programs: few channels each, many splits per step. A 64-channel layer gets 4 programs (not 1)
+# and folds 1024 splits in 8 steps (not 32): the fold's serial latency is what the finish kernel costs.
+FIN_BLOCK_C = 32 if INTERPRET else 16  # channels per finish program
+FIN_BLOCK_SP = 32 if INTERPRET else 128  # splits folded per step of a finish program
 
 # The largest float32 value that rounds to 0 in each output dtype (round to nearest even; the value
 # itself is a tie between 0 and the dtype's smallest subnormal, 2^-24 and 2^-133, and goes to even, 0).
