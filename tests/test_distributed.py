@@ -307,6 +307,53 @@ def _check_sync_layers(rank, world, device, cases):
             assert int(sync.num_batches_tracked) == 1
 
 
+def case_sync_batchnorm_relu_variants(rank, world):
+    """The module options and input ranks stock SyncBatchNorm takes, against one process on the whole
+    batch: (N, C) and (N, C, L) and (N, C, D, H, W) inputs, float64, affine=False,
+    track_running_stats=False, momentum=None (cumulative average over two steps), eval after training."""
+    from torchfast.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, SyncBatchNormReLU
+    sizes = {2: [3, 4], 3: [2, 0, 5]}[world]
+    n = sum(sizes)
+    cases = [((n, 6), BatchNormReLU1d, {}, torch.float32), ((n, 6, 5), BatchNormReLU1d, {}, torch.float64),
+             ((n, 6, 3, 4, 2), BatchNormReLU3d, {}, torch.float32),
+             ((n, 6, 4, 5), BatchNormReLU2d, dict(affine=False), torch.float32),
+             ((n, 6, 4, 5), BatchNormReLU2d, dict(track_running_stats=False), torch.float32),
+             ((n, 6, 4, 5), BatchNormReLU2d, dict(momentum=None), torch.float64)]
+    for k, (shape, single_cls, kw, dtype) in enumerate(cases):
+        single = single_cls(6, **kw).to(dtype)
+        sync = SyncBatchNormReLU(6, **kw).to(dtype)
+        for step in range(2):
+            g = torch.Generator().manual_seed(100 * k + step)
+            x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+            dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+            xs = x.clone().requires_grad_()
+            want = single(xs)
+            want.backward(dy)
+            xl = _rank_slice(x, sizes, rank).clone().requires_grad_()
+            got = sync(xl)
+            got.backward(_rank_slice(dy, sizes, rank))
+            what = "%s %s %s step %d" % (shape, kw, dtype, step)
+            torch.testing.assert_close(got, _rank_slice(want, sizes, rank), msg=lambda m: what + ": out " + m)
+            torch.testing.assert_close(xl.grad, _rank_slice(xs.grad, sizes, rank),
+                                       msg=lambda m: what + ": grad " + m)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                a, b = getattr(sync, name), getattr(single, name)
+                assert (a is None) == (b is None), (what, name)
+                if a is not None:
+                    torch.testing.assert_close(a, b, msg=lambda m: what + ": " + name + " " + m)
+            if sync.weight is not None:
+                gw = sync.weight.grad.clone()
+                dist.all_reduce(gw)
+                torch.testing.assert_close(gw, single.weight.grad, msg=lambda m: what + ": grad_weight " + m)
+                sync.weight.grad = single.weight.grad = None
+                sync.bias.grad = single.bias.grad = None
+        if sync.track_running_stats:  # eval: the running statistics, no synchronisation
+            sync.eval()
+            single.eval()
+            x = torch.randn(shape, dtype=dtype)
+            torch.testing.assert_close(sync(x), single(x))
+
+
 class _Net(nn.Module):
     """A small residual CNN with the fused layers: conv, BatchNorm+ReLU, conv, BatchNorm+add+ReLU."""
 
@@ -376,7 +423,7 @@ def test_sync_batchnorm_relu_nccl(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", ["case_plain_shards", "case_dtensor", "case_fsdp2", "case_sync_batchnorm_relu",
-                                  "case_ddp_training"])
+                                  "case_sync_batchnorm_relu_variants", "case_ddp_training"])
 def test_sharded_clipping_matches_unsharded(case, world, tmp_path):
     _run(case, world, tmp_path)
 
