@@ -52,7 +52,11 @@ namespace torchfast {
 namespace cuda {
 namespace {
 
+#if defined(TORCHFAST_CUDA_EMULATION)
+constexpr int kBnThreads = 64;  // the test shapes are small: with 64-thread blocks they reach the unrolled loops
+#else
 constexpr int kBnThreads = 256;
+#endif
 #if defined(TORCHFAST_CUDA_EMULATION)
 // Under emulation (small test shapes): a split per few vectors or rows, so the tests run reductions
 // with more splits than a finish kernel has lanes.
@@ -70,6 +74,7 @@ constexpr int64_t kBlocksPerSM = 1;  // small grids under emulation: the grid-st
 constexpr int64_t kBlocksPerSM = 16;  // grid cap of the grid-stride elementwise kernels
 #endif
 constexpr int kRowUnroll = 4;  // rows in flight per thread in the channels_last elementwise pass
+constexpr int kReduceUnroll = 4;  // vectors (contiguous) or rows (channels_last) in flight in a reduction
 
 // The widest vector for a dtype: 16 bytes, except fp64 (not tuned: one element).
 template <typename scalar_t>
@@ -251,7 +256,29 @@ __global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, Div rows, int
                 S = static_cast<index_t>(sh.S), step = static_cast<index_t>(splits) * blockDim.x;
   const auto p = op.channel(c);
   acc_t s1 = 0, s2 = 0;
-  for (index_t j = static_cast<index_t>(split) * blockDim.x + threadIdx.x; j < total; j += step) {
+  index_t j = static_cast<index_t>(split) * blockDim.x + threadIdx.x;
+  if constexpr (!Op::kMaskFromOutput) {
+    // kReduceUnroll vectors' loads in flight, added in the order of the plain loop below (vector j,
+    // j + step, ...): the same sums, bit for bit. (The mask-from-output reductions also store.)
+    for (; j + (kReduceUnroll - 1) * step < total; j += kReduceUnroll * step) {
+      Vec<scalar_t, V> xv[kReduceUnroll], gv[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        index_t n, v;
+        rows.divmod(j + u * step, n, v);
+        const index_t off = (n * C + static_cast<index_t>(c)) * S + v * V;
+        xv[u] = load_vec<V>(io.x + off);
+        if (Op::kNeedsDy) gv[u] = load_vec<V>(io.dy + off);
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u)
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          op.add(p, static_cast<acc_t>(xv[u].v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv[u].v[k]) : acc_t(0), s1,
+                 s2);
+    }
+  }
+  for (; j < total; j += step) {
     index_t n, v;
     rows.divmod(j, n, v);  // rows divides by S / V
     const index_t off = (n * C + static_cast<index_t>(c)) * S + v * V;
@@ -289,7 +316,25 @@ __global__ void reduce_nsc_kernel(ReduceIO<scalar_t> io, Shape sh, int64_t split
       typename Op::Channel p[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
-      for (int64_t r = split * by + threadIdx.y; r < R; r += splits * by) {
+      int64_t r = split * by + threadIdx.y;
+      const int64_t rstep = splits * by;
+      if constexpr (!Op::kMaskFromOutput) {  // as in reduce_ncs_kernel: loads in flight, same order
+        for (; r + (kReduceUnroll - 1) * rstep < R; r += kReduceUnroll * rstep) {
+          Vec<scalar_t, V> xv[kReduceUnroll], gv[kReduceUnroll];
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u) {
+            xv[u] = load_vec<V>(io.x + (r + u * rstep) * C + cv * V);
+            if (Op::kNeedsDy) gv[u] = load_vec<V>(io.dy + (r + u * rstep) * C + cv * V);
+          }
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u)
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+              op.add(p[k], static_cast<acc_t>(xv[u].v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv[u].v[k]) : acc_t(0),
+                     s1[k], s2[k]);
+        }
+      }
+      for (; r < R; r += rstep) {
         const int64_t off = r * C + cv * V;
         const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
         Vec<scalar_t, V> gv;
