@@ -77,6 +77,15 @@ void check_channel_vector(const c10::optional<at::Tensor>& t, int64_t C, const c
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape (", C, ",), got ", t->sizes());
 }
 
+// The per-channel arguments of the backward ops: the affine parameters and the saved statistics.
+void check_backward_vectors(int64_t C, const char* op, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_channel_vector(weight, C, op, "weight");
+  check_channel_vector(bias, C, op, "bias");
+  check_channel_vector(mean, C, op, "mean");
+  check_channel_vector(invstd, C, op, "invstd");
+}
+
 // Shared by the bn_relu and bn_add_relu ops: `residual` / `out` are undefined for bn_relu.
 void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op, const char* name) {
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
@@ -163,10 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                      weight, bias, mean, invstd, training, mask_thr);
     return {grad_in.to(input.scalar_type()), add ? grad_res.to(input.scalar_type()) : grad_res, grad_w, grad_b};
   }
-  check_channel_vector(weight, C, op, "weight");
-  check_channel_vector(bias, C, op, "bias");
-  check_channel_vector(mean, C, op, "mean");
-  check_channel_vector(invstd, C, op, "invstd");
+  check_backward_vectors(C, op, weight, bias, mean, invstd);
   // A non-native input is made contiguous; grad_out and out in another layout are brought to x's
   // (a channels_last network's first BatchNorm gets a contiguous gradient from the pooling's backward:
   // one copy of it, not copies of everything there and back).
@@ -241,10 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_bwd_reduce_cpu(
     return {s1, s2, add ? gm.to(input.scalar_type()) : gm};
   }
   const int64_t C = input.size(1);
-  check_channel_vector(weight, C, op, "weight");
-  check_channel_vector(bias, C, op, "bias");
-  check_channel_vector(mean, C, op, "mean");
-  check_channel_vector(invstd, C, op, "invstd");
+  check_backward_vectors(C, op, weight, bias, mean, invstd);
   const bool native = native_layout(input);
   const at::Tensor x = native ? input : input.contiguous();
   const at::Tensor dy = in_layout_of(grad_out, x);
@@ -271,10 +274,7 @@ at::Tensor bn_relu_bwd_elemt_cpu(const at::Tensor& grad, const at::Tensor& input
                                  sum_dy_xmu, count, mask_from_input)
         .to(input.scalar_type());
   const int64_t C = input.size(1);
-  check_channel_vector(weight, C, op, "weight");
-  check_channel_vector(bias, C, op, "bias");
-  check_channel_vector(mean, C, op, "mean");
-  check_channel_vector(invstd, C, op, "invstd");
+  check_backward_vectors(C, op, weight, bias, mean, invstd);
   check_channel_vector(sum_dy, C, op, "sum_dy");
   check_channel_vector(sum_dy_xmu, C, op, "sum_dy_xmu");
   TORCH_CHECK(sum_dy.scalar_type() == at::kDouble && sum_dy_xmu.scalar_type() == at::kDouble, op,

@@ -57,7 +57,7 @@ def _local_stats(x, engine):
     return mean, var
 
 
-def _all_gather_stats(mean, var, n_local, group, world):
+def _gather_stats(mean, var, n_local, group, world):
     """Every process's (mean, var, count) as a (world, 2C + 1) float64 table: each process fills its own
     row of a zero table and one all-reduce sums them. (An all-gather in effect, but all-reduce is the
     collective every backend has for every device: gloo has no all-gather of CUDA tensors.)"""
@@ -157,7 +157,7 @@ class _SyncBatchNormReLU(torch.autograd.Function):
             mean, var = _local_stats(input, engine)
         else:
             mean = var = torch.zeros(c, dtype=acc, device=input.device)
-        gathered = _all_gather_stats(mean, var, n_local, group, world)
+        gathered = _gather_stats(mean, var, n_local, group, world)
         gmean64, gvar64, total = _combine(gathered, c)
         gmean, gvar = gmean64.to(acc), gvar64.to(acc)
         _update_running(running_mean, running_var, gmean, gvar, total, momentum, engine)
