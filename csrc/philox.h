@@ -19,7 +19,9 @@
 //                      hi = 2 Phi(beta) - 1, value = clamp(mean + std * sqrt(2) * erfinv(v), a, b)
 //                      (the algorithm of torch.nn.init.trunc_normal_, without rejection and so
 //                      without any host synchronisation)
-// float64 tensors take the full-precision variant at the end of this file (philox_values_f64).
+// float64 tensors take the full-precision variant at the end of this file (philox_values_f64): 53-bit
+// uniforms, Box-Muller with libm's log and the stream's own float64 sin/cos, and a truncated normal
+// whose erf-domain value is taken from its nearer end (erfc), precise in the tails.
 #pragma once
 
 #include <cmath>
@@ -35,6 +37,10 @@
 namespace torchfast {
 
 enum InitKind : int64_t { kUniform = 0, kNormal = 1, kTruncNormal = 2, kConstant = 3 };
+
+// Parameters per tensor in philox_fill_'s list: six for the float32 stream (InitParams), eight for the
+// float64 stream's truncated normal (InitParams64); the unused ones are 0.
+constexpr int kInitParams = 8;
 
 struct Philox4x32 {
   static constexpr uint32_t M0 = 0xD2511F53u;
@@ -262,6 +268,13 @@ TF_HD void philox_values(uint64_t seed, uint64_t stream, uint64_t blk, const Ini
 
 // ---------------------------------------------------------------------------------------------------
 // float64 tensors: full precision (torchfast/reference/philox.py, values_f64, is the definition).
+// Truncated-normal parameters extend the float32 stream's: (lo, span, a, b, mean, std sqrt(2), qlo, qhi)
+// with alpha' = (a - mean) / (std sqrt(2)), beta' likewise, lo = erf(alpha'), span = erf(beta') - lo,
+// qlo = erfc(-alpha') = 1 + lo and qhi = erfc(beta') = 1 - erf(beta'), each computed (by torchfast.init)
+// so that it keeps its relative precision. The drawn point t = lo + span u is also known by its
+// distances from -1 and 1, dl = qlo + span u and dh = qhi + span (1 - u): sums of positive terms,
+// with nothing cancelling however deep in a tail, and the inverse takes t near 0 and min(dl, dh) near
+// the poles (erfinv_f64).
 // Element i takes block i / 2 and the word pair (2 (i % 2), 2 (i % 2) + 1) as W = w_even << 32 | w_odd;
 // u = ((W >> 11) * 2 + 1) * 2^-54, exact, in (0, 1). Each float64 operation rounded on its own.
 
@@ -286,29 +299,78 @@ TF_HD double word_pair_to_unit64(uint32_t hi, uint32_t lo) {
   return static_cast<double>(k * 2u + 1u) * 5.5511151231257827e-17;   // (2k + 1) 2^-54, exact
 }
 
-// erfinv in float64: Giles' polynomial (the float32 coefficients) in float64 as the start in the body,
-// sqrt(-log(q sqrt(pi) sqrt(-log q))) with q = 1 - |x| in the tails, then four Newton steps on erf.
-TF_HD double erfinv_f64(double x) {
-  const double a = fabs(x), q = 1.0 - a;
-  const double w = -log(q * (1.0 + a));
+// sin and cos of 2 pi u for the float64 unit value u = (2k + 1) 2^-54 (word_pair_to_unit64's k),
+// computed from k as sincos_2pi_unit does from its word: with n = 2k + 1, 2u = n 2^-53 = q / 2 + r,
+// q = round(4u) in 0..4 and r = (n - q 2^52) 2^-53 in [-1/4, 1/4], both exact; then Taylor polynomials
+// of sin(pi r) (to r^19) and cos(pi r) (to r^18) in float64 and the quadrant's swap and signs. Within
+// 1.6 ulp of the exact values; only + - * on every backend, so the same bits everywhere (and no
+// Payne-Hanek slow path with its stack frame on the GPU).
+TF_HD void sincos_2pi_unit64(uint64_t k, double& s, double& c) {
+  const int64_t n = static_cast<int64_t>(k * 2u + 1u);
+  const int64_t q = (n + (int64_t{1} << 51)) >> 52;
+  const double r = dmul_rn(static_cast<double>(n - q * (int64_t{1} << 52)), 0x1p-53);
+  const double t = dmul_rn(r, r);
+  const double sc[10] = {0x1.921fb54442d18p+1,  -0x1.4abbce625be53p+2, 0x1.466bc6775aae2p+1,
+                         -0x1.32d2cce62bd86p-1, 0x1.50783487ee782p-4,  -0x1.e3074fde8871fp-8,
+                         0x1.e8f434d018d63p-12, -0x1.6fadb9f155744p-16, 0x1.aaec32af93359p-21,
+                         -0x1.8a404211f9547p-26};
+  const double cc[10] = {0x1.0000000000000p+0,  -0x1.3bd3cc9be45dep+2, 0x1.03c1f081b5ac4p+2,
+                         -0x1.55d3c7e3cbffap+0, 0x1.e1f506891babbp-3,  -0x1.a6d1f2a204a8cp-6,
+                         0x1.f9d38a3763cc3p-10, -0x1.b6e24f44b128fp-14, 0x1.20c62c2f2d7f5p-18,
+                         -0x1.2a0c591af8314p-23};
+  double sp = sc[9], cp = cc[9];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 8; i >= 0; --i) {
+    sp = dadd_rn(dmul_rn(sp, t), sc[i]);
+    cp = dadd_rn(dmul_rn(cp, t), cc[i]);
+  }
+  sp = dmul_rn(sp, r);
+  const int quadrant = static_cast<int>(q & 3);  // angle = quadrant * pi/2 + pi r
+  const double a = (quadrant & 1) ? cp : sp, b = (quadrant & 1) ? sp : cp;
+  s = (quadrant & 2) ? -a : a;
+  c = (quadrant == 1 || quadrant == 2) ? -b : b;
+}
+
+// The float64 truncated normal's inverse: z with erf(z) = t, given t (exact near 0) and the distance d
+// of t from the nearer of -1 and 1 (exact near the poles). In the body (d >= 1/2, so |t| <= 1/2) Newton
+// runs on erf(z) = |t|; in the tails on erfc(z) = d, which keeps its relative precision however small d
+// is, so the tails are as precise as the body. Start point: Giles' single-precision polynomial in
+// float64 (w = -log((1 - x)(1 + x)), x = |t|) where w < 5, the asymptotic sqrt(-log(d sqrt(pi)
+// sqrt(-log d))) beyond; then four Newton steps. Relative error below 1e-15 (to 1e-300 in the tails).
+TF_HD double erfinv_f64(double t, double d) {
+  const bool central = d >= 0.5;
+  const double x = central ? fabs(t) : dadd_rn(1.0, -d);
+  const double q = central ? dadd_rn(1.0, -x) : d;
+  const double w = -log(dmul_rn(q, dadd_rn(1.0, x)));
   double z;
   if (w < 5.0) {
     const double c[9] = {2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
                          -0.00125372503, -0.00417768164, 0.246640727, 1.50140941};
     double p = c[0];
-    for (int i = 1; i < 9; ++i) p = dadd_rn(dmul_rn(p, w - 2.5), c[i]);
-    z = dmul_rn(p, a);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = 1; i < 9; ++i) p = dadd_rn(dmul_rn(p, dadd_rn(w, -2.5)), c[i]);
+    z = dmul_rn(p, x);
   } else {
     z = sqrt(-log(dmul_rn(dmul_rn(q, sqrt(-log(q))), 1.7724538509055159)));
   }
-  for (int i = 0; i < 4; ++i) z = z - (erf(z) - a) / dmul_rn(1.1283791670955126, exp(-dmul_rn(z, z)));
-  return x < 0 ? -z : z;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 4; ++i) {
+    const double r = central ? dadd_rn(erf(z), -x) : dadd_rn(q, -erfc(z));
+    z = dadd_rn(z, -(r / dmul_rn(1.1283791670955126, exp(-dmul_rn(z, z)))));
+  }
+  return z;
 }
 
 // Parameters of one float64 tensor's distribution (as InitParams, unrounded).
 struct InitParams64 {
   int64_t kind;
-  double p[6];
+  double p[8];
 };
 
 // Values of the two elements of block `blk` of stream `stream` of a float64 tensor.
@@ -326,15 +388,23 @@ TF_HD void philox_values_f64(uint64_t seed, uint64_t stream, uint64_t blk, const
     v[1] = dadd_rn(prm.p[0], dmul_rn(span, u1));
   } else if (prm.kind == kNormal) {
     const double rad = sqrt(dmul_rn(log(u0), -2.0));
-    const double theta = dmul_rn(u1, 6.283185307179586);
-    v[0] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, cos(theta))));
-    v[1] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, sin(theta))));
-  } else {  // kTruncNormal
-    const double span = dadd_rn(prm.p[1], -prm.p[0]);
+    double s, c;
+    sincos_2pi_unit64((static_cast<uint64_t>(w[2]) << 21) | (w[3] >> 11), s, c);
+    v[0] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, c)));
+    v[1] = dadd_rn(prm.p[0], dmul_rn(prm.p[1], dmul_rn(rad, s)));
+  } else {  // kTruncNormal: p = (lo, span, a, b, mean, std sqrt(2), qlo, qhi), see above
+#if defined(__CUDA_ARCH__)
+#pragma unroll  // v in registers: a run-time index would put it on the stack
+#endif
     for (int r = 0; r < 2; ++r) {
-      const double t = dadd_rn(prm.p[0], dmul_rn(span, r == 0 ? u0 : u1));
-      const double z = dadd_rn(prm.p[4], dmul_rn(prm.p[5], erfinv_f64(t)));
-      v[r] = fmin(fmax(z, prm.p[2]), prm.p[3]);
+      const double u = r == 0 ? u0 : u1;
+      const double t = dadd_rn(prm.p[0], dmul_rn(prm.p[1], u));
+      const double dl = dadd_rn(prm.p[6], dmul_rn(prm.p[1], u));
+      const double dh = dadd_rn(prm.p[7], dmul_rn(prm.p[1], dadd_rn(1.0, -u)));
+      const double d = fmin(dl, dh);
+      const double z = erfinv_f64(t, d);
+      const bool negative = d >= 0.5 ? t < 0.0 : dl < dh;
+      v[r] = fmin(fmax(dadd_rn(prm.p[4], dmul_rn(prm.p[5], negative ? -z : z)), prm.p[2]), prm.p[3]);
     }
   }
 }

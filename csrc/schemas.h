@@ -64,7 +64,7 @@ inline void define_ops(torch::Library& m) {
   // returns the total norm (as multi_tensor_norm) and scales the tensors by the clip coefficient.
   m.def("clip_grad_norm_fused_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
   // Fills each tensor with torchfast's Philox stream (csrc/philox.h). Per tensor i: streams[i]
-  // is its counter stream, kinds[i] its distribution, params[6*i : 6*i+6] its parameters.
+  // is its counter stream, kinds[i] its distribution, params[8*i : 8*i+8] its parameters (philox.h).
   m.def(
       "philox_fill_(Tensor(a!)[] tensors, int seed, int[] streams, int[] kinds, float[] params) -> ()");
 }

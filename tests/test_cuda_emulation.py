@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import torchfast.init
 from torchfast import reference
 
 from conftest import assert_close_to_oracle
@@ -697,8 +698,9 @@ def test_philox_fill_matches_reference(emu, dtype):
     kinds = [0, 1, 0, 2, 3, 0, 1, 2, 0, 1]  # uniform, normal, trunc_normal, constant
     params = []
     for k in kinds:
-        params += {0: [-0.5, 1.5, 0, 0, 0, 0], 1: [0.1, 2.0, 0, 0, 0, 0],
-                   2: [-0.9, 0.95, -2.0, 2.0, 0.1, 1.4], 3: [0.25, 0, 0, 0, 0, 0]}[k]
+        p = {0: (-0.5, 1.5, 0, 0, 0, 0), 1: (0.1, 2.0, 0, 0, 0, 0),
+             2: torchfast.init._trunc_normal_spec(0.1, 0.9, -2.0, 2.5)[1], 3: (0.25, 0, 0, 0, 0, 0)}[k]
+        params += torchfast.init._params_f64(k, p) if dtype == torch.float64 else p + (0, 0)
     streams = [11 * i + 3 for i in range(len(sizes))]
     got = [torch.full((n,), 7.0, dtype=dtype) for n in sizes]
     got = [_offset_view(t) if i % 4 == 1 else t for i, t in enumerate(got)]  # vector and scalar stores
@@ -706,7 +708,7 @@ def test_philox_fill_matches_reference(emu, dtype):
     ops().philox_fill_(got, 1234, streams, kinds, params)
     reference.philox.philox_fill_(want, 1234, streams, kinds, params)
     for i, (a, b) in enumerate(zip(got, want)):
-        if kinds[i] in (1, 2) and dtype == torch.float64:  # the full-precision stream: libm's float64 functions
+        if kinds[i] in (1, 2) and dtype == torch.float64:  # the full-precision stream: libm's log, erf, erfc, exp
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14, msg="tensor %d" % i)
         else:  # the float32 stream: the same bits for every distribution
             assert torch.equal(a, b), "tensor %d (kind %d)" % (i, kinds[i])
@@ -716,7 +718,7 @@ def test_philox_fill_is_the_cpu_backend_stream(emu, cpu_backend_built):
     sizes = [4097, 13]
     got = [torch.empty(n) for n in sizes]
     want = [torch.empty(n) for n in sizes]
-    args = (99, [5, 6], [0, 0], [0.0, 1.0, 0, 0, 0, 0] * 2)
+    args = (99, [5, 6], [0, 0], [0.0, 1.0, 0, 0, 0, 0, 0, 0] * 2)
     ops().philox_fill_(got, *args)
     torch.ops.torchfast.philox_fill_(want, *args)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -739,7 +741,7 @@ def _all_outputs(shape, layout, dtype):
     norm = ops().multi_tensor_norm(tensors, 2.0)
     ops().multi_tensor_clip_(tensors, norm, 0.1)
     filled = [torch.empty(n, dtype=dtype) for n in (2100, 9)]
-    ops().philox_fill_(filled, 5, [1, 2], [1, 2], [0.0, 1.0, 0, 0, 0, 0, -0.9, 0.9, -2.0, 2.0, 0.0, 1.4])
+    ops().philox_fill_(filled, 5, [1, 2], [1, 2], [0.0, 1.0, 0, 0, 0, 0, 0, 0, -0.9, 0.9, -2.0, 2.0, 0.0, 1.4, 0, 0])
     return [out, mean, invstd, var, *grads, *add_fwd, *add_grads, *add_eval, *add_eval_grads, norm, *tensors,
             *filled]
 
@@ -855,7 +857,7 @@ def test_clip_and_init_memory_traffic(emu):
     aligned = tensors[:4]
     for ts, eff in ((aligned, 0.9), (tensors, 0.2)):
         n = len(ts)
-        check(_traffic(emu, lambda: o.philox_fill_(ts, 7, list(range(n)), [0] * n, [0.0, 1.0, 0, 0, 0, 0] * n)), ts,
+        check(_traffic(emu, lambda: o.philox_fill_(ts, 7, list(range(n)), [0] * n, [0.0, 1.0, 0, 0, 0, 0, 0, 0] * n)), ts,
               0, 1, "init", eff)
 
 

@@ -115,12 +115,13 @@ def variants():
                         {"base_ptr": d, "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
                          "stream_ptr": "*i64", "kind_ptr": "*i64", "param_ptr": "*fp32", "seed": "i64"},
                         {"OUT_DTYPE": dt, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024, "ALIGNED": aligned,
-                         "VEC": vec}, {"num_warps": 8, "enable_fp_fusion": False}))
-    # float64 init: the full-precision stream (float64 parameters, erf/exp/log/sin/cos in float64)
+                         "VEC": vec, "LIBDEVICE": True}, {"num_warps": 8, "enable_fp_fusion": False}))
+    # float64 init: the full-precision stream (float64 parameters; libdevice's erf, erfc, exp and log)
     out.append(("philox_fill fp64", init._philox_fill_kernel,
                 {"base_ptr": "*fp64", "offset_ptr": "*i64", "numel_ptr": "*i64", "start_ptr": "*i64",
                  "stream_ptr": "*i64", "kind_ptr": "*i64", "param_ptr": "*fp64", "seed": "i64"},
-                {"OUT_DTYPE": tl.float64, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024, "ALIGNED": True, "VEC": 2},
+                {"OUT_DTYPE": tl.float64, "CHUNK_ELEMS": init.CHUNK, "BLOCK_B": 1024, "ALIGNED": True, "VEC": 2,
+                 "LIBDEVICE": True},
                 {"num_warps": 8, "enable_fp_fusion": False}))
     f = "*fp32"
     # M == 1 (eval backward of a 1-element batch): Triton passes an integer argument equal to 1 as

@@ -97,7 +97,8 @@ def _fill(tensors, specs, seed):
                     buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                     targets.append(buf)
                     copies.append((t, buf))
-            params = [float(p) for k in ks for p in specs[k][1]]
+            f64 = dtype == torch.float64
+            params = [float(p) for k in ks for p in (_params_f64(*specs[k][:2]) if f64 else specs[k][1] + (0.0, 0.0))]
             impl(backend).philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
             for t, buf in copies:
                 t.copy_(buf)
@@ -140,6 +141,26 @@ def _trunc_normal_spec(mean, std, a, b):
     lo = 2 * norm_cdf((a - mean) / std) - 1
     hi = 2 * norm_cdf((b - mean) / std) - 1
     return (TRUNC_NORMAL, _params(lo, hi, a, b, mean, std * math.sqrt(2.0)))
+
+
+def _params_f64(kind, params):
+    """The float64 stream's eight parameters (csrc/philox.h): the float32 stream's six, except for the
+    truncated normal, whose erf-domain interval is given as (lo, span, ..., qlo, qhi), each number at
+    its own relative precision: lo = erf(alpha'), span = erf(beta') - erf(alpha') (from erfc where both
+    bounds are on one side, so a narrow interval deep in a tail keeps its width), and the distances of
+    the bounds from -1 and 1, qlo = erfc(-alpha') and qhi = erfc(beta'), which 1 -+ erf would round away
+    beyond a few standard deviations."""
+    if kind != TRUNC_NORMAL:
+        return tuple(params) + (0.0, 0.0)
+    a, b, mean, scale = params[2:6]
+    lo_x, hi_x = (a - mean) / scale, (b - mean) / scale
+    if lo_x >= 0:
+        span = math.erfc(lo_x) - math.erfc(hi_x)
+    elif hi_x <= 0:
+        span = math.erfc(-hi_x) - math.erfc(-lo_x)
+    else:
+        span = math.erf(hi_x) - math.erf(lo_x)
+    return (math.erf(lo_x), span, a, b, mean, scale, math.erfc(-lo_x), math.erfc(hi_x))
 
 
 def _apply(tensor, fname, spec_of, seed, generator, random=True):

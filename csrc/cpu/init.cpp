@@ -74,8 +74,9 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
                      at::ArrayRef<double> params) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   TORCH_CHECK(static_cast<int64_t>(streams.size()) == n && static_cast<int64_t>(kinds.size()) == n &&
-                  static_cast<int64_t>(params.size()) == 6 * n,
-              "philox_fill_: expected one stream, one kind and six params per tensor, got ", n, " tensors, ",
+                  static_cast<int64_t>(params.size()) == kInitParams * n,
+              "philox_fill_: expected one stream, one kind and ", kInitParams, " params per tensor, got ", n,
+              " tensors, ",
               streams.size(), " streams, ", kinds.size(), " kinds and ", params.size(), " params");
   std::vector<InitParams> prm(n);
   std::vector<InitParams64> prm64(n);
@@ -87,14 +88,14 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
                 " must be floating point, got ", t.scalar_type());
     TORCH_CHECK(kinds[i] >= kUniform && kinds[i] <= kConstant, "philox_fill_: unknown kind ", kinds[i]);
     prm[i] = InitParams{kinds[i],
-                        static_cast<float>(params[6 * i + 0]),
-                        static_cast<float>(params[6 * i + 1]),
-                        static_cast<float>(params[6 * i + 2]),
-                        static_cast<float>(params[6 * i + 3]),
-                        static_cast<float>(params[6 * i + 4]),
-                        static_cast<float>(params[6 * i + 5])};
+                        static_cast<float>(params[kInitParams * i + 0]),
+                        static_cast<float>(params[kInitParams * i + 1]),
+                        static_cast<float>(params[kInitParams * i + 2]),
+                        static_cast<float>(params[kInitParams * i + 3]),
+                        static_cast<float>(params[kInitParams * i + 4]),
+                        static_cast<float>(params[kInitParams * i + 5])};
     prm64[i].kind = kinds[i];
-    for (int k = 0; k < 6; ++k) prm64[i].p[k] = params[6 * i + k];
+    for (int k = 0; k < kInitParams; ++k) prm64[i].p[k] = params[kInitParams * i + k];
   }
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunkElems);
   const uint64_t useed = static_cast<uint64_t>(seed);

@@ -59,7 +59,7 @@ __global__ void philox_fill_f64_kernel(ChunkTable table, InitTable init, const d
   prm.kind = init.kind[slot];
   const int64_t li = table.list_index[slot];
 #pragma unroll
-  for (int k = 0; k < 6; ++k) prm.p[k] = params[6 * li + k];
+  for (int k = 0; k < kInitParams; ++k) prm.p[k] = params[kInitParams * li + k];
   const uint64_t stream = static_cast<uint64_t>(init.stream[slot]);
   for (int64_t i = begin + 2 * static_cast<int64_t>(threadIdx.x); i < end; i += 2 * static_cast<int64_t>(blockDim.x)) {
     double v[2];
@@ -73,8 +73,8 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
                       at::ArrayRef<double> params) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   TORCH_CHECK(static_cast<int64_t>(streams.size()) == n && static_cast<int64_t>(kinds.size()) == n &&
-                  static_cast<int64_t>(params.size()) == 6 * n,
-              "philox_fill_: expected one stream, one kind and six params per tensor");
+                  static_cast<int64_t>(params.size()) == kInitParams * n,
+              "philox_fill_: expected one stream, one kind and ", kInitParams, " params per tensor");
   if (n == 0) return;
   const auto dtype = tensors[0].scalar_type();
   for (int64_t i = 0; i < n; ++i) {
@@ -111,7 +111,7 @@ void philox_fill_cuda(at::TensorList tensors, int64_t seed, at::IntArrayRef stre
         const int64_t li = table.list_index[s];
         init.stream[s] = streams[li];
         init.kind[s] = static_cast<int32_t>(kinds[li]);
-        for (int k = 0; k < 6; ++k) init.param[s][k] = static_cast<float>(params[6 * li + k]);
+        for (int k = 0; k < 6; ++k) init.param[s][k] = static_cast<float>(params[kInitParams * li + k]);
       }
       TF_LAUNCH(nb, 256, 0, stream, philox_fill_kernel<scalar_t>)(table, init, static_cast<uint64_t>(seed));
       TF_LAUNCH_CHECK();

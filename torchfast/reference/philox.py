@@ -175,37 +175,83 @@ def values(seed: int, stream: int, start: int, count: int, kind: int, params, de
 # as the 64-bit W = w_even << 32 | w_odd; u = ((W >> 11) * 2 + 1) * 2**-54, exactly, in (0, 1). Every
 # operation is a float64 operation rounded on its own:
 #   uniform:      lo + (hi - lo) * u
-#   normal:       Box-Muller on the block's two values: r = sqrt(-2 log u0), t = 2 pi u1,
-#                 z0 = r cos t, z1 = r sin t, value = mean + std * z
-#   trunc_normal: v = lo + (hi - lo) * u, value = clamp(mean + std sqrt(2) erfinv_f64(v), a, b)
-TWO_PI_F64 = 6.283185307179586
+#   normal:       Box-Muller on the block's two values: r = sqrt(-2 log u0), z0 = r cos(2 pi u1),
+#                 z1 = r sin(2 pi u1), value = mean + std * z, with sin and cos the stream's own
+#                 (sincos_2pi_unit64) and log the math library's
+#   trunc_normal: params (lo, span, a, b, mean, std sqrt(2), qlo, qhi): lo = erf(alpha'),
+#                 span = erf(beta') - lo, qlo = erfc(-alpha') = 1 + lo, qhi = erfc(beta'), each at its own
+#                 relative precision (torchfast.init._params_f64); the drawn point t = lo + span u and
+#                 its distances from -1 and 1, dl = qlo + span u and dh = qhi + span (1 - u) (sums of
+#                 positive terms: nothing cancels in the tails); d = min(dl, dh), z = erfinv_f64(t, d),
+#                 negative when (t < 0 if d >= 1/2 else dl < dh);
+#                 value = clamp(mean + std sqrt(2) (-z if negative else z), a, b)
 TWO_OVER_SQRT_PI = 1.1283791670955126
 SQRT_PI = 1.7724538509055159
+
+# Taylor coefficients of sin(pi r) (odd powers, r^1 .. r^19) and cos(pi r) (even powers, r^0 .. r^18),
+# each the float64 nearest to pi^k / k! with its sign.
+_SIN_PI_F64 = tuple(float.fromhex(h) for h in (
+    "0x1.921fb54442d18p+1", "-0x1.4abbce625be53p+2", "0x1.466bc6775aae2p+1", "-0x1.32d2cce62bd86p-1",
+    "0x1.50783487ee782p-4", "-0x1.e3074fde8871fp-8", "0x1.e8f434d018d63p-12", "-0x1.6fadb9f155744p-16",
+    "0x1.aaec32af93359p-21", "-0x1.8a404211f9547p-26"))
+_COS_PI_F64 = tuple(float.fromhex(h) for h in (
+    "0x1.0000000000000p+0", "-0x1.3bd3cc9be45dep+2", "0x1.03c1f081b5ac4p+2", "-0x1.55d3c7e3cbffap+0",
+    "0x1.e1f506891babbp-3", "-0x1.a6d1f2a204a8cp-6", "0x1.f9d38a3763cc3p-10", "-0x1.b6e24f44b128fp-14",
+    "0x1.20c62c2f2d7f5p-18", "-0x1.2a0c591af8314p-23"))
+
+
+def unit64_index(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """k = (hi << 32 | lo) >> 11 from two uint32 words held in int64: the unit value is (2k + 1) 2^-54."""
+    return (hi << 21) | (lo >> 11)  # < 2^53: fits int64
 
 
 def word_pair_to_unit64(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """(hi << 32 | lo) >> 11 from two uint32 words held in int64, as (2k + 1) 2^-54 in float64."""
-    k = (hi << 21) | (lo >> 11)  # < 2^53: fits int64
-    return (k * 2 + 1).to(torch.float64) * 2.0 ** -54
+    return (unit64_index(hi, lo) * 2 + 1).to(torch.float64) * 2.0 ** -54
 
 
-def erfinv_f64(x: torch.Tensor) -> torch.Tensor:
-    """erfinv in float64: a start point (Giles' single-precision polynomial evaluated in float64 in the
-    body, the asymptotic sqrt(-log(q sqrt(pi) sqrt(-log q))), q = 1 - |x|, in the tails), then four
-    Newton steps on erf. Relative error 4e-15 for |x| < 0.999 (|value| < 3.3 std); in the tails erf's
-    absolute rounding near 1 limits it (7e-7 at 1 - 1e-12). Only erf, exp, log and sqrt: every backend
-    has them, Triton's interpreter included."""
-    a = x.abs()
-    q = 1.0 - a
-    w = -torch.log(q * (1.0 + a))
-    pc = torch.full_like(a, _ERFINV_CENTRAL[0])
+def sincos_2pi_unit64(k: torch.Tensor):
+    """(sin, cos) of 2 pi u for u = (2k + 1) 2^-54: n = 2k + 1, 2u = n 2^-53 = q / 2 + r with
+    q = round(4u) and r = (n - q 2^52) 2^-53 in [-1/4, 1/4], both exact; Taylor polynomials of sin(pi r)
+    and cos(pi r) in float64, then the quadrant's swap and signs. Within 1.6 ulp."""
+    n = k * 2 + 1
+    q = (n + (1 << 51)) >> 52
+    r = (n - q * (1 << 52)).to(torch.float64) * 2.0 ** -53
+    t = r * r
+    sp = torch.full_like(r, _SIN_PI_F64[-1])
+    cp = torch.full_like(r, _COS_PI_F64[-1])
+    for cs, cc in zip(reversed(_SIN_PI_F64[:-1]), reversed(_COS_PI_F64[:-1])):
+        sp = sp * t + cs
+        cp = cp * t + cc
+    sp = sp * r
+    quadrant = q & 3
+    odd = (quadrant & 1) == 1
+    a, b = torch.where(odd, cp, sp), torch.where(odd, sp, cp)
+    s = torch.where((quadrant & 2) == 2, -a, a)
+    c = torch.where((quadrant == 1) | (quadrant == 2), -b, b)
+    return s, c
+
+
+def erfinv_f64(t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """|erfinv(t)| in float64, given t (exact near 0) and d, its distance from the nearer of -1 and 1
+    (exact near the poles). In the body (d >= 1/2) Newton runs on erf(z) = |t|, in the tails on
+    erfc(z) = d, which keeps its relative precision however small d is. Start point: Giles'
+    single-precision polynomial evaluated in float64 (w = -log((1 - x)(1 + x)), x = |t|) where w < 5,
+    the asymptotic sqrt(-log(d sqrt(pi) sqrt(-log d))) beyond; then four Newton steps. Relative error
+    below 1e-15 from the body to d = 1e-300."""
+    central = d >= 0.5
+    x = torch.where(central, t.abs(), 1.0 - d)
+    q = torch.where(central, 1.0 - x, d)
+    w = -torch.log(q * (1.0 + x))
+    pc = torch.full_like(x, _ERFINV_CENTRAL[0])
     for c in _ERFINV_CENTRAL[1:]:
         pc = pc * (w - 2.5) + c
     tail = torch.sqrt(-torch.log(q * torch.sqrt(-torch.log(q)) * SQRT_PI))
-    z = torch.where(w < 5.0, pc * a, tail)
+    z = torch.where(w < 5.0, pc * x, tail)
     for _ in range(4):
-        z = z - (torch.erf(z) - a) / (TWO_OVER_SQRT_PI * torch.exp(-(z * z)))
-    return torch.where(x < 0, -z, z)
+        r = torch.where(central, torch.erf(z) - x, q - torch.special.erfc(z))
+        z = z - r / (TWO_OVER_SQRT_PI * torch.exp(-(z * z)))
+    return z
 
 
 def values_f64(seed: int, stream: int, start: int, count: int, kind: int, params, device) -> torch.Tensor:
@@ -221,10 +267,16 @@ def values_f64(seed: int, stream: int, start: int, count: int, kind: int, params
         v = p[0] + (p[1] - p[0]) * u
     elif kind == NORMAL:
         r = torch.sqrt(torch.log(u[:, 0]) * -2.0)
-        t = u[:, 1] * TWO_PI_F64
-        v = p[0] + p[1] * torch.stack((r * torch.cos(t), r * torch.sin(t)), dim=1)
+        s, c = sincos_2pi_unit64(unit64_index(w2, w3))
+        v = p[0] + p[1] * torch.stack((r * c, r * s), dim=1)
     elif kind == TRUNC_NORMAL:
-        v = torch.minimum(torch.maximum(p[4] + p[5] * erfinv_f64(p[0] + (p[1] - p[0]) * u), p[2]), p[3])
+        t = p[0] + p[1] * u
+        dl = p[6] + p[1] * u
+        dh = p[7] + p[1] * (1.0 - u)
+        d = torch.minimum(dl, dh)
+        z = erfinv_f64(t, d)
+        negative = torch.where(d >= 0.5, t < 0, dl < dh)
+        v = torch.minimum(torch.maximum(p[4] + p[5] * torch.where(negative, -z, z), p[2]), p[3])
     else:
         raise ValueError("unknown init kind %r" % (kind,))
     return v.reshape(-1)[:count]
@@ -238,7 +290,7 @@ def philox_fill_(tensors, seed, streams, kinds, params):
     """Reference for torch.ops.torchfast.philox_fill_: fills each tensor (any layout) in place."""
     with torch.no_grad():
         for i, t in enumerate(tensors):
-            p = params[6 * i: 6 * i + 6]
+            p = params[8 * i: 8 * i + 8]
             n = t.numel()
             f64 = t.dtype == torch.float64
             gen = values_f64 if f64 else values

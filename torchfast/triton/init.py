@@ -1,7 +1,7 @@
 """Batched Philox init in Triton: one launch per batch (one (device, dtype) group).
 
 Memory traffic: one write of every tensor. Each program fills one chunk of one tensor, located through
-a chunk table (tensor address, element count, first element, stream, distribution, six parameters).
+a chunk table (tensor address, element count, first element, stream, distribution, eight parameters).
 Counters follow csrc/philox.h: block i//4 in counter words 0-1, the tensor's stream in words 2-3,
 key = seed; tl.philox implements exactly Philox4x32-10 with that layout. float32 values of every
 distribution are bitwise equal to the other backends: the kernel is compiled with FMA contraction off,
@@ -16,6 +16,7 @@ from typing import List
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
 from torchfast.triton import INTERPRET, chunk_table, device_guard, tl_dtype, upload
@@ -107,37 +108,109 @@ def _f64(c):
 
 
 @triton.jit
-def _erfinv_f64(x):
-    # torchfast/reference/philox.py erfinv_f64: start point, then four Newton steps on erf
-    a = tl.abs(x)
-    q = _f64(1.0) - a
-    w = -tl.log(q * (_f64(1.0) + a))
+def _erfc_f64(z, LIBDEVICE: tl.constexpr):
+    """erfc in float64 at full relative precision: libdevice's on a GPU. Triton's interpreter runs no
+    libdevice call, so there: 1 - erf(z) below 1.5 (erfc > 0.03, the difference loses < 2 bits) and the
+    continued fraction erfc(z) = exp(-z^2) / (sqrt(pi) (z + 1/2 / (z + 1 / (z + 3/2 / (z + ...)))))
+    above, 100 terms deep, within 2e-16 for z >= 1.5."""
+    if LIBDEVICE:
+        return libdevice.erfc(z)
+    else:
+        zc = tl.maximum(z, _f64(1.5))
+        k = tl.zeros_like(zc)
+        for i in tl.static_range(100, 0, -1):
+            k = _f64(0.5 * i) / (zc + k)
+        cf = tl.exp(-(zc * zc)) / (_f64(1.7724538509055159) * (zc + k))
+        return tl.where(z < _f64(1.5), _f64(1.0) - tl.math.erf(z), cf)
+
+
+@triton.jit
+def _erfinv_f64(t, d, LIBDEVICE: tl.constexpr):
+    # csrc/philox.h erfinv_f64: Newton on erf(z) = |t| in the body (d >= 1/2), on erfc(z) = d in the tails
+    central = d >= _f64(0.5)
+    x = tl.where(central, tl.abs(t), _f64(1.0) - d)
+    q = tl.where(central, _f64(1.0) - x, d)
+    w = -tl.log(q * (_f64(1.0) + x))
     wc = w - _f64(2.5)
     p = _f64(2.81022636e-08)
-    p = _f64(3.43273939e-07) + p * wc
-    p = _f64(-3.5233877e-06) + p * wc
-    p = _f64(-4.39150654e-06) + p * wc
-    p = _f64(0.00021858087) + p * wc
-    p = _f64(-0.00125372503) + p * wc
-    p = _f64(-0.00417768164) + p * wc
-    p = _f64(0.246640727) + p * wc
-    p = _f64(1.50140941) + p * wc
+    p = p * wc + _f64(3.43273939e-07)
+    p = p * wc + _f64(-3.5233877e-06)
+    p = p * wc + _f64(-4.39150654e-06)
+    p = p * wc + _f64(0.00021858087)
+    p = p * wc + _f64(-0.00125372503)
+    p = p * wc + _f64(-0.00417768164)
+    p = p * wc + _f64(0.246640727)
+    p = p * wc + _f64(1.50140941)
     tail = tl.sqrt(-tl.log(q * tl.sqrt(-tl.log(q)) * _f64(1.7724538509055159)))
-    z = tl.where(w < _f64(5.0), p * a, tail)
+    z = tl.where(w < _f64(5.0), p * x, tail)
     for _ in tl.static_range(4):
-        z = z - (tl.math.erf(z) - a) / (_f64(1.1283791670955126) * tl.exp(-(z * z)))
-    return tl.where(x < _f64(0.0), -z, z)
+        r = tl.where(central, tl.math.erf(z) - x, q - _erfc_f64(z, LIBDEVICE))
+        z = z - r / (_f64(1.1283791670955126) * tl.exp(-(z * z)))
+    return z
+
+
+@triton.jit
+def _sincos_2pi_f64(k):
+    # csrc/philox.h sincos_2pi_unit64: exact quadrant split of 2u = (2k + 1) 2^-53, Taylor polynomials
+    n = (k * 2 + 1).to(tl.int64)
+    q = (n + (1 << 51)) >> 52
+    r = (n - (q << 52)).to(tl.float64) * _f64(1.1102230246251565e-16)
+    t = r * r
+    sp = _f64(-2.2948428997269873e-08)
+    sp = sp * t + _f64(7.952054001475513e-07)
+    sp = sp * t + _f64(-2.1915353447830217e-05)
+    sp = sp * t + _f64(0.00046630280576761255)
+    sp = sp * t + _f64(-0.0073704309457143504)
+    sp = sp * t + _f64(0.08214588661112823)
+    sp = sp * t + _f64(-0.5992645293207921)
+    sp = sp * t + _f64(2.5501640398773455)
+    sp = sp * t + _f64(-5.16771278004997)
+    sp = sp * t + _f64(3.141592653589793)
+    sp = sp * r
+    cp = _f64(-1.3878952462213771e-07)
+    cp = cp * t + _f64(4.303069587032947e-06)
+    cp = cp * t + _f64(-0.0001046381049248457)
+    cp = cp * t + _f64(0.0019295743094039231)
+    cp = cp * t + _f64(-0.02580689139001406)
+    cp = cp * t + _f64(0.2353306303588932)
+    cp = cp * t + _f64(-1.3352627688545895)
+    cp = cp * t + _f64(4.0587121264167685)
+    cp = cp * t + _f64(-4.934802200544679)
+    cp = cp * t + _f64(1.0)
+    quadrant = q & 3
+    odd = (quadrant & 1) == 1
+    a = tl.where(odd, cp, sp)
+    b = tl.where(odd, sp, cp)
+    s = tl.where((quadrant & 2) == 2, -a, a)
+    c = tl.where((quadrant == 1) | (quadrant == 2), -b, b)
+    return s, c
+
+
+@triton.jit
+def _index64(hi, lo):
+    return (hi.to(tl.uint64) << 21) | (lo.to(tl.uint64) >> 11)
 
 
 @triton.jit
 def _unit64(hi, lo):
-    k = (hi.to(tl.uint64) << 21) | (lo.to(tl.uint64) >> 11)
-    return (k * 2 + 1).to(tl.float64) * _f64(5.551115123125783e-17)
+    return (_index64(hi, lo) * 2 + 1).to(tl.float64) * _f64(5.551115123125783e-17)
 
 
 @triton.jit
-def _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, seed, CHUNK_ELEMS: tl.constexpr,
-                     BLOCK_B: tl.constexpr):
+def _trunc_f64(u, lo, span, a, b, mean, scale, qlo, qhi, LIBDEVICE: tl.constexpr):
+    # csrc/philox.h philox_values_f64, kTruncNormal: t and its distances from -1 and 1
+    t = lo + span * u
+    dl = qlo + span * u
+    dh = qhi + span * (_f64(1.0) - u)
+    d = tl.minimum(dl, dh)
+    z = _erfinv_f64(t, d, LIBDEVICE)
+    negative = tl.where(d >= _f64(0.5), t < _f64(0.0), dl < dh)
+    return tl.minimum(tl.maximum(mean + scale * tl.where(negative, -z, z), a), b)
+
+
+@triton.jit
+def _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, p6, p7, seed,
+                     CHUNK_ELEMS: tl.constexpr, BLOCK_B: tl.constexpr, LIBDEVICE: tl.constexpr):
     """float64 tensors: two elements per Philox block at full precision (csrc/philox.h philox_values_f64)."""
     lanes = tl.arange(0, BLOCK_B).to(tl.int64)
     for step in range(0, tl.minimum(CHUNK_ELEMS, n - start), 2 * BLOCK_B):
@@ -151,12 +224,11 @@ def _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, se
             v0, v1 = p0 + span * u0, p0 + span * u1
         elif kind == 1:
             r = tl.sqrt(tl.log(u0) * _f64(-2.0))
-            t = u1 * _f64(6.283185307179586)
-            v0, v1 = p0 + p1 * (r * tl.cos(t)), p0 + p1 * (r * tl.sin(t))
+            s, c = _sincos_2pi_f64(_index64(w2, w3))
+            v0, v1 = p0 + p1 * (r * c), p0 + p1 * (r * s)
         elif kind == 2:
-            span = p1 - p0
-            v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f64(p0 + span * u0), p2), p3)
-            v1 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f64(p0 + span * u1), p2), p3)
+            v0 = _trunc_f64(u0, p0, p1, p2, p3, p4, p5, p6, p7, LIBDEVICE)
+            v1 = _trunc_f64(u1, p0, p1, p2, p3, p4, p5, p6, p7, LIBDEVICE)
         else:
             v0 = tl.zeros_like(u0) + p0
             v1 = v0
@@ -196,7 +268,7 @@ def _values32(seed, blk, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, BLOCK_B: tl.c
 @triton.jit
 def _philox_fill_kernel(base_ptr, offset_ptr, numel_ptr, start_ptr, stream_ptr, kind_ptr, param_ptr, seed,
                         OUT_DTYPE: tl.constexpr, CHUNK_ELEMS: tl.constexpr, BLOCK_B: tl.constexpr,
-                        ALIGNED: tl.constexpr, VEC: tl.constexpr):
+                        ALIGNED: tl.constexpr, VEC: tl.constexpr, LIBDEVICE: tl.constexpr):
     """One chunk of one tensor per program. The tensor is addressed as base_ptr + its element offset
     (a pointer read from memory would carry no alignment); ALIGNED (every tensor of the launch 16-byte
     aligned): the offset is declared a multiple of VEC elements, so the unmasked whole steps store
@@ -211,16 +283,19 @@ def _philox_fill_kernel(base_ptr, offset_ptr, numel_ptr, start_ptr, stream_ptr, 
     n = tl.load(numel_ptr + pid)
     stream = tl.load(stream_ptr + pid)
     kind = tl.load(kind_ptr + pid)
-    p0 = tl.load(param_ptr + 6 * pid + 0)
-    p1 = tl.load(param_ptr + 6 * pid + 1)
-    p2 = tl.load(param_ptr + 6 * pid + 2)
-    p3 = tl.load(param_ptr + 6 * pid + 3)
-    p4 = tl.load(param_ptr + 6 * pid + 4)
-    p5 = tl.load(param_ptr + 6 * pid + 5)
+    p0 = tl.load(param_ptr + 8 * pid + 0)
+    p1 = tl.load(param_ptr + 8 * pid + 1)
+    p2 = tl.load(param_ptr + 8 * pid + 2)
+    p3 = tl.load(param_ptr + 8 * pid + 3)
+    p4 = tl.load(param_ptr + 8 * pid + 4)
+    p5 = tl.load(param_ptr + 8 * pid + 5)
     s_lo = (stream & 0xFFFFFFFF).to(tl.uint32)
     s_hi = (stream >> 32).to(tl.uint32)
     if OUT_DTYPE == tl.float64:
-        _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, seed, CHUNK_ELEMS, BLOCK_B)
+        p6 = tl.load(param_ptr + 8 * pid + 6)
+        p7 = tl.load(param_ptr + 8 * pid + 7)
+        _philox_fill_f64(out, n, start, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, p6, p7, seed, CHUNK_ELEMS,
+                         BLOCK_B, LIBDEVICE)
         return
     lanes = tl.arange(0, BLOCK_B).to(tl.int64)
     end = tl.minimum(n, start + CHUNK_ELEMS)
@@ -247,7 +322,7 @@ def _fill_launch(tensors, seed, streams, kinds, params):
             raise ValueError("philox_fill_ (triton): tensor %d's address is not a multiple of its element size"
                              % i)
     # float64 tensors take their parameters unrounded (the full-precision stream)
-    prm_all = torch.tensor(params, dtype=torch.float64 if dtype == torch.float64 else torch.float32).view(-1, 6)
+    prm_all = torch.tensor(params, dtype=torch.float64 if dtype == torch.float64 else torch.float32).view(-1, 8)
     aligned = [i for i, t in enumerate(tensors) if t.data_ptr() % 16 == 0]
     groups = [(aligned, True)]
     if len(aligned) < len(tensors):
@@ -265,7 +340,8 @@ def _fill_launch(tensors, seed, streams, kinds, params):
         with device_guard(device):
             _philox_fill_kernel[(idx.numel(),)](base, table[0], table[1], table[2], table[3], table[4], prm_t, seed,
                                                 OUT_DTYPE=tl_dtype(dtype), CHUNK_ELEMS=CHUNK, BLOCK_B=block_b,
-                                                ALIGNED=flag, VEC=16 // base.element_size(), num_warps=8,
+                                                ALIGNED=flag, VEC=16 // base.element_size(), LIBDEVICE=not INTERPRET,
+                                                num_warps=8,
                                                 enable_fp_fusion=False)
 
 
