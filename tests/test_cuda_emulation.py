@@ -714,6 +714,31 @@ def test_philox_fill_matches_reference(emu, dtype):
             assert torch.equal(a, b), "tensor %d (kind %d)" % (i, kinds[i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_philox_fill_views_at_every_offset(emu, dtype):
+    """Views at element offsets 1, 2 and 3 of a buffer (their aligned vectors straddle two Philox
+    blocks: the warp-shuffle path), sized around the chunk (1028 elements under emulation) and the
+    31-vector warp step, every distribution: the reference's values, and nothing outside the views."""
+    sizes = [1, 2, 3, 5, 123, 124, 125, 1027, 1028, 1029, 2 * 1028 + 7]
+    for offset in (1, 2, 3):
+        buf = torch.full((sum(sizes) + 8 * len(sizes),), 7.0, dtype=dtype)
+        ref_buf = buf.clone()
+        views, ref_views, at = [], [], offset
+        for n in sizes:
+            views.append(buf[at:at + n])
+            ref_views.append(ref_buf[at:at + n])
+            at = (at + n + 8) // 8 * 8 + offset  # every view at the same offset from a 16-byte boundary
+        kinds = [i % 3 for i in range(len(sizes))]
+        params = []
+        for k in kinds:
+            p = {0: [-0.5, 1.5], 1: [0.1, 2.0], 2: [-0.9, 0.95, -2.0, 2.0, 0.1, 1.4]}[k]
+            params += p + [0] * (8 - len(p))
+        streams = [5 * i + 1 for i in range(len(sizes))]
+        ops().philox_fill_(views, 77, streams, kinds, params)
+        reference.philox.philox_fill_(ref_views, 77, streams, kinds, params)
+        assert torch.equal(buf, ref_buf), offset
+
+
 def test_philox_fill_is_the_cpu_backend_stream(emu, cpu_backend_built):
     sizes = [4097, 13]
     got = [torch.empty(n) for n in sizes]
@@ -851,14 +876,16 @@ def test_clip_and_init_memory_traffic(emu):
     check(_traffic(emu, lambda: o.multi_tensor_norm(tensors, 2.0)), tensors, 1, 0, "norm")
     total = torch.tensor(1e6)
     check(_traffic(emu, lambda: o.multi_tensor_clip_(tensors, total, 1.0)), tensors, 1, 1, "clip")
-    # init writes a Philox block of 4 elements per thread: one 16-byte store when the tensor is
-    # aligned; a misaligned view takes 4 scalar stores per thread, 25 % of their sectors (known, left:
-    # views into a buffer at odd offsets are rare init targets), so only its bytes are held.
-    aligned = tensors[:4]
-    for ts, eff in ((aligned, 0.9), (tensors, 0.2)):
+    # init writes a Philox block of 4 elements per thread as one 16-byte store; a misaligned view's
+    # vectors straddle two blocks (warp shuffles), still one contiguous run of stores per warp (before:
+    # 4 scalar stores per thread, 16 bytes apart, a quarter of each sector).
+    for ts in (tensors[:4], tensors):
         n = len(ts)
-        check(_traffic(emu, lambda: o.philox_fill_(ts, 7, list(range(n)), [0] * n, [0.0, 1.0, 0, 0, 0, 0, 0, 0] * n)), ts,
-              0, 1, "init", eff)
+        check(_traffic(emu, lambda: o.philox_fill_(ts, 7, list(range(n)), [0] * n, [0.0, 1.0, 0, 0, 0, 0, 0, 0] * n)),
+              ts, 0, 1, "init")
+    misaligned = [buf[2:2 + 3001], buf[5003:5003 + 4000]]  # offsets 2 and 3 (fp32)
+    check(_traffic(emu, lambda: o.philox_fill_(misaligned, 7, [0, 1], [1, 1], [0.0, 1.0, 0, 0, 0, 0, 0, 0] * 2)),
+          misaligned, 0, 1, "init")
 
 
 def test_misaligned_vector_access_faults(emu):

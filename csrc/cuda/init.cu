@@ -1,7 +1,7 @@
 // Batched Philox init on CUDA: one launch covers a whole batch (per 320 tensors / 1024 chunks of
 // 64K elements); each thread makes one Philox call per 4 consecutive elements. Memory traffic: one
-// write of each tensor, as one vector store per Philox call (16 bytes for fp32) when the tensor is
-// aligned. Values follow csrc/philox.h exactly (uniform bitwise equal to the CPU and
+// write of each tensor, as one vector store per Philox call (16 bytes for fp32), also for views at odd
+// element offsets (their vectors straddle two Philox blocks: warp shuffles, see philox_fill_kernel). Values follow csrc/philox.h exactly (uniform bitwise equal to the CPU and
 // reference backends: every float op is an explicit round-to-nearest intrinsic, never an FMA).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -13,6 +13,26 @@
 namespace torchfast {
 namespace cuda {
 namespace {
+
+// Values for elements [e0, e0 + 4) of a tensor whose 16-byte-aligned vectors start H elements after
+// its Philox blocks' starts: the last 4 - H values of one block (v) and the first H of the next (nx).
+template <int H, typename scalar_t>
+__device__ __forceinline__ void store_straddling(scalar_t* out, int64_t e0, int64_t n, const float v[4],
+                                                 const float nx[4]) {
+  float w[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) w[r] = r < 4 - H ? v[H + r] : nx[r - (4 - H)];
+  if (e0 + 4 <= n) {
+    Vec<scalar_t, 4> x;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) x.v[r] = static_cast<scalar_t>(w[r]);
+    store_vec<4>(out + e0, x);
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (e0 + r < n) st(out + e0 + r, static_cast<scalar_t>(w[r]));
+  }
+}
 
 template <typename scalar_t>
 __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t seed) {
@@ -29,7 +49,41 @@ __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t se
   prm.p4 = init.param[slot][4];
   prm.p5 = init.param[slot][5];
   const uint64_t stream = static_cast<uint64_t>(init.stream[slot]);
-  const bool aligned = reinterpret_cast<uintptr_t>(out) % (4 * sizeof(scalar_t)) == 0;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+  if (addr % (4 * sizeof(scalar_t)) != 0 && addr % sizeof(scalar_t) == 0) {
+    // A view at an odd element offset: its aligned vectors [4j + h, 4j + h + 4) straddle Philox blocks
+    // j and j + 1. Each warp computes 32 consecutive blocks and stores 31 whole vectors, taking the
+    // next block's first h values from the next lane, so a warp's stores stay one contiguous run of
+    // full sectors (4 scalar stores per thread, 16 bytes apart, would use a quarter of each sector).
+    // The chunk owns vectors j in [begin / 4, ceil(end / 4)); the tensor's first h elements (before its
+    // first aligned one) are stored by the thread holding block 0.
+    const int h = 4 - static_cast<int>((addr / sizeof(scalar_t)) % 4);
+    const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+    const int64_t n = table.numel[slot], jend = (end + 3) / 4;
+    for (int64_t j0 = begin / 4 + 31 * warp; j0 < jend; j0 += 31 * static_cast<int64_t>(blockDim.x / 32)) {
+      const int64_t j = j0 + lane;  // warp-uniform loop: every lane takes part in the shuffle
+      float v[4], nx[4];
+      philox_values(seed, stream, static_cast<uint64_t>(j), prm, v);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) nx[r] = __shfl_down_sync(0xffffffffu, v[r], 1);
+      if (j == 0) {
+#pragma unroll
+        for (int r = 0; r < 3; ++r)
+          if (r < h && r < n) st(out + r, static_cast<scalar_t>(v[r]));
+      }
+      const int64_t e0 = 4 * j + h;
+      if (lane < 31 && j < jend && e0 < n) {
+        if (h == 1)
+          store_straddling<1>(out, e0, n, v, nx);
+        else if (h == 2)
+          store_straddling<2>(out, e0, n, v, nx);
+        else
+          store_straddling<3>(out, e0, n, v, nx);
+      }
+    }
+    return;
+  }
+  const bool aligned = addr % (4 * sizeof(scalar_t)) == 0;
   for (int64_t i = begin + 4 * static_cast<int64_t>(threadIdx.x); i < end; i += 4 * static_cast<int64_t>(blockDim.x)) {
     float v[4];
     philox_values(seed, stream, static_cast<uint64_t>(i >> 2), prm, v);
