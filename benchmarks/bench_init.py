@@ -5,6 +5,7 @@ Bytes of the minimal algorithm: one write of every tensor (T). torch.compile is 
 init is a loop of in-place RNG calls with nothing to fuse.
 """
 import math
+import time
 
 import torch
 from torch import nn
@@ -52,6 +53,11 @@ def cases(device, quick):
         for name in _LIBRARY_MODELS:  # real models with their own init code (stock vs fast_init only)
             if _library_model(name) is not None:
                 yield "construct model", name
+        # A user builds a model once per process: the first build there, into memory the process has
+        # never touched, with whatever one-time costs the first call pays (imports, page faults).
+        for name in ["GPT2Medium"] + list(_LIBRARY_MODELS):
+            if name == "GPT2Medium" or _library_model(name) is not None:
+                yield "construct model, new process", name
 
 
 # name -> (module, constructor): torchvision and timm models built with their own init, when installed.
@@ -71,6 +77,41 @@ def _library_model(name):
     return lambda: make(lib)
 
 
+def _constructor(what):
+    if what in _LIBRARY_MODELS:
+        return _library_model(what)
+    return {"GPT2Small": GPT2Small, "GPT2Medium": GPT2Medium}[what]
+
+
+def _new_process_build(what, impl, backend, device):
+    """Seconds of one build of `what` in a new Python process, imports and device set-up excluded:
+    stock constructor (impl "stock") or fast_init with `backend`."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, __file__, "--one-build", what, impl, backend or "-", str(device)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError("new-process build of %s (%s) failed:\n%s" % (what, impl, out.stderr[-2000:]))
+    return float(out.stdout.split()[-1])
+
+
+def _one_build(what, impl, backend, device):
+    device = torch.device(device)
+    make = _constructor(what)
+    torch.empty(1, device=device)  # device set-up (a CUDA context) is not the build's
+    common.sync(device)
+    t0 = time.perf_counter()
+    if impl == "stock":
+        with torch.device(device):
+            m = make()
+    else:
+        with torchfast.use_backend(backend), torchfast.init.fast_init(seed=0, device=device):
+            m = make()
+    common.sync(device)
+    print("%.6f" % (time.perf_counter() - t0))
+    return m
+
+
 def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, progress=None, out_dir=None):
     device = torch.device(device)
     copy_bw = common.copy_bandwidth(device)
@@ -80,6 +121,20 @@ def run(device, quick=True, dtypes=None, compile_stock=False, backends=None, pro
     all_cases = list(cases(device, quick))
     for case, what in all_cases:
         impls = []
+        if case == "construct model, new process":
+            with torch.device("meta"):
+                nbytes = 4 * sum(p.numel() for p in _constructor(what)().parameters())
+            runs = [("stock eager", "stock", None)] + [("fast_init " + b, "fast_init", b) for b in backends]
+            times = {name: [] for name, _, _ in runs}
+            for i in range(3):  # the processes take turns; the median of 3 each
+                for name, impl, b in runs[i % len(runs):] + runs[:i % len(runs)]:
+                    times[name].append(_new_process_build(what, impl, b, device))
+            for name, _, _ in runs:
+                rows.append(common.make_row(device, "init", case, what, dtype, "-", name,
+                                            sorted(times[name])[1], nbytes, copy_bw))
+            if progress:
+                progress.step("init %s" % case)
+            continue
         if case == "construct model" and what in _LIBRARY_MODELS:
             make = _library_model(what)
             with torch.device("meta"):
@@ -158,4 +213,9 @@ def count(device, quick, dtypes=None):
 
 
 if __name__ == "__main__":
-    common.standalone(run)
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "--one-build":  # _new_process_build's child
+        _, _, what, impl, backend, device = sys.argv
+        _one_build(what, impl, None if backend == "-" else backend, device)
+    else:
+        common.standalone(run)
