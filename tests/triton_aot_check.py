@@ -7,12 +7,17 @@ ptxas to a cubin) and so catches what only the GPU compiler rejects: constexpr m
 in compiled mode, integer arguments that Triton specializes to constants (a value of 1), shapes it
 cannot lay out.
 
-Prints one JSON object: {"ok": [...], "failed": {variant: error}}.
+Prints one JSON object: {"ok": [...], "failed": {variant: error}, "vectors": {variant: {"ld.v4": n,
+...}}, "resources": {variant: {"REG": n, "STACK": n, "LOCAL": n}}} (resources from cuobjdump on the
+cubin, when a cuobjdump is found: the CUDA toolkit's or the one Triton's wheel bundles).
 """
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
@@ -71,10 +76,10 @@ def variants():
         for backward, from_out in ((False, False), (True, False), (True, True)):
             out.append(("reduce_rows %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_rows_kernel,
                         common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "RELU_ZERO_MAX": zero_max,
-                                 "BLOCK_N": 32, "BLOCK_S": 64}, {"num_warps": 4}))
+                                 "BLOCK_N": 32, "BLOCK_S": 64}, {"num_warps": bn_relu.RED_WARPS}))
             out.append(("reduce_cols %s bwd=%s from_out=%s" % (dt, backward, from_out), bn_relu._reduce_cols_kernel,
                         common, {"BACKWARD": backward, "MASK_FROM_OUT": from_out, "RELU_ZERO_MAX": zero_max,
-                                 "BLOCK_R": 32, "BLOCK_C": 64}, {"num_warps": 4}))
+                                 "BLOCK_R": 32, "BLOCK_C": 64}, {"num_warps": bn_relu.RED_WARPS}))
         ew_fwd = {"x_ptr": d, "r_ptr": d, "y_ptr": d, "mean_ptr": f, "scale_ptr": f, "beta_ptr": f}
         ew_bwd = {"x_ptr": d, "dy_ptr": d, "dx_ptr": d, "scale_ptr": f, "beta_ptr": f, "mean_ptr": f, "k0_ptr": f,
                   "k1_ptr": f, "k2_ptr": f}
@@ -173,8 +178,28 @@ def _vector_accesses(ptx: str) -> dict:
     return out
 
 
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def _resources(cubin: bytes, tool) -> dict:
+    """{"REG": registers per thread, "STACK": bytes, "LOCAL": bytes (spills)} of the cubin's kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
+    return {"REG": int(m.group(1)), "STACK": int(m.group(2)), "LOCAL": int(m.group(3))} if m else {}
+
+
 def main():
     only = sys.argv[1:]
+    tool = _cuobjdump()
+    resources = {}
     ok, failed, vectors = [], {}, {}
     t0 = time.time()
     for name, kernel, types, constexprs, options in variants():
@@ -188,9 +213,12 @@ def main():
                     raise RuntimeError("no cubin produced")
                 ok.append(key)
                 vectors[key] = _vector_accesses(k.asm["ptx"])
+                if tool is not None:
+                    resources[key] = _resources(k.asm["cubin"], tool)
             except Exception as e:  # noqa: BLE001 - report every failure, not the first
                 failed[key] = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[-1][:300] if str(e) else "")
-    print(json.dumps({"ok": ok, "failed": failed, "vectors": vectors, "seconds": round(time.time() - t0, 1)}))
+    print(json.dumps({"ok": ok, "failed": failed, "vectors": vectors, "resources": resources,
+                      "seconds": round(time.time() - t0, 1)}))
 
 
 if __name__ == "__main__":

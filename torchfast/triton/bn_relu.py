@@ -31,8 +31,8 @@ writes one partial pair; a finish kernel folds each channel's partials in float6
 and computes every per-channel constant in the same launch (no chain of small torch ops). The
 channels_last reduction reads [rows, channel block] tiles, so its loads are coalesced along C.
 
-Block shapes (for Hopper, 132 SMs, HBM3): tiles of 2048 elements (16 per thread at 4 warps: 4
-16-byte fp32 loads or 2 bf16 ones in flight per thread). The column block is the next power of two
+Block shapes (for Hopper, 132 SMs, HBM3): reduction tiles of 2048 elements (8 per thread at 8 warps:
+2 16-byte fp32 loads or 1 bf16 one per tensor in flight per thread, at most 80 registers). The column block is the next power of two
 of S or C, from 16 to 1024: 7x7 maps waste 23 % of the lanes, not 95 %, and there are few distinct
 shapes to JIT-compile. Splits grow until every channel (block) has about 8 tiles per program, up to
 1024, so that 64 channels of 112x112 at batch 256 still give thousands of programs. The elementwise
@@ -50,6 +50,11 @@ from torchfast._ops import _register_bn_add_relu, _register_bn_relu
 from torchfast.triton import INTERPRET, configs, device_guard
 
 RED_TILE = 256 if INTERPRET else 2048  # elements per reduction tile
+# Warps per reduction program: 8 elements of the 2048-element tile per thread. At 4 warps (16 per
+# thread) the backward with the mask from the output (3 loads and a store per element) took 149-163
+# registers, 12 resident warps per SM; at 8 warps every reduction takes 40-80 (ptxas for sm_90, via
+# cuobjdump in tests/test_triton_compile.py), twice the warps resident for the same loads in flight.
+RED_WARPS = 8
 MIN_COL_BLOCK = 16
 MAX_COL_BLOCK = 1024
 TILES_PER_PROGRAM = 8
@@ -391,14 +396,14 @@ class _Geometry:
             wrap_triton(_reduce_cols_kernel)[grid](x, dy, o, gm, scale, beta, mean, ws, self.rows, self.c,
                                                    self.splits, BACKWARD=backward, MASK_FROM_OUT=from_out,
                                                    RELU_ZERO_MAX=relu_zero_max(x.dtype), BLOCK_R=self.row_block,
-                                                   BLOCK_C=self.col_block, num_warps=4)
+                                                   BLOCK_C=self.col_block, num_warps=RED_WARPS)
         else:
             wrap_triton(_reduce_rows_kernel)[(self.c, self.splits)](x, dy, o, gm, scale, beta, mean, ws, self.n,
                                                                    self.c, self.s, self.splits, BACKWARD=backward,
                                                                    MASK_FROM_OUT=from_out,
                                                                    RELU_ZERO_MAX=relu_zero_max(x.dtype),
                                                                    BLOCK_N=self.row_block, BLOCK_S=self.col_block,
-                                                                   num_warps=4)
+                                                                   num_warps=RED_WARPS)
 
     def ew_grid(self):
         return lambda meta: (triton.cdiv(self.rows, meta["BLOCK"] // self.col_block),
