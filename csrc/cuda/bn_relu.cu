@@ -42,6 +42,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <numeric>
 #include <type_traits>
 
 #include "cuda/multi_tensor.cuh"
@@ -299,6 +300,87 @@ __global__ void reduce_ncs_kernel(ReduceIO<scalar_t> io, Shape sh, Div rows, int
   }
 }
 
+// Adds the V-element vectors at offset_of(i) for i = i0, i0 + step, ... < end to s1, s2, component k of
+// every vector in channel ch[k] (the channels_last and the channel-group reductions): kReduceUnroll
+// vectors' loads in flight, added in the plain loop's order (the mask-from-output ops also store, and
+// take the plain loop).
+template <typename scalar_t, typename acc_t, typename Op, int V, typename OffsetOf>
+__device__ __forceinline__ void add_vectors(const ReduceIO<scalar_t>& io, const Op& op,
+                                            const typename Op::Channel (&ch)[V], int64_t i, int64_t end,
+                                            int64_t step, OffsetOf offset_of, acc_t (&s1)[V], acc_t (&s2)[V]) {
+  if constexpr (!Op::kMaskFromOutput) {
+    for (; i + (kReduceUnroll - 1) * step < end; i += kReduceUnroll * step) {
+      Vec<scalar_t, V> xv[kReduceUnroll], gv[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        const int64_t off = offset_of(i + u * step);
+        xv[u] = load_vec<V>(io.x + off);
+        if (Op::kNeedsDy) gv[u] = load_vec<V>(io.dy + off);
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u)
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          op.add(ch[k], static_cast<acc_t>(xv[u].v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv[u].v[k]) : acc_t(0),
+                 s1[k], s2[k]);
+    }
+  }
+  for (; i < end; i += step) {
+    const int64_t off = offset_of(i);
+    const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
+    Vec<scalar_t, V> gv;
+    if (Op::kNeedsDy) gv = load_vec<V>(io.dy + off);
+    if constexpr (Op::kMaskFromOutput) mask_from_output<V, scalar_t, acc_t>(io, off, op, [&](int k) { return ch[k]; }, gv);
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      op.add(ch[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1[k], s2[k]);
+  }
+}
+
+// Contiguous layout with rows that are not whole vectors (S % V != 0 at the full width V: 7x7 maps),
+// so that reduce_ncs_kernel would read one element per load and a warp's run would cross row ends
+// mid-sector. Instead a block takes a group of G consecutive channels, G * S % V == 0: for each n their
+// G rows are one contiguous, 16-byte-aligned span of PV = G * S / V vectors. Thread t takes span
+// vector p = t % PV of rows lane, lane + lanes, ... (lane = t / PV, lanes = blockDim / PV, split k
+// starting at row k * lanes), so a warp reads whole sectors and every element of a thread's vector
+// stays in one channel, (p V + k) / S, for the whole loop: V pairs of sums per thread. At the end each
+// channel's sums are added from shared memory in a fixed order (lane, then element). grid (C / G,
+// splits); writes the two sums of (channel, split) to ws like reduce_ncs_kernel.
+template <typename scalar_t, typename acc_t, typename Op, int V>
+__global__ void reduce_ncs_group_kernel(ReduceIO<scalar_t> io, Shape sh, int G, int64_t splits, Op op, acc_t* ws) {
+  __shared__ acc_t r1[kBnThreads * V], r2[kBnThreads * V];
+  const int S = static_cast<int>(sh.S), PV = G * S / V, lanes = static_cast<int>(blockDim.x) / PV;
+  const int t = static_cast<int>(threadIdx.x), p = t % PV, lane = t / PV;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * G, split = blockIdx.y, C = sh.C, N = sh.N;
+  acc_t s1[V], s2[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) s1[k] = s2[k] = acc_t(0);
+  if (lane < lanes) {
+    typename Op::Channel ch[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) ch[k] = op.channel(c0 + (p * V + k) / S);
+    add_vectors<scalar_t, acc_t, Op, V>(io, op, ch, split * lanes + lane, N, splits * lanes,
+                                        [&](int64_t n) { return (n * C + c0) * S + static_cast<int64_t>(p) * V; },
+                                        s1, s2);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    r1[t * V + k] = s1[k];
+    r2[t * V + k] = s2[k];
+  }
+  __syncthreads();
+  if (t < G) {  // channel c0 + t: elements t S .. t S + S - 1 of the span, of every lane
+    acc_t a = 0, b = 0;
+    for (int l = 0; l < lanes; ++l)
+      for (int e = t * S; e < (t + 1) * S; ++e) {
+        a += r1[l * PV * V + e];
+        b += r2[l * PV * V + e];
+      }
+    st(ws + (split * 2 + 0) * C + c0 + t, a);
+    st(ws + (split * 2 + 1) * C + c0 + t, b);
+  }
+}
+
 // channels_last: grid (splits), block (bx, by) with bx = min(C / V, 256). Thread (tx, ty) of split
 // k takes channel vectors tx, tx + bx, ... over rows k * by + ty, stepping by splits * by; the by
 // row lanes of each channel are then folded in shared memory in lane order.
@@ -316,36 +398,8 @@ __global__ void reduce_nsc_kernel(ReduceIO<scalar_t> io, Shape sh, int64_t split
       typename Op::Channel p[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) p[k] = op.channel(cv * V + k);
-      int64_t r = split * by + threadIdx.y;
-      const int64_t rstep = splits * by;
-      if constexpr (!Op::kMaskFromOutput) {  // as in reduce_ncs_kernel: loads in flight, same order
-        for (; r + (kReduceUnroll - 1) * rstep < R; r += kReduceUnroll * rstep) {
-          Vec<scalar_t, V> xv[kReduceUnroll], gv[kReduceUnroll];
-#pragma unroll
-          for (int u = 0; u < kReduceUnroll; ++u) {
-            xv[u] = load_vec<V>(io.x + (r + u * rstep) * C + cv * V);
-            if (Op::kNeedsDy) gv[u] = load_vec<V>(io.dy + (r + u * rstep) * C + cv * V);
-          }
-#pragma unroll
-          for (int u = 0; u < kReduceUnroll; ++u)
-#pragma unroll
-            for (int k = 0; k < V; ++k)
-              op.add(p[k], static_cast<acc_t>(xv[u].v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv[u].v[k]) : acc_t(0),
-                     s1[k], s2[k]);
-        }
-      }
-      for (; r < R; r += rstep) {
-        const int64_t off = r * C + cv * V;
-        const Vec<scalar_t, V> xv = load_vec<V>(io.x + off);
-        Vec<scalar_t, V> gv;
-        if (Op::kNeedsDy) gv = load_vec<V>(io.dy + off);
-        if constexpr (Op::kMaskFromOutput)
-          mask_from_output<V, scalar_t, acc_t>(io, off, op, [&](int k) { return p[k]; }, gv);
-#pragma unroll
-        for (int k = 0; k < V; ++k)
-          op.add(p[k], static_cast<acc_t>(xv.v[k]), Op::kNeedsDy ? static_cast<acc_t>(gv.v[k]) : acc_t(0), s1[k],
-                 s2[k]);
-      }
+      add_vectors<scalar_t, acc_t, Op, V>(io, op, p, split * by + threadIdx.y, R, splits * by,
+                                          [&](int64_t r) { return r * C + cv * V; }, s1, s2);
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -601,6 +655,21 @@ int pick_vec(const Shape& sh, bool reduction, std::initializer_list<const void*>
   return 1;
 }
 
+// The channel group of reduce_ncs_group_kernel for a reduction over this shape and these pointers, or
+// 0 where the plain kernels apply: contiguous rows that are not whole vectors at the full width V
+// (S % V != 0), every pointer 16-byte aligned, G = V / gcd(S, V) channels dividing C, and a group's
+// span of G * S / V vectors within one block.
+template <typename scalar_t>
+int reduce_group(const Shape& sh, std::initializer_list<const void*> ptrs) {
+  constexpr int kV = max_vec<scalar_t>();
+  if (sh.channels_last || kV == 1 || sh.S % kV == 0 || sh.S >= static_cast<int64_t>(kBnThreads) * kV) return 0;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return 0;
+  const int S = static_cast<int>(sh.S), G = kV / std::gcd(S, kV);
+  if (sh.C % G != 0 || G * S / kV > kBnThreads) return 0;
+  return G;
+}
+
 // f(std::integral_constant<int, V>) for the V pick_vec returned: one instantiation per width.
 template <typename scalar_t, typename F>
 void with_vec(int V, F&& f) {
@@ -630,11 +699,22 @@ void launch_reduce_v(const ReduceIO<scalar_t>& io, const Shape& sh, int64_t spli
   TF_LAUNCH_CHECK();
 }
 
-// V: pick_vec over every pointer of io, with reduction = true.
-// The splits for a reduction with Op at vector width V (see splits_for); the occupancy of the kernel
+// V: pick_vec over every pointer of io, with reduction = true; G: reduce_group over them.
+// The splits for a reduction with Op at vector width V (see splits_for), or of the channel-group kernel
+// when G > 0 (grid (C / G, splits), lanes rows per block step); the occupancy of the kernel
 // instantiation that will run is asked once per instantiation.
 template <typename scalar_t, typename acc_t, typename Op>
-int64_t reduce_splits(const Shape& sh, int V) {
+int64_t reduce_splits(const Shape& sh, int V, int G) {
+  if (G > 0) {
+    constexpr int kV = max_vec<scalar_t>();
+    static const int64_t n = blocks_per_sm(reduce_ncs_group_kernel<scalar_t, acc_t, Op, kV>, kBnThreads);
+    const int64_t target = std::max<int64_t>(1, kWaves * n * multiprocessor_count());
+    const int64_t lanes = kBnThreads / (G * sh.S / kV);
+    const int64_t work = (sh.N + lanes * kVecsPerThread - 1) / (lanes * kVecsPerThread);
+    const int64_t groups = sh.C / G;
+    const int64_t occupancy = (target + groups - 1) / std::max<int64_t>(groups, 1);
+    return std::max<int64_t>(1, std::min<int64_t>({work, occupancy, kMaxSplits}));
+  }
   int64_t per_sm = 1;
   with_vec<scalar_t>(V, [&](auto v) {
     constexpr int W = decltype(v)::value;
@@ -650,8 +730,15 @@ int64_t reduce_splits(const Shape& sh, int V) {
 }
 
 template <typename scalar_t, typename acc_t, typename Op>
-void launch_reduce(const ReduceIO<scalar_t>& io, const Shape& sh, int V, int64_t splits, const Op& op, acc_t* ws,
-                   Stream stream) {
+void launch_reduce(const ReduceIO<scalar_t>& io, const Shape& sh, int V, int G, int64_t splits, const Op& op,
+                   acc_t* ws, Stream stream) {
+  if (G > 0) {
+    const dim3 grid(static_cast<unsigned>(sh.C / G), static_cast<unsigned>(splits));
+    TF_LAUNCH(grid, kBnThreads, 0, stream, reduce_ncs_group_kernel<scalar_t, acc_t, Op, max_vec<scalar_t>()>)(
+        io, sh, G, splits, op, ws);
+    TF_LAUNCH_CHECK();
+    return;
+  }
   with_vec<scalar_t>(V, [&](auto v) {
     launch_reduce_v<scalar_t, acc_t, Op, decltype(v)::value>(io, sh, splits, op, ws, stream);
   });
@@ -792,10 +879,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
         for (at::Tensor* t : {&mean, &invstd, &var}) t->fill_(std::numeric_limits<double>::quiet_NaN());
         return;
       }
-      const int V = pick_vec<scalar_t>(sh, true, {x.data_ptr()});
-      const int64_t splits = reduce_splits<scalar_t, acc_t, StatsOp<scalar_t, acc_t>>(sh, V);
+      const int V = pick_vec<scalar_t>(sh, true, {x.data_ptr()}), G = reduce_group<scalar_t>(sh, {x.data_ptr()});
+      const int64_t splits = reduce_splits<scalar_t, acc_t, StatsOp<scalar_t, acc_t>>(sh, V, G);
       at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
-      launch_reduce<scalar_t, acc_t>(ReduceIO<scalar_t>{x.data_ptr<scalar_t>()}, sh, V, splits,
+      launch_reduce<scalar_t, acc_t>(ReduceIO<scalar_t>{x.data_ptr<scalar_t>()}, sh, V, G, splits,
                                      StatsOp<scalar_t, acc_t>{x.data_ptr<scalar_t>(), sh}, ws.data_ptr<acc_t>(), stream);
       TF_LAUNCH(fold_grid(C), fold_block(), 0, stream, stats_finish_kernel<scalar_t, acc_t>)(
           x.data_ptr<scalar_t>(), sh, splits, ws.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), eps,
@@ -882,14 +969,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                                  grad_res.data_ptr<scalar_t>(), training ? nullptr : dx.data_ptr<scalar_t>()}
             : ReduceIO<scalar_t>{x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()};
     const int V = pick_vec<scalar_t>(sh, true, {io.x, io.dy, io.y, io.gm, io.dx});
+    const int G = reduce_group<scalar_t>(sh, {io.x, io.dy, io.y, io.gm, io.dx});
     // the two backward ops have the same loads and registers: the occupancy of either
-    const int64_t splits = reduce_splits<scalar_t, acc_t, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>>(sh, V);
+    const int64_t splits =
+        reduce_splits<scalar_t, acc_t, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>>(sh, V, G);
     at::Tensor ws = at::empty({C * splits * 2}, input.options().dtype(acc_type));
     if (add) {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{st},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, G, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kFromOutput>{st},
                                      ws.data_ptr<acc_t>(), stream);
     } else {
-      launch_reduce<scalar_t, acc_t>(io, sh, V, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{st},
+      launch_reduce<scalar_t, acc_t>(io, sh, V, G, splits, BackwardSumsOp<scalar_t, acc_t, Mask::kRecompute>{st},
                                      ws.data_ptr<acc_t>(), stream);
     }
     TF_LAUNCH(fold_grid(C), fold_block(), 0, stream, backward_finish_kernel<acc_t>)(

@@ -1,8 +1,9 @@
 // Batched Philox init on CUDA: one launch covers a whole batch (per 320 tensors / 1024 chunks of
 // 64K elements); each thread makes one Philox call per 4 consecutive elements. Memory traffic: one
 // write of each tensor, as one vector store per Philox call (16 bytes for fp32), also for views at odd
-// element offsets (their vectors straddle two Philox blocks: warp shuffles, see philox_fill_kernel). Values follow csrc/philox.h exactly (uniform bitwise equal to the CPU and
-// reference backends: every float op is an explicit round-to-nearest intrinsic, never an FMA).
+// element offsets (their vectors straddle two Philox blocks: warp shuffles, see philox_fill_kernel).
+// Values follow csrc/philox.h exactly (bitwise equal to the CPU and reference backends: every float op
+// is an explicit round-to-nearest intrinsic, never an FMA).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
