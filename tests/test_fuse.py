@@ -304,16 +304,30 @@ def test_sync_batchnorm_models_fuse():
 
 
 def test_torch_compile_fullgraph_forward_backward():
+    """The compiled fused model (one graph: no break allowed) computes what the eager fused model does,
+    forward and backward, and its output and statistics are stock's to stock's own float32 error.
+    Gradients are compared with the eager fused model, not with stock: in float32 a pre-activation
+    within rounding of 0 can take the other side of the ReLU in either model (a BatchNorm + residual
+    that cancels), and one such element moves a layer's weight gradient by its dy, far more than
+    rounding; how close the fused gradients stay to stock's over training is
+    test_training_float32_within_stock_error's (median and geometric mean over every layer)."""
     model = fuse(torchvision.models.resnet18())
+    eager = copy.deepcopy(model)
     stock, stock64 = _stock_pair(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break allowed
     x = torch.randn(4, 3, 64, 64)
-    out, want, want64 = compiled(x), stock(x), stock64(x.double())
+    out, out_eager, want, want64 = compiled(x), eager(x), stock(x), stock64(x.double())
     assert_close_to_oracle(out.detach(), want.detach(), want64.detach(), "output")
-    for m, o in ((model, out), (stock, want), (stock64, want64)):
+    torch.testing.assert_close(out, out_eager)
+    for o in (out, out_eager, want64):
         o.square().mean().backward()
-    assert_close_to_oracle(model.conv1.weight.grad, stock.conv1.weight.grad, stock64.conv1.weight.grad, "grad")
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert model.conv1.weight.grad.abs().max() > 0
     assert_close_to_oracle(model.bn1.running_mean, stock.bn1.running_mean, stock64.bn1.running_mean, "stats")
+    # and the gradient is the float64 model's, except where a mask flips (within 5 % here)
+    rel = (model.conv1.weight.grad.double() - stock64.conv1.weight.grad).norm() / stock64.conv1.weight.grad.norm()
+    assert rel < 0.05, rel.item()
 
 
 def test_ddp_wraps_fused_model(tmp_path):
