@@ -344,7 +344,7 @@ __device__ __forceinline__ void add_vectors(const ReduceIO<scalar_t>& io, const 
 // vector p = t % PV of rows lane, lane + lanes, ... (lane = t / PV, lanes = blockDim / PV, split k
 // starting at row k * lanes), so a warp reads whole sectors and every element of a thread's vector
 // stays in one channel, (p V + k) / S, for the whole loop: V pairs of sums per thread. At the end each
-// channel's sums are added from shared memory in a fixed order (lane, then element). grid (C / G,
+// channel's sums are added from shared memory in a fixed order (element, then lane). grid (C / G,
 // splits); writes the two sums of (channel, split) to ws like reduce_ncs_kernel.
 template <typename scalar_t, typename acc_t, typename Op, int V>
 __global__ void reduce_ncs_group_kernel(ReduceIO<scalar_t> io, Shape sh, int G, int64_t splits, Op op, acc_t* ws) {
@@ -369,13 +369,26 @@ __global__ void reduce_ncs_group_kernel(ReduceIO<scalar_t> io, Shape sh, int G, 
     r2[t * V + k] = s2[k];
   }
   __syncthreads();
-  if (t < G) {  // channel c0 + t: elements t S .. t S + S - 1 of the span, of every lane
+  // Fold, in two parallel steps of a fixed order: the S elements of each (channel g, lane l) pair, in
+  // element order, by one thread each, into that pair's first slot (the pairs' slots are disjoint);
+  // then each channel's lanes, in lane order.
+  for (int i = t; i < G * lanes; i += static_cast<int>(blockDim.x)) {
+    const int g = i % G, base = (i / G) * PV * V + g * S;
     acc_t a = 0, b = 0;
-    for (int l = 0; l < lanes; ++l)
-      for (int e = t * S; e < (t + 1) * S; ++e) {
-        a += r1[l * PV * V + e];
-        b += r2[l * PV * V + e];
-      }
+    for (int e = 0; e < S; ++e) {
+      a += r1[base + e];
+      b += r2[base + e];
+    }
+    r1[base] = a;
+    r2[base] = b;
+  }
+  __syncthreads();
+  if (t < G) {  // channel c0 + t
+    acc_t a = 0, b = 0;
+    for (int l = 0; l < lanes; ++l) {
+      a += r1[l * PV * V + t * S];
+      b += r2[l * PV * V + t * S];
+    }
     st(ws + (split * 2 + 0) * C + c0 + t, a);
     st(ws + (split * 2 + 1) * C + c0 + t, b);
   }
