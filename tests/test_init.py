@@ -595,7 +595,7 @@ def test_fast_init_keeps_the_models_own_init(name):
 def test_fast_init_does_not_import_dynamo():
     """The recorder (a TorchDispatchMode) opts out of torch._disable_dynamo's wrapper, which imports
     torch._dynamo on first use: 2 s of a fresh process's first fast_init on a 2-core machine, which
-    made a GPT-2-medium build in a new process 1.1x stock instead of ~4x."""
+    made a GPT-2-medium build in a new process 1.1x stock instead of 3.4x."""
     import subprocess
     import sys
     code = ("import sys, torch, torchfast.init\n"
