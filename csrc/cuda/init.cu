@@ -15,6 +15,22 @@ namespace torchfast {
 namespace cuda {
 namespace {
 
+// Stores w[0..3] to elements [i, i + 4) below `limit`: one 16-byte (fp32) or 8-byte (fp16/bf16) vector
+// store when `vector` (out + i aligned) and all four are in range, else scalar stores.
+template <typename scalar_t>
+__device__ __forceinline__ void store4(scalar_t* out, int64_t i, int64_t limit, bool vector, const float w[4]) {
+  if (vector && i + 4 <= limit) {
+    Vec<scalar_t, 4> x;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) x.v[r] = static_cast<scalar_t>(w[r]);
+    store_vec<4>(out + i, x);
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (i + r < limit) st(out + i + r, static_cast<scalar_t>(w[r]));
+  }
+}
+
 // Values for elements [e0, e0 + 4) of a tensor whose 16-byte-aligned vectors start H elements after
 // its Philox blocks' starts: the last 4 - H values of one block (v) and the first H of the next (nx).
 template <int H, typename scalar_t>
@@ -23,16 +39,7 @@ __device__ __forceinline__ void store_straddling(scalar_t* out, int64_t e0, int6
   float w[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r) w[r] = r < 4 - H ? v[H + r] : nx[r - (4 - H)];
-  if (e0 + 4 <= n) {
-    Vec<scalar_t, 4> x;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) x.v[r] = static_cast<scalar_t>(w[r]);
-    store_vec<4>(out + e0, x);
-  } else {
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-      if (e0 + r < n) st(out + e0 + r, static_cast<scalar_t>(w[r]));
-  }
+  store4(out, e0, n, true, w);
 }
 
 template <typename scalar_t>
@@ -88,17 +95,7 @@ __global__ void philox_fill_kernel(ChunkTable table, InitTable init, uint64_t se
   for (int64_t i = begin + 4 * static_cast<int64_t>(threadIdx.x); i < end; i += 4 * static_cast<int64_t>(blockDim.x)) {
     float v[4];
     philox_values(seed, stream, static_cast<uint64_t>(i >> 2), prm, v);
-    const int64_t n = min(static_cast<int64_t>(4), end - i);
-    if (n == 4 && aligned) {  // one 16-byte (fp32) or 8-byte (fp16/bf16) store; i % 4 == 0
-      Vec<scalar_t, 4> w;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) w.v[r] = static_cast<scalar_t>(v[r]);
-      store_vec<4>(out + i, w);
-    } else {
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        if (r < n) st(out + i + r, static_cast<scalar_t>(v[r]));
-    }
+    store4(out, i, end, aligned, v);  // i % 4 == 0: out + i is aligned when out is
   }
 }
 
