@@ -7,16 +7,18 @@
 // where `stream` is the position of the tensor in the batch and `block = i / 4` for element i (in
 // row-major logical order); element i takes 32-bit word i % 4 of that block's output.
 //
-// Every distribution is computed in float32 with each operation rounded separately (no FMA):
+// Every distribution is computed in float32, each operation rounded on its own; fma(a, b, c) is the
+// fused multiply-add a * b + c rounded once (IEEE fusedMultiplyAdd, exact on every backend), and no
+// other multiply and add is ever contracted into one:
 //   uniform word w  -> u = ((w >> 9) * 2 + 1) * 2^-24, exactly representable, in (0, 1)
-//   uniform(lo, hi) -> lo + (hi - lo) * u
+//   uniform(lo, hi) -> lo + (hi - lo) * u  (a multiply and an add)
 //   normal          -> Box-Muller on the word pairs (0,1) and (2,3) of a block:
-//                      r = sqrt(-2 log u_even), t = 2 pi u_odd, z_even = r cos t, z_odd = r sin t,
-//                      value = mean + std * z, with log, sin and cos the explicit float32
-//                      functions log_f32 and sincos_2pi_unit below (not libm's), so normal values
-//                      too are the same bits on every backend
-//   trunc normal    -> inverse CDF: v = lo + (hi - lo) * u with lo = 2 Phi(alpha) - 1 and
-//                      hi = 2 Phi(beta) - 1, value = clamp(mean + std * sqrt(2) * erfinv(v), a, b)
+//                      r = sqrt(-2 log u_even), a = std * r, t = 2 pi u_odd,
+//                      value_even = fma(a, cos t, mean), value_odd = fma(a, sin t, mean), with log,
+//                      sin and cos the explicit float32 functions log_f32 and sincos_2pi_unit below
+//                      (not libm's), so normal values too are the same bits on every backend
+//   trunc normal    -> inverse CDF: t = fma(hi - lo, u, lo) with lo = 2 Phi(alpha) - 1 and
+//                      hi = 2 Phi(beta) - 1, value = clamp(fma(std sqrt(2), erfinv(t), mean), a, b)
 //                      (the algorithm of torch.nn.init.trunc_normal_, without rejection and so
 //                      without any host synchronisation)
 // float64 tensors take the full-precision variant at the end of this file (philox_values_f64): 53-bit
@@ -87,7 +89,9 @@ struct Philox4x32 {
   }
 };
 
-// Multiplication and addition each rounded to float32, never contracted into an FMA.
+// Multiplication and addition each rounded to float32, never contracted into an FMA; fma_rn is the
+// explicit fused multiply-add (std::fma is exact: one instruction where the CPU has FMA, glibc's
+// correctly rounded fmaf elsewhere).
 TF_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -103,18 +107,19 @@ TF_HD float add_rn(float a, float b) {
 #endif
 }
 
+TF_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 TF_HD float word_to_unit(uint32_t w) {
   // (2k + 1) * 2^-24 with k < 2^23: exact in float32, strictly inside (0, 1).
   return static_cast<float>((w >> 9) * 2u + 1u) * 5.9604644775390625e-08f;
 }
 
-TF_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
 TF_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
@@ -141,57 +146,63 @@ TF_HD float bits_float(uint32_t u) {
 #endif
 }
 
-// The transcendental functions of the float32 distributions, built from +, -, *, / and integer
+// The transcendental functions of the float32 distributions, built from +, -, *, fma, sqrt and integer
 // operations only, each rounded on its own: every backend (CPU scalar, AVX2, AVX-512, CUDA, Triton,
-// the reference) evaluates them to the same bits, unlike libm's logf/sinf/cosf. (They also leave the
-// GPU no slow path: sincosf's Payne-Hanek reduction needs a stack frame.)
+// the reference) evaluates them to the same bits, unlike libm's logf/sinf/cosf. No division and no
+// slow path (sincosf's Payne-Hanek reduction needs a stack frame on the GPU); every polynomial is
+// Horner's rule with one fma per coefficient.
 //
-// log_f32: natural log of 0 (-inf) or a positive normal float. x = 2^e m with m in [sqrt(2)/2,
-// sqrt(2)) (from the bits), f = m - 1 (exact), s = f / (2 + f), log(m) = f - (hfsq - s (hfsq + R)),
-// hfsq = f^2 / 2, R = z (2/3 + z (2/5 + z (2/7 + z 2/9))) with z = s^2 (fdlibm's reduction with
-// the series' own coefficients), plus e ln 2 in two parts. At most 0.86 ulp off on the unit
-// values the generator draws (measured against float64 over all 2^23 of them).
+// The coefficients, highest power first, one list each (also used by cpu/philox_avx2.h and avx512.h):
+// log: Q(f) = (log(1 + f) - f) / f^2 on [sqrt(1/2) - 1, sqrt(2) - 1], minimax, degree 8;
+#define TF_LOG_Q                                                                                      \
+  -0x1.417a50p-4f, 0x1.06690cp-3f, -0x1.0c6052p-3f, 0x1.229ea6p-3f, -0x1.5487dep-3f, 0x1.99a394p-3f, \
+      -0x1.000208p-2f, 0x1.55554ep-2f, -0x1.fffffep-2f
+#define TF_LN2 0x1.62e430p-1f  // log(2) rounded to float32
+// sin(pi r) = r P(r^2) and cos(pi r) = C(r^2) on |r| <= 1/4, minimax, degrees 7 and 8;
+#define TF_SIN_PI -0x1.2d9bb8p-1f, 0x1.465ec6p+1f, -0x1.4abbbap+2f, 0x1.921fb6p+1f
+#define TF_COS_PI 0x1.d9c366p-3f, -0x1.55c57cp+0f, 0x1.03c1dcp+2f, -0x1.3bd3ccp+2f, 1.0f
+// Giles' single-precision erfinv, central (w < 5) and tail branches.
+#define TF_ERFINV_CENTRAL                                                                                 \
+  2.81022636e-08f, 3.43273939e-07f, -3.5233877e-06f, -4.39150654e-06f, 0.00021858087f, -0.00125372503f, \
+      -0.00417768164f, 0.246640727f, 1.50140941f
+#define TF_ERFINV_TAIL                                                                                   \
+  -0.000200214257f, 0.000100950558f, 0.00134934322f, -0.00367342844f, 0.00573950773f, -0.0076224613f, \
+      0.00943887047f, 1.00167406f, 2.83297682f
+
+TF_HD float horner(float x, const float* c, int n) {
+  float p = c[0];
+  for (int i = 1; i < n; ++i) p = fma_rn(p, x, c[i]);
+  return p;
+}
+
+// log_f32: natural log of 0 (-inf) or a positive normal float. With its bits b,
+// e = (b - bits(sqrt(1/2))) >> 23 (arithmetic) and m = float(b - (e << 23)) in [sqrt(1/2), sqrt(2)),
+// so x = 2^e m exactly; f = m - 1 (exact), log m = fma(f Q(f), f, f) with Q(f) = (log(1 + f) - f) / f^2
+// a degree-8 minimax polynomial, log x = fma(e, ln 2, log m). At most 0.86 ulp off (measured against
+// float64 over all 2^23 unit values the generator draws and 4M random floats in (0, 1]).
 TF_HD float log_f32(float x) {
+  constexpr float kQ[9] = {TF_LOG_Q};
   const uint32_t bits = float_bits(x);
-  const uint32_t mant = bits & 0x7fffffu;
-  const bool big = mant > 0x3504f3u;  // m > sqrt(2): take m / 2 and e + 1
-  const float m = bits_float(mant | (big ? 0x3f000000u : 0x3f800000u));
-  const float e = static_cast<float>(static_cast<int>((bits >> 23) & 0xffu) - 127 + (big ? 1 : 0));
+  const int32_t e = static_cast<int32_t>(bits - 0x3f3504f3u) >> 23;
+  const float m = bits_float(bits - (static_cast<uint32_t>(e) << 23));
   const float f = add_rn(m, -1.0f);
-  const float s = div_rn(f, add_rn(f, 2.0f));
-  const float z = mul_rn(s, s);
-  float R = 0x1.c71c72p-3f;              // 2/9
-  R = add_rn(mul_rn(R, z), 0x1.24924ap-2f);  // 2/7
-  R = add_rn(mul_rn(R, z), 0x1.99999ap-2f);  // 2/5
-  R = add_rn(mul_rn(R, z), 0x1.555556p-1f);  // 2/3
-  R = mul_rn(R, z);
-  const float hfsq = mul_rn(mul_rn(f, f), 0.5f);
-  const float t = add_rn(mul_rn(s, add_rn(hfsq, R)), mul_rn(e, 0x1.2fefa2p-17f));  // + e ln2_lo
-  const float r = add_rn(mul_rn(e, 0x1.62e3p-1f), -add_rn(add_rn(hfsq, -t), -f));  // e ln2_hi - (...)
+  const float r = fma_rn(static_cast<float>(e), TF_LN2, fma_rn(mul_rn(f, horner(f, kQ, 9)), f, f));
   return x == 0.0f ? -INFINITY : r;
 }
 
 // sin and cos of 2 pi u for the unit value u of word w (word_to_unit), computed from the word: with
 // n = 2 (w >> 9) + 1, 2u = n 2^-23 = q / 2 + r, q = round(4u) in 0..4 and r = (n - q 2^22) 2^-23
-// in [-1/4, 1/4], both exact (integers); then Taylor polynomials of sin(pi r) (to r^9) and
-// cos(pi r) (to r^10) and the quadrant q's swap and signs. At most 1.7 ulp (9e-8) off.
+// in [-1/4, 1/4], both exact (integers); then minimax polynomials sin(pi r) = r P(r^2) (degree 7) and
+// cos(pi r) = C(r^2) (degree 8) and the quadrant q's swap and signs. At most 1.7 ulp (8.5e-8) off.
 TF_HD void sincos_2pi_unit(uint32_t w, float& s, float& c) {
+  constexpr float kSin[4] = {TF_SIN_PI};
+  constexpr float kCos[5] = {TF_COS_PI};
   const int32_t n = static_cast<int32_t>((w >> 9) * 2u + 1u);
   const int32_t q = (n + (1 << 21)) >> 22;
   const float r = mul_rn(static_cast<float>(n - q * (1 << 22)), 0x1p-23f);
   const float t = mul_rn(r, r);
-  float sp = 0x1.507834p-4f;
-  sp = add_rn(mul_rn(sp, t), -0x1.32d2ccp-1f);
-  sp = add_rn(mul_rn(sp, t), 0x1.466bc6p+1f);
-  sp = add_rn(mul_rn(sp, t), -0x1.4abbcep+2f);
-  sp = add_rn(mul_rn(sp, t), 0x1.921fb6p+1f);
-  sp = mul_rn(sp, r);
-  float cp = -0x1.a6d1f2p-6f;
-  cp = add_rn(mul_rn(cp, t), 0x1.e1f506p-3f);
-  cp = add_rn(mul_rn(cp, t), -0x1.55d3c8p+0f);
-  cp = add_rn(mul_rn(cp, t), 0x1.03c1f0p+2f);
-  cp = add_rn(mul_rn(cp, t), -0x1.3bd3ccp+2f);
-  cp = add_rn(mul_rn(cp, t), 1.0f);
+  const float sp = mul_rn(horner(t, kSin, 4), r);
+  const float cp = horner(t, kCos, 5);
   const int quadrant = q & 3;  // angle = quadrant * pi/2 + pi r
   const float a = (quadrant & 1) ? cp : sp, b = (quadrant & 1) ? sp : cp;
   s = (quadrant & 2) ? -a : a;
@@ -199,33 +210,12 @@ TF_HD void sincos_2pi_unit(uint32_t w, float& s, float& c) {
 }
 
 // erfinv in float32 (M. Giles, "Approximating the erfinv function", GPU Computing Gems, 2010), with
-// log_f32 and a correctly rounded sqrt.
+// log_f32, a correctly rounded sqrt and fma Horner steps.
 TF_HD float erfinv_f32(float x) {
-  float w = -log_f32(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
-  float p;
-  if (w < 5.0f) {
-    w = add_rn(w, -2.5f);
-    p = 2.81022636e-08f;
-    p = add_rn(3.43273939e-07f, mul_rn(p, w));
-    p = add_rn(-3.5233877e-06f, mul_rn(p, w));
-    p = add_rn(-4.39150654e-06f, mul_rn(p, w));
-    p = add_rn(0.00021858087f, mul_rn(p, w));
-    p = add_rn(-0.00125372503f, mul_rn(p, w));
-    p = add_rn(-0.00417768164f, mul_rn(p, w));
-    p = add_rn(0.246640727f, mul_rn(p, w));
-    p = add_rn(1.50140941f, mul_rn(p, w));
-  } else {
-    w = add_rn(sqrt_rn(w), -3.0f);
-    p = -0.000200214257f;
-    p = add_rn(0.000100950558f, mul_rn(p, w));
-    p = add_rn(0.00134934322f, mul_rn(p, w));
-    p = add_rn(-0.00367342844f, mul_rn(p, w));
-    p = add_rn(0.00573950773f, mul_rn(p, w));
-    p = add_rn(-0.0076224613f, mul_rn(p, w));
-    p = add_rn(0.00943887047f, mul_rn(p, w));
-    p = add_rn(1.00167406f, mul_rn(p, w));
-    p = add_rn(2.83297682f, mul_rn(p, w));
-  }
+  constexpr float kCentral[9] = {TF_ERFINV_CENTRAL};
+  constexpr float kTail[9] = {TF_ERFINV_TAIL};
+  const float w = -log_f32(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
+  const float p = w < 5.0f ? horner(add_rn(w, -2.5f), kCentral, 9) : horner(add_rn(sqrt_rn(w), -3.0f), kTail, 9);
   return mul_rn(p, x);
 }
 
@@ -250,17 +240,16 @@ TF_HD void philox_values(uint64_t seed, uint64_t stream, uint64_t blk, const Ini
     for (int r = 0; r < 4; ++r) v[r] = add_rn(prm.p0, mul_rn(span, word_to_unit(w[r])));
   } else if (prm.kind == kNormal) {
     for (int r = 0; r < 4; r += 2) {
-      const float rad = sqrt_rn(mul_rn(-2.0f, log_f32(word_to_unit(w[r]))));
+      const float a = mul_rn(prm.p1, sqrt_rn(mul_rn(-2.0f, log_f32(word_to_unit(w[r])))));
       float s, c;
       sincos_2pi_unit(w[r + 1], s, c);
-      v[r] = add_rn(prm.p0, mul_rn(prm.p1, mul_rn(rad, c)));
-      v[r + 1] = add_rn(prm.p0, mul_rn(prm.p1, mul_rn(rad, s)));
+      v[r] = fma_rn(a, c, prm.p0);
+      v[r + 1] = fma_rn(a, s, prm.p0);
     }
   } else {  // kTruncNormal
     float span = add_rn(prm.p1, -prm.p0);
     for (int r = 0; r < 4; ++r) {
-      float t = add_rn(prm.p0, mul_rn(span, word_to_unit(w[r])));
-      float z = add_rn(prm.p4, mul_rn(prm.p5, erfinv_f32(t)));
+      const float z = fma_rn(prm.p5, erfinv_f32(fma_rn(span, word_to_unit(w[r]), prm.p0)), prm.p4);
       v[r] = fminf(fmaxf(z, prm.p2), prm.p3);
     }
   }

@@ -667,15 +667,67 @@ def test_fast_init_reproducible_across_threads_meta_and_nesting():
 def test_stream_log_and_sincos_accuracy():
     """The float32 stream's own log and sin/cos (shared by every backend, so its normal values are the
     same bits everywhere) against float64 math over every unit value the generator can draw: log
-    within 1 ulp, sin and cos within 1e-7 absolute (2 ulp)."""
+    within 1 ulp, also on random floats in (0, 1] (erfinv's arguments), and at its exact points; sin
+    and cos within 1e-7 absolute (2 ulp)."""
     k = torch.arange(0, 1 << 23, dtype=torch.int64)
     u64 = (k * 2 + 1).double() * 2.0 ** -24
     u = u64.float()
     assert torch.equal(u, philox.word_to_unit(k << 9))
-    exact = torch.log(u64)
-    ulp = torch.from_numpy(np.spacing(exact.float().abs().numpy())).double()
-    assert ((philox.log_f32(u).double() - exact).abs() / ulp).max().item() <= 1.0
+
+    def ulps(x, exact):
+        return (x.double() - exact).abs() / torch.from_numpy(np.spacing(exact.float().abs().numpy())).double()
+
+    assert ulps(philox.log_f32(u), torch.log(u64)).max().item() <= 1.0
+    x = torch.rand(1 << 20, generator=torch.Generator().manual_seed(5)) ** 6
+    x = x[x >= torch.finfo(torch.float32).tiny]
+    assert ulps(philox.log_f32(x), torch.log(x.double())).max().item() <= 1.0
     sin, cos = philox.sincos_2pi(k << 9)
     assert (sin.double() - torch.sin(2 * math.pi * u64)).abs().max().item() <= 1e-7
     assert (cos.double() - torch.cos(2 * math.pi * u64)).abs().max().item() <= 1e-7
     assert philox.log_f32(torch.tensor([0.0, 1.0])).tolist() == [-math.inf, 0.0]
+
+
+def _fma_cases():
+    """float32 triples (a, b, c), random and adversarial, with the correctly rounded fma(a, b, c) from
+    exact rational arithmetic. The adversarial ones put a * b + c just off a float32 rounding midpoint by
+    less than a float64 ulp, where a float64 multiply-add rounds twice and lands on the wrong side."""
+    from fractions import Fraction
+    g = torch.Generator().manual_seed(11)
+    a, b, c = torch.randn(3, 3000, generator=g)
+    c[:1000] = -(a[:1000] * b[:1000])  # cancellation down to the product's rounding error
+    c[1000:2000] *= 2.0 ** -30
+    one = 1 + 2.0 ** -12  # one^2 = 1 + 2^-11 + 2^-24: the midpoint between two float32 values
+    traps = [(one, one, s * 2.0 ** k) for s in (1, -1) for k in (-60, -70, -100)]
+    traps += [(-one, one, s * 2.0 ** -60) for s in (1, -1)]
+    a = torch.cat([a, torch.tensor([t[0] for t in traps])])
+    b = torch.cat([b, torch.tensor([t[1] for t in traps])])
+    c = torch.cat([c, torch.tensor([t[2] for t in traps])])
+    want = []
+    for x, y, z in zip(a.tolist(), b.tolist(), c.tolist()):
+        exact = Fraction(x) * Fraction(y) + Fraction(z)
+        near = np.float32(float(exact))  # within an ulp; then pick the nearest (ties to even) neighbour
+        cands = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+        want.append(min(cands, key=lambda v: (abs(Fraction(float(v)) - exact), int(np.array(v).view(np.int32)) & 1)))
+    return a, b, c, torch.tensor(np.array(want, dtype=np.float32))
+
+
+def test_fma_f32_is_exactly_rounded():
+    """The reference's fma (float64 with round-to-odd) rounds once, like the hardware's: the normal
+    and truncated-normal streams are defined with fma, and every backend must give its exact bits."""
+    a, b, c, want = _fma_cases()
+    assert torch.equal(philox.fma_f32(a, b, c), want)
+    naive = (a.double() * b.double() + c.double()).float()  # rounds twice: wrong on the traps
+    assert not torch.equal(naive, want)
+
+
+def test_triton_fma_is_exactly_rounded():
+    """The Triton kernels' _fma: one tl.fma on a GPU; under the interpreter (whose tl.fma rounds twice)
+    the round-to-odd emulation. Either way the correctly rounded result on the adversarial cases."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    from triton_fma_kernel import fma_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b, c, want = (t.to(device) for t in _fma_cases())
+    out = torch.empty_like(a)
+    fma_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, c, out, a.numel(), BLOCK=1024)
+    assert torch.equal(out.cpu(), want.cpu())

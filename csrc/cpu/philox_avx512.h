@@ -61,10 +61,10 @@ TF_AVX512 inline __m512 mul16(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); 
 TF_AVX512 inline __m512 add16(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 TF_AVX512 inline __m512 set16(float v) { return _mm512_set1_ps(v); }
 
-// Horner, each multiply and add rounded on its own (never fused): philox.h's order, bit for bit.
+// philox.h's horner: one fma per coefficient.
 TF_AVX512 inline __m512 horner16(__m512 x, const float* c, int n) {
   __m512 p = set16(c[0]);
-  for (int i = 1; i < n; ++i) p = add16(mul16(p, x), set16(c[i]));
+  for (int i = 1; i < n; ++i) p = _mm512_fmadd_ps(p, x, set16(c[i]));
   return p;
 }
 
@@ -74,37 +74,26 @@ TF_AVX512 inline __m512 flip_sign(__m512 v, __m512i sign_bits) {
 
 // philox.h's log_f32 on 16 lanes.
 TF_AVX512 inline __m512 log16(__m512 x) {
-  static const float lg[4] = {0x1.c71c72p-3f, 0x1.24924ap-2f, 0x1.99999ap-2f, 0x1.555556p-1f};
+  static const float lq[9] = {TF_LOG_Q};
   const __m512i bits = _mm512_castps_si512(x);
-  const __m512i mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff));
-  const __mmask16 big = _mm512_cmpgt_epi32_mask(mant, _mm512_set1_epi32(0x3504f3));  // m > sqrt(2)
-  const __m512 m = _mm512_castsi512_ps(
-      _mm512_or_si512(mant, _mm512_mask_blend_epi32(big, _mm512_set1_epi32(0x3f800000), _mm512_set1_epi32(0x3f000000))));
-  const __m512i e0 =
-      _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff)), _mm512_set1_epi32(127));
-  const __m512i ei = _mm512_mask_add_epi32(e0, big, e0, _mm512_set1_epi32(1));
-  const __m512 e = _mm512_cvtepi32_ps(ei);
+  const __m512i e = _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f3504f3)), 23);
+  const __m512 m = _mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(e, 23)));
   const __m512 f = _mm512_sub_ps(m, set16(1.0f));
-  const __m512 s = _mm512_div_ps(f, add16(f, set16(2.0f)));
-  const __m512 z = mul16(s, s);
-  const __m512 R = mul16(horner16(z, lg, 4), z);
-  const __m512 hfsq = mul16(mul16(f, f), set16(0.5f));
-  const __m512 t = add16(mul16(s, add16(hfsq, R)), mul16(e, set16(0x1.2fefa2p-17f)));
-  const __m512 r = _mm512_sub_ps(mul16(e, set16(0x1.62e3p-1f)), _mm512_sub_ps(_mm512_sub_ps(hfsq, t), f));
+  const __m512 lm = _mm512_fmadd_ps(mul16(f, horner16(f, lq, 9)), f, f);
+  const __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), set16(TF_LN2), lm);
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), r, set16(-INFINITY));
 }
 
 // philox.h's sincos_2pi_unit on 16 lanes.
 TF_AVX512 inline void sincos16(__m512i w, __m512& s, __m512& c) {
-  static const float sc[5] = {0x1.507834p-4f, -0x1.32d2ccp-1f, 0x1.466bc6p+1f, -0x1.4abbcep+2f, 0x1.921fb6p+1f};
-  static const float cc[6] = {-0x1.a6d1f2p-6f, 0x1.e1f506p-3f, -0x1.55d3c8p+0f, 0x1.03c1f0p+2f, -0x1.3bd3ccp+2f,
-                              1.0f};
+  static const float sc[4] = {TF_SIN_PI};
+  static const float cc[5] = {TF_COS_PI};
   const __m512i n = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(w, 9), 1), _mm512_set1_epi32(1));
   const __m512i q = _mm512_srli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(1 << 21)), 22);
   const __m512 r = mul16(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_slli_epi32(q, 22))), set16(0x1p-23f));
   const __m512 t = mul16(r, r);
-  const __m512 sp = mul16(horner16(t, sc, 5), r);
-  const __m512 cp = horner16(t, cc, 6);
+  const __m512 sp = mul16(horner16(t, sc, 4), r);
+  const __m512 cp = horner16(t, cc, 5);
   const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
   const __m512 a = _mm512_mask_blend_ps(odd, sp, cp), b = _mm512_mask_blend_ps(odd, cp, sp);
   s = flip_sign(a, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(2)), 30));
@@ -112,10 +101,8 @@ TF_AVX512 inline void sincos16(__m512i w, __m512& s, __m512& c) {
 }
 
 TF_AVX512 inline __m512 erfinv16(__m512 x) {
-  static const float cc[9] = {2.81022636e-08f, 3.43273939e-07f, -3.5233877e-06f, -4.39150654e-06f,
-                              0.00021858087f, -0.00125372503f, -0.00417768164f, 0.246640727f, 1.50140941f};
-  static const float ct[9] = {-0.000200214257f, 0.000100950558f, 0.00134934322f, -0.00367342844f,
-                              0.00573950773f, -0.0076224613f, 0.00943887047f, 1.00167406f, 2.83297682f};
+  static const float cc[9] = {TF_ERFINV_CENTRAL};
+  static const float ct[9] = {TF_ERFINV_TAIL};
   const __m512 one = set16(1.0f);
   const __m512 w = _mm512_sub_ps(_mm512_setzero_ps(),
                                  log16(mul16(add16(one, _mm512_sub_ps(_mm512_setzero_ps(), x)), add16(one, x))));
@@ -135,19 +122,18 @@ TF_AVX512 inline void group_values(const __m512i w[4], const InitParams& prm, fl
   } else if (prm.kind == kNormal) {
     const __m512 mean = _mm512_set1_ps(prm.p0), std = _mm512_set1_ps(prm.p1);
     for (int r = 0; r < 4; r += 2) {
-      const __m512 rad = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(unit16(w[r]))));
+      const __m512 a = mul16(std, _mm512_sqrt_ps(mul16(set16(-2.0f), log16(unit16(w[r])))));
       __m512 s, c;
       sincos16(w[r + 1], s, c);
-      v[r] = _mm512_add_ps(mean, _mm512_mul_ps(std, _mm512_mul_ps(rad, c)));
-      v[r + 1] = _mm512_add_ps(mean, _mm512_mul_ps(std, _mm512_mul_ps(rad, s)));
+      v[r] = _mm512_fmadd_ps(a, c, mean);
+      v[r + 1] = _mm512_fmadd_ps(a, s, mean);
     }
   } else {  // kTruncNormal
     const __m512 lo = _mm512_set1_ps(prm.p0), span = _mm512_set1_ps(prm.p1 - prm.p0);
     const __m512 a = _mm512_set1_ps(prm.p2), b = _mm512_set1_ps(prm.p3);
     const __m512 mean = _mm512_set1_ps(prm.p4), scale = _mm512_set1_ps(prm.p5);
     for (int r = 0; r < 4; ++r) {
-      const __m512 t = _mm512_add_ps(lo, _mm512_mul_ps(span, unit16(w[r])));
-      const __m512 z = _mm512_add_ps(mean, _mm512_mul_ps(scale, erfinv16(t)));
+      const __m512 z = _mm512_fmadd_ps(scale, erfinv16(_mm512_fmadd_ps(span, unit16(w[r]), lo)), mean);
       v[r] = _mm512_min_ps(_mm512_max_ps(z, a), b);
     }
   }

@@ -9,18 +9,19 @@ where ``stream`` is the position of the tensor in the batch and ``block = i // 4
 of the tensor in row-major logical order; element ``i`` takes output word ``i % 4``. All integer
 arithmetic here is done in int64 on values below 2^48, so it is exact on every device.
 
-Distributions, each float32 operation rounded on its own (no fused multiply-add):
+Distributions in float32, each operation rounded on its own; fma(a, b, c) is the fused multiply-add,
+a * b + c rounded once (IEEE 754 fusedMultiplyAdd: every backend has it exactly):
 
 * unit uniform of a word w:  u = ((w >> 9) * 2 + 1) * 2**-24, in (0, 1), exact in float32
-* uniform(lo, hi):           lo + (hi - lo) * u
+* uniform(lo, hi):           lo + (hi - lo) * u  (a multiply and an add, not an fma)
 * normal(mean, std):         Box-Muller over word pairs (0, 1) and (2, 3) of a block:
-                             r = sqrt(-2 log u0), t = 2 pi u1, z0 = r cos t, z1 = r sin t,
-                             value = mean + std * z, log = log_f32 and (sin, cos) = sincos_2pi
-                             below (not libm's: the same bits on every backend)
-* trunc_normal:              v = lo + (hi - lo) * u with lo, hi = 2 Phi(alpha) - 1, 2 Phi(beta) - 1;
-                             value = clamp(mean + std * sqrt(2) * erfinv(v), a, b), erfinv in float32
-                             by Giles' single-precision approximation with log_f32 (no rejection, no
-                             host sync);
+                             r = sqrt(-2 log u0), a = std * r, value0 = fma(a, cos(2 pi u1), mean),
+                             value1 = fma(a, sin(2 pi u1), mean), log = log_f32 and (sin, cos) =
+                             sincos_2pi below (not libm's: the same bits on every backend)
+* trunc_normal:              t = fma(hi - lo, u, lo) with lo, hi = 2 Phi(alpha) - 1, 2 Phi(beta) - 1;
+                             value = clamp(fma(std * sqrt(2), erfinv(t), mean), a, b), erfinv in
+                             float32 by Giles' single-precision approximation (Horner with fma) with
+                             log_f32 (no rejection, no host sync);
                              bounds beyond 6 std use the normal stream instead (torchfast.init)
 float64 tensors take a full-precision variant of each (values_f64 below).
 """
@@ -65,15 +66,40 @@ def word_to_unit(w: torch.Tensor) -> torch.Tensor:
     return (((w >> 9) * 2 + 1).to(torch.float64) * 2.0 ** -24).to(torch.float32)
 
 
-# log_f32 and sincos_2pi below: log, sin and cos of the float32 distributions, built from +, -, *, /
-# and integer operations only (each rounded on its own), so that every backend computes the same bits
-# (libm's logf/sinf/cosf differ between CPU and GPU libraries). The constants are float32 values.
-_LOG_SERIES = (0.2222222238779068, 0.2857142984867096, 0.4000000059604645, 0.6666666865348816)  # 2/9 .. 2/3
-_LN2_HI, _LN2_LO = 0.6931381225585938, 9.05800061445916e-06
-_SIN_PI = (0.08214588463306427, -0.5992645025253296, 2.550163984298706, -5.167712688446045,
-           3.1415927410125732)  # pi^9/9!, ..., pi: sin(pi r) = r P(r^2)
-_COS_PI = (-0.025806890800595284, 0.23533062636852264, -1.3352627754211426, 4.058712005615234,
-           -4.934802055358887, 1.0)  # -pi^10/10!, ..., 1: cos(pi r) = Q(r^2)
+# log_f32 and sincos_2pi below: log, sin and cos of the float32 distributions, built from +, -, *, fma
+# and integer operations only, so that every backend computes the same bits (libm's logf/sinf/cosf
+# differ between CPU and GPU libraries). The constants are float32 values. Polynomials are evaluated
+# by Horner's rule with one fma per coefficient.
+#
+# log: minimax coefficients (highest power first) of Q(f) = (log(1 + f) - f) / f^2 on
+# [sqrt(1/2) - 1, sqrt(2) - 1], degree 8.
+_LOG_Q = tuple(float.fromhex(h) for h in (
+    "-0x1.417a50p-4", "0x1.06690cp-3", "-0x1.0c6052p-3", "0x1.229ea6p-3", "-0x1.5487dep-3", "0x1.99a394p-3",
+    "-0x1.000208p-2", "0x1.55554ep-2", "-0x1.fffffep-2"))
+_LN2 = float.fromhex("0x1.62e430p-1")  # log(2) rounded to float32
+# sin(pi r) = r P(r^2) and cos(pi r) = C(r^2) on |r| <= 1/4: minimax coefficients, highest power first.
+_SIN_PI = tuple(float.fromhex(h) for h in ("-0x1.2d9bb8p-1", "0x1.465ec6p+1", "-0x1.4abbbap+2", "0x1.921fb6p+1"))
+_COS_PI = tuple(float.fromhex(h) for h in ("0x1.d9c366p-3", "-0x1.55c57cp+0", "0x1.03c1dcp+2", "-0x1.3bd3ccp+2",
+                                           "0x1.000000p+0"))
+
+
+def fma_f32(a, b, c) -> torch.Tensor:
+    """fma(a, b, c) on float32 values (tensors or floats), rounded once, exactly as the hardware's
+    (std::fma, __fmaf_rn, tl.fma, vfmadd). PyTorch has no fused float32 multiply-add, so: the float64
+    product of two float32 values is exact; the float64 sum p + c is made round-to-odd (its exact error
+    from TwoSum; an inexact, even result moves one ulp towards the exact sum); a round-to-odd value with
+    53 bits rounds to float32's 24 correctly (Boldo and Melquiond, 2008)."""
+    like = next(x for x in (a, b, c) if torch.is_tensor(x))
+    a, b, c = (x if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float32, device=like.device)
+               for x in (a, b, c))
+    a, b, c = a.double(), b.double(), c.double()
+    p = a * b
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)
+    fix = (err != 0) & ((s.view(torch.int64) & 1) == 0)
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    return torch.where(fix, torch.nextafter(s, toward), s).float()
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -86,34 +112,26 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
     p = torch.full_like(x, coeffs[0])
     for c in coeffs[1:]:
-        p = p * x + c
+        p = fma_f32(p, x, c)
     return p
 
 
 def log_f32(x: torch.Tensor) -> torch.Tensor:
-    """Natural log of 0 (-inf) or positive normal float32 values: x = 2^e m, m in [sqrt(2)/2, sqrt(2))
-    from the bits, f = m - 1, s = f / (2 + f), z = s^2, R = z (2/3 + z (2/5 + z (2/7 + z 2/9))),
-    hfsq = f^2 / 2, log x = e ln2_hi - ((hfsq - (s (hfsq + R) + e ln2_lo)) - f)."""
+    """Natural log of 0 (-inf) or positive normal float32 values: with the bits b, e = (b - bits(sqrt(1/2)))
+    >> 23 (arithmetic shift) and m = float(b - (e << 23)) in [sqrt(1/2), sqrt(2)), so x = 2^e m exactly;
+    f = m - 1 (exact), log m = fma(f Q(f), f, f), log x = fma(e, ln2, log m). Within 0.82 ulp."""
     bits = x.view(torch.int32)
-    mant = bits & 0x7FFFFF
-    big = mant > 0x3504F3
-    half = torch.full_like(bits, 0x3F000000)
-    m = (mant | torch.where(big, half, half + 0x00800000)).view(torch.float32)
-    e = (((bits >> 23) & 0xFF) - 127 + big.to(torch.int32)).to(torch.float32)
+    e = (bits - 0x3F3504F3) >> 23
+    m = (bits - (e << 23)).view(torch.float32)
     f = m - 1.0
-    s = f / (f + 2.0)
-    z = s * s
-    r = _horner(z, _LOG_SERIES) * z
-    hfsq = (f * f) * 0.5
-    t = s * (hfsq + r) + e * _LN2_LO
-    out = e * _LN2_HI - ((hfsq - t) - f)
+    out = fma_f32(e.to(torch.float32), _LN2, fma_f32(f * _horner(f, _LOG_Q), f, f))
     return torch.where(x == 0, torch.full_like(out, float("-inf")), out)
 
 
 def sincos_2pi(w: torch.Tensor):
     """(sin, cos) of 2 pi u for the unit values u of words w, from the words: n = 2 (w >> 9) + 1,
     2u = n 2^-23 = q / 2 + r with q = round(4u) and r = (n - q 2^22) 2^-23 in [-1/4, 1/4] (exact),
-    sin(pi r) = r P(r^2), cos(pi r) = Q(r^2), then quadrant q's swap and signs."""
+    sin(pi r) = r P(r^2), cos(pi r) = C(r^2), then quadrant q's swap and signs."""
     n = (w >> 9) * 2 + 1
     q = (n + (1 << 21)) >> 22
     r = (n - (q << 22)).to(torch.float32) * 2.0 ** -23
@@ -129,14 +147,8 @@ def erfinv_f32(x: torch.Tensor) -> torch.Tensor:
     one = torch.ones((), dtype=torch.float32, device=x.device)
     w = -log_f32((one - x) * (one + x))
     central = w < 5.0
-    wc = w - 2.5
-    wt = sqrt_rn(w) - 3.0
-    pc = torch.full_like(x, _ERFINV_CENTRAL[0])
-    for c in _ERFINV_CENTRAL[1:]:
-        pc = pc * wc + c
-    pt = torch.full_like(x, _ERFINV_TAIL[0])
-    for c in _ERFINV_TAIL[1:]:
-        pt = pt * wt + c
+    pc = _horner(w - 2.5, _ERFINV_CENTRAL)
+    pt = _horner(sqrt_rn(w) - 3.0, _ERFINV_TAIL)
     return torch.where(central, pc, pt) * x
 
 
@@ -157,15 +169,14 @@ def values(seed: int, stream: int, start: int, count: int, kind: int, params, de
         v = lo + (hi - lo) * u
     elif kind == NORMAL:
         mean, std = _f32(params[0], device), _f32(params[1], device)
-        r = sqrt_rn(log_f32(u[:, 0::2]) * -2.0)
+        a = std * sqrt_rn(log_f32(u[:, 0::2]) * -2.0)
         sin, cos = sincos_2pi(w[:, 1::2])
-        z = torch.stack((r * cos, r * sin), dim=2).reshape(nblk, 4)
-        v = mean + std * z
+        v = torch.stack((fma_f32(a, cos, mean), fma_f32(a, sin, mean)), dim=2).reshape(nblk, 4)
     elif kind == TRUNC_NORMAL:
         lo, hi = _f32(params[0], device), _f32(params[1], device)
         a, b = _f32(params[2], device), _f32(params[3], device)
         mean, scale = _f32(params[4], device), _f32(params[5], device)
-        v = torch.minimum(torch.maximum(mean + scale * erfinv_f32(lo + (hi - lo) * u), a), b)
+        v = torch.minimum(torch.maximum(fma_f32(scale, erfinv_f32(fma_f32(hi - lo, u, lo)), mean), a), b)
     else:
         raise ValueError("unknown init kind %r" % (kind,))
     return v.reshape(-1)[:count]

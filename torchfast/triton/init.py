@@ -5,7 +5,8 @@ a chunk table (tensor address, element count, first element, stream, distributio
 Counters follow csrc/philox.h: block i//4 in counter words 0-1, the tensor's stream in words 2-3,
 key = seed; tl.philox implements exactly Philox4x32-10 with that layout. float32 values of every
 distribution are bitwise equal to the other backends: the kernel is compiled with FMA contraction off,
-and log, sin, cos and sqrt are the stream's own (_log_f32, _sincos_2pi, sqrt_rn), not libdevice's.
+fused multiply-adds are explicit (_fma, exactly where csrc/philox.h has fma_rn), and log, sin, cos and
+sqrt are the stream's own (_log_f32, _sincos_2pi, sqrt_rn), not libdevice's.
 
 Block shape: BLOCK_B Philox blocks (4 * BLOCK_B elements) per step; 1024 blocks = 4096 elements,
 16 KB of fp32 written per step, enough to keep an H100/H200 SM's store queue busy with 4-8 warps;
@@ -24,27 +25,56 @@ from torchfast.triton import INTERPRET, chunk_table, device_guard, tl_dtype, upl
 CHUNK = 1 << 16  # elements per program
 
 
+# On a GPU tl.fma is one fused multiply-add. Triton's interpreter evaluates it as a * b + c in float32,
+# rounded twice, so there _fma computes it exactly instead (reference.philox.fma_f32's method).
+_HW_FMA: tl.constexpr = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _fma(a, b, c):
+    """fma(a, b, c) of float32 tensors of one shape, rounded once. Interpreter: the float64 product of
+    two float32 values is exact; the float64 sum is made round-to-odd (its exact error from TwoSum; an
+    inexact, even result moves one ulp away from zero if the error has the sum's sign, else towards
+    zero), and a round-to-odd 53-bit value rounds to float32 correctly."""
+    if _HW_FMA:
+        return tl.fma(a, b, c)
+    else:
+        p = a.to(tl.float64) * b.to(tl.float64)
+        c64 = c.to(tl.float64)
+        s = p + c64
+        bb = s - p
+        err = (p - (s - bb)) + (c64 - bb)
+        bits = s.to(tl.int64, bitcast=True)
+        odd = tl.where((err != 0) & ((bits & 1) == 0), tl.where((err > 0) == (s > 0), bits + 1, bits - 1), bits)
+        return odd.to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _k(x, c):
+    """The float32 constant c as a tensor of x's shape (tl.fma takes no scalars)."""
+    return tl.full(x.shape, c, tl.float32)
+
+
 # _log_f32 and _sincos_2pi: csrc/philox.h's log_f32 and sincos_2pi_unit (torchfast/reference/philox.py
 # spells them out), the same float32 operations in the same order, so that normal and truncated-normal
-# values are the same bits as on every other backend.
+# values are the same bits as on every other backend. Polynomials: Horner with one _fma per
+# coefficient, highest power first (the coefficients are philox.h's TF_LOG_Q, TF_SIN_PI, TF_COS_PI).
 @triton.jit
 def _log_f32(x):
     x = x.to(tl.float32)  # a no-op in the float32 stream (the float64 kernel compiles this body too, unused)
     bits = x.to(tl.int32, bitcast=True)
-    mant = bits & 0x7FFFFF
-    big = mant > 0x3504F3
-    m = (mant | tl.where(big, 0x3F000000, 0x3F800000)).to(tl.float32, bitcast=True)
-    e = (((bits >> 23) & 0xFF) - 127 + big.to(tl.int32)).to(tl.float32)
+    e = (bits - 0x3F3504F3) >> 23
+    m = (bits - (e << 23)).to(tl.float32, bitcast=True)
     f = m - 1.0
-    s = tl.div_rn(f, f + 2.0)
-    z = s * s
-    r = 0.2222222238779068 * z + 0.2857142984867096
-    r = r * z + 0.4000000059604645
-    r = r * z + 0.6666666865348816
-    r = r * z
-    hfsq = (f * f) * 0.5
-    t = s * (hfsq + r) + e * 9.05800061445916e-06
-    out = e * 0.6931381225585938 - ((hfsq - t) - f)
+    q = _fma(_k(f, -0.07848578691482544), f, _k(f, 0.12813004851341248))
+    q = _fma(q, f, _k(f, -0.13104309141635895))
+    q = _fma(q, f, _k(f, 0.14190416038036346))
+    q = _fma(q, f, _k(f, -0.1662747710943222))
+    q = _fma(q, f, _k(f, 0.20001903176307678))
+    q = _fma(q, f, _k(f, -0.2500077486038208))
+    q = _fma(q, f, _k(f, 0.33333322405815125))
+    q = _fma(q, f, _k(f, -0.4999999701976776))
+    out = _fma(e.to(tl.float32), _k(f, 0.6931471824645996), _fma(f * q, f, f))
     return tl.where(x == 0.0, float("-inf"), out)
 
 
@@ -54,16 +84,13 @@ def _sincos_2pi(w):
     q = (n + (1 << 21)) >> 22
     r = (n - (q << 22)).to(tl.float32) * 1.1920928955078125e-07
     t = r * r
-    sp = 0.08214588463306427 * t - 0.5992645025253296
-    sp = sp * t + 2.550163984298706
-    sp = sp * t - 5.167712688446045
-    sp = sp * t + 3.1415927410125732
-    sp = sp * r
-    cp = -0.025806890800595284 * t + 0.23533062636852264
-    cp = cp * t - 1.3352627754211426
-    cp = cp * t + 4.058712005615234
-    cp = cp * t - 4.934802055358887
-    cp = cp * t + 1.0
+    sp = _fma(_k(t, -0.5890786647796631), t, _k(t, 2.549767255783081))
+    sp = _fma(sp, t, _k(t, -5.167707920074463))
+    sp = _fma(sp, t, _k(t, 3.1415927410125732)) * r
+    cp = _fma(_k(t, 0.23132972419261932), t, _k(t, -1.3350446224212646))
+    cp = _fma(cp, t, _k(t, 4.058707237243652))
+    cp = _fma(cp, t, _k(t, -4.934802055358887))
+    cp = _fma(cp, t, _k(t, 1.0))
     odd = (q & 1) == 1
     a = tl.where(odd, cp, sp)
     b = tl.where(odd, sp, cp)
@@ -74,25 +101,23 @@ def _sincos_2pi(w):
 def _erfinv_f32(x):
     w = -_log_f32((1.0 - x) * (1.0 + x))
     wc = w - 2.5
-    pc = 2.81022636e-08
-    pc = 3.43273939e-07 + pc * wc
-    pc = -3.5233877e-06 + pc * wc
-    pc = -4.39150654e-06 + pc * wc
-    pc = 0.00021858087 + pc * wc
-    pc = -0.00125372503 + pc * wc
-    pc = -0.00417768164 + pc * wc
-    pc = 0.246640727 + pc * wc
-    pc = 1.50140941 + pc * wc
+    pc = _fma(_k(wc, 2.81022636e-08), wc, _k(wc, 3.43273939e-07))
+    pc = _fma(pc, wc, _k(wc, -3.5233877e-06))
+    pc = _fma(pc, wc, _k(wc, -4.39150654e-06))
+    pc = _fma(pc, wc, _k(wc, 0.00021858087))
+    pc = _fma(pc, wc, _k(wc, -0.00125372503))
+    pc = _fma(pc, wc, _k(wc, -0.00417768164))
+    pc = _fma(pc, wc, _k(wc, 0.246640727))
+    pc = _fma(pc, wc, _k(wc, 1.50140941))
     wt = tl.sqrt_rn(w) - 3.0
-    pt = -0.000200214257
-    pt = 0.000100950558 + pt * wt
-    pt = 0.00134934322 + pt * wt
-    pt = -0.00367342844 + pt * wt
-    pt = 0.00573950773 + pt * wt
-    pt = -0.0076224613 + pt * wt
-    pt = 0.00943887047 + pt * wt
-    pt = 1.00167406 + pt * wt
-    pt = 2.83297682 + pt * wt
+    pt = _fma(_k(wt, -0.000200214257), wt, _k(wt, 0.000100950558))
+    pt = _fma(pt, wt, _k(wt, 0.00134934322))
+    pt = _fma(pt, wt, _k(wt, -0.00367342844))
+    pt = _fma(pt, wt, _k(wt, 0.00573950773))
+    pt = _fma(pt, wt, _k(wt, -0.0076224613))
+    pt = _fma(pt, wt, _k(wt, 0.00943887047))
+    pt = _fma(pt, wt, _k(wt, 1.00167406))
+    pt = _fma(pt, wt, _k(wt, 2.83297682))
     return tl.where(w < 5.0, pc, pt) * x
 
 
@@ -247,18 +272,20 @@ def _values32(seed, blk, s_lo, s_hi, kind, p0, p1, p2, p3, p4, p5, BLOCK_B: tl.c
         span = p1 - p0
         v0, v1, v2, v3 = p0 + span * u0, p0 + span * u1, p0 + span * u2, p0 + span * u3
     elif kind == 1:  # normal(p0, p1), Box-Muller on word pairs (0, 1) and (2, 3)
-        r01 = tl.sqrt_rn(-2.0 * _log_f32(u0))
+        a01 = p1 * tl.sqrt_rn(-2.0 * _log_f32(u0))
         s01, c01 = _sincos_2pi(w1)
-        r23 = tl.sqrt_rn(-2.0 * _log_f32(u2))
+        a23 = p1 * tl.sqrt_rn(-2.0 * _log_f32(u2))
         s23, c23 = _sincos_2pi(w3)
-        v0, v1 = p0 + p1 * (r01 * c01), p0 + p1 * (r01 * s01)
-        v2, v3 = p0 + p1 * (r23 * c23), p0 + p1 * (r23 * s23)
+        mean = tl.broadcast_to(p0, u0.shape)
+        v0, v1 = _fma(a01, c01, mean), _fma(a01, s01, mean)
+        v2, v3 = _fma(a23, c23, mean), _fma(a23, s23, mean)
     elif kind == 2:  # truncated normal: inverse CDF, then clamp to [p2, p3]
-        span = p1 - p0
-        v0 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u0), p2), p3)
-        v1 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u1), p2), p3)
-        v2 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u2), p2), p3)
-        v3 = tl.minimum(tl.maximum(p4 + p5 * _erfinv_f32(p0 + span * u3), p2), p3)
+        span = tl.broadcast_to(p1 - p0, u0.shape)
+        lo, mean, scale = tl.broadcast_to(p0, u0.shape), tl.broadcast_to(p4, u0.shape), tl.broadcast_to(p5, u0.shape)
+        v0 = tl.minimum(tl.maximum(_fma(scale, _erfinv_f32(_fma(span, u0, lo)), mean), p2), p3)
+        v1 = tl.minimum(tl.maximum(_fma(scale, _erfinv_f32(_fma(span, u1, lo)), mean), p2), p3)
+        v2 = tl.minimum(tl.maximum(_fma(scale, _erfinv_f32(_fma(span, u2, lo)), mean), p2), p3)
+        v3 = tl.minimum(tl.maximum(_fma(scale, _erfinv_f32(_fma(span, u3, lo)), mean), p2), p3)
     else:  # constant p0
         v0 = tl.zeros_like(u0) + p0
         v1, v2, v3 = v0, v0, v0
