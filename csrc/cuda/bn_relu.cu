@@ -669,18 +669,36 @@ int pick_vec(const Shape& sh, bool reduction, std::initializer_list<const void*>
 }
 
 // The channel group of reduce_ncs_group_kernel for a reduction over this shape and these pointers, or
-// 0 where the plain kernels apply: contiguous rows that are not whole vectors at the full width V
-// (S % V != 0), every pointer 16-byte aligned, G = V / gcd(S, V) channels dividing C, and a group's
-// span of G * S / V vectors within one block.
+// 0 where the plain kernels apply. Contiguous rows take it when reduce_ncs_kernel would waste sector
+// bytes: rows that are not whole vectors at the full width V (S % V != 0: 7x7 maps), and short rows
+// whose length is not a whole number of 32-byte sectors (2x2 maps in fp32: 16 bytes, so a warp's
+// loads from N different rows used half of each sector; 3x4: 48 bytes). Every pointer must be 16-byte
+// aligned. G is a multiple of G0 = V / gcd(S, V) (so a group's rows form whole vectors) that divides C:
+// the smallest whose span of G rows is at least kGroupSpanBytes, else the largest below it, with the
+// span (G * S / V vectors) and G itself within one block.
+constexpr int64_t kGroupSpanBytes = 128;  // four sectors: 8 lanes' 16-byte loads, contiguous
+
 template <typename scalar_t>
 int reduce_group(const Shape& sh, std::initializer_list<const void*> ptrs) {
   constexpr int kV = max_vec<scalar_t>();
-  if (sh.channels_last || kV == 1 || sh.S % kV == 0 || sh.S >= static_cast<int64_t>(kBnThreads) * kV) return 0;
+  const int64_t row_bytes = sh.S * static_cast<int64_t>(sizeof(scalar_t));
+  const bool short_row = sh.S % kV == 0 && row_bytes % 32 != 0 && row_bytes < 2 * kGroupSpanBytes;
+  if (sh.channels_last || kV == 1 || (sh.S % kV == 0 && !short_row) || sh.S >= static_cast<int64_t>(kBnThreads) * kV)
+    return 0;
   for (const void* p : ptrs)
     if (p != nullptr && !aligned16(p)) return 0;
-  const int S = static_cast<int>(sh.S), G = kV / std::gcd(S, kV);
-  if (sh.C % G != 0 || G * S / kV > kBnThreads) return 0;
-  return G;
+  const int S = static_cast<int>(sh.S), G0 = kV / std::gcd(S, kV);
+  const auto fits = [&](int64_t G) { return G <= kBnThreads && G * S / kV <= kBnThreads; };
+  const auto valid = [&](int64_t G) { return sh.C % G == 0 && fits(G); };
+  const int64_t want = std::max<int64_t>(1, (kGroupSpanBytes + G0 * row_bytes - 1) / (G0 * row_bytes));
+  int64_t m = want;
+  while (fits(G0 * m) && !valid(G0 * m)) ++m;  // the smallest wide-enough group dividing C
+  if (!valid(G0 * m))
+    for (m = want - 1; m > 1 && !valid(G0 * m); --m) {  // else the widest narrower one
+    }
+  if (m <= 1 && !valid(G0)) return 0;
+  const int G = static_cast<int>(G0 * std::max<int64_t>(m, 1));
+  return short_row && G == G0 ? 0 : G;  // a group of one row per channel gains nothing over the plain kernel
 }
 
 // f(std::integral_constant<int, V>) for the V pick_vec returned: one instantiation per width.
