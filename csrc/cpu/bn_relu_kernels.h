@@ -452,7 +452,157 @@ void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n,
     backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                            \
   }
 TORCHFAST_BLOCKED_ROWS(c10::Half)
+#if defined(TORCHFAST_BN_AVX2)
+// bfloat16 rows in the AVX2 set: the conversions fused into the row loops, 8 elements a step (a
+// bfloat16 widens to float by a shift, and narrows by the rounding of float_to_bf16_avx2), with no
+// float buffer in between. The elementwise kernels compute the float template's formulas, so they
+// write what the blocked path writes, bit for bit; the sums are formed in another order. Measured on
+// the 2-core CI machine, one thread, 32x64x56x56: statistics 3.3 -> 1.1 ms, normalise+ReLU 2.9 -> 1.8.
+inline __m256 bf16x8_load(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// Round to nearest even, NaN -> 0x7FC0 (c10's conversion, as f16c::float_to_bf16_avx2).
+inline void bf16x8_store(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
+                                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))),
+                                16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// v's eight floats added to the double accumulators (lanes 0-3 to lo, 4-7 to hi).
+inline void widen_add8(__m256 v, __m256d& lo, __m256d& hi) {
+  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+inline double hsum8(__m256d lo, __m256d hi) {
+  const __m256d s = _mm256_add_pd(lo, hi);
+  const __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t)));
+}
+
+// Each lane sums four vectors (kSumChunk elements in all) in float, then widens into double.
+template <>
+void row_moments<c10::BFloat16, float>(const c10::BFloat16* x, int64_t n, float K, double& s1, double& s2) {
+  const __m256 k = _mm256_set1_ps(K);
+  __m256d a1lo = _mm256_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
+  int64_t i = 0;
+  for (; i + kSumChunk <= n; i += kSumChunk) {
+    __m256 a1 = _mm256_setzero_ps(), a2 = a1;
+    for (int u = 0; u < kSumChunk; u += 8) {
+      const __m256 d = _mm256_sub_ps(bf16x8_load(x + i + u), k);
+      a1 = _mm256_add_ps(a1, d);
+      a2 = _mm256_add_ps(a2, _mm256_mul_ps(d, d));
+    }
+    widen_add8(a1, a1lo, a1hi);
+    widen_add8(a2, a2lo, a2hi);
+  }
+  double d1 = hsum8(a1lo, a1hi), d2 = hsum8(a2lo, a2hi);
+  for (; i < n; ++i) {
+    const float d = to_acc<float>(x[i]) - K;
+    d1 += static_cast<double>(d);
+    d2 += static_cast<double>(d * d);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+
+template <>
+void normalize_row<c10::BFloat16, float>(const c10::BFloat16* x, const c10::BFloat16* r, c10::BFloat16* y, int64_t n,
+                                         float mu, float sc, float sh) {
+  const __m256 vmu = _mm256_set1_ps(mu), vsc = _mm256_set1_ps(sc), vsh = _mm256_set1_ps(sh), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  // relu(v) = v < 0 ? 0 : v is max(0, v): max returns its second operand for a NaN, and -0 for -0.
+  if (r == nullptr) {
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(bf16x8_load(x + i), vmu), vsc), vsh);
+      bf16x8_store(y + i, _mm256_max_ps(zero, v));
+    }
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(bf16x8_load(x + i), vmu), vsc), vsh),
+                                     bf16x8_load(r + i));
+      bf16x8_store(y + i, _mm256_max_ps(zero, v));
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = (to_acc<float>(x[i]) - mu) * sc + sh + (r ? to_acc<float>(r[i]) : 0.0f);
+    y[i] = from_acc<c10::BFloat16, float>(relu(v));
+  }
+}
+
+// The masked gradient of 8 elements: dy where (m - mmu) * msc + msh > thr (false for NaN), else 0.
+inline __m256 masked_grad8(__m256 mv, __m256 g, __m256 mmu, __m256 msc, __m256 msh, __m256 thr) {
+  const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(mv, mmu), msc), msh);
+  return _mm256_and_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ), g);
+}
+
+// As the float rows' SSE kernel: two vectors' gm and gm * (x - mean) added in float (one rounding of
+// two terms), then widened into double.
+template <>
+void backward_row_sums<c10::BFloat16, float>(const c10::BFloat16* x, const c10::BFloat16* dy, const c10::BFloat16* m,
+                                             c10::BFloat16* gm_out, int64_t n, float mmu, float msc, float msh,
+                                             float mthr, float mu, double& s1, double& s2) {
+  const __m256 vmmu = _mm256_set1_ps(mmu), vmsc = _mm256_set1_ps(msc), vmsh = _mm256_set1_ps(msh),
+               vthr = _mm256_set1_ps(mthr), vmu = _mm256_set1_ps(mu);
+  __m256d a1lo = _mm256_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
+  auto step = [&](int64_t j, __m256& gm, __m256& t) {
+    const __m256 xv = bf16x8_load(x + j);
+    gm = masked_grad8(m == x ? xv : bf16x8_load(m + j), bf16x8_load(dy + j), vmmu, vmsc, vmsh, vthr);
+    if (gm_out != nullptr) bf16x8_store(gm_out + j, gm);  // dy or 0: exact
+    t = _mm256_sub_ps(xv, vmu);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 g1, t1, g2, t2;
+    step(i, g1, t1);
+    step(i + 8, g2, t2);
+    widen_add8(_mm256_add_ps(g1, g2), a1lo, a1hi);
+    widen_add8(_mm256_add_ps(_mm256_mul_ps(g1, t1), _mm256_mul_ps(g2, t2)), a2lo, a2hi);
+  }
+  double d1 = hsum8(a1lo, a1hi), d2 = hsum8(a2lo, a2hi);
+  for (; i < n; ++i) {
+    const float xv = to_acc<float>(x[i]);
+    const float gm = masked_grad((to_acc<float>(m[i]) - mmu) * msc + msh, to_acc<float>(dy[i]), mthr);
+    if (gm_out != nullptr) gm_out[i] = from_acc<c10::BFloat16, float>(gm);
+    d1 += static_cast<double>(gm);
+    d2 += static_cast<double>(gm) * static_cast<double>(xv - mu);
+  }
+  s1 = d1;
+  s2 = d2;
+}
+
+template <>
+void backward_row<c10::BFloat16, float>(const c10::BFloat16* x, const c10::BFloat16* dy, const c10::BFloat16* m,
+                                        c10::BFloat16* dx, int64_t n, float mmu, float msc, float msh, float mthr,
+                                        float mu, float k0, float k1, float k2) {
+  const __m256 vmmu = _mm256_set1_ps(mmu), vmsc = _mm256_set1_ps(msc), vmsh = _mm256_set1_ps(msh),
+               vthr = _mm256_set1_ps(mthr), vmu = _mm256_set1_ps(mu), vk0 = _mm256_set1_ps(k0),
+               vk1 = _mm256_set1_ps(k1), vk2 = _mm256_set1_ps(k2);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = bf16x8_load(x + i);
+    __m256 g = bf16x8_load(dy + i);
+    if (m != nullptr) g = masked_grad8(m == x ? xv : bf16x8_load(m + i), g, vmmu, vmsc, vmsh, vthr);
+    // gm * k0 - k1 - (x - mean) * k2, in the template's order
+    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, vk0), vk1), _mm256_mul_ps(_mm256_sub_ps(xv, vmu), vk2));
+    bf16x8_store(dx + i, d);
+  }
+  for (; i < n; ++i) {
+    const float xv = to_acc<float>(x[i]);
+    const float g = to_acc<float>(dy[i]);
+    const float gm = m == nullptr ? g : masked_grad((to_acc<float>(m[i]) - mmu) * msc + msh, g, mthr);
+    dx[i] = from_acc<c10::BFloat16, float>(gm * k0 - k1 - (xv - mu) * k2);
+  }
+}
+#else
 TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
+#endif
 #undef TORCHFAST_BLOCKED_ROWS
 
 // channels_last rows: float16/bfloat16 rows (up to kRowsPerBlock at a time) are read through a
