@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -34,6 +35,9 @@ struct Loops {
 template <typename scalar_t>
 Loops<scalar_t> loops() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  // the vector sets convert float16 with F16C (clip_grad_isa.cpp)
+  if (std::is_same_v<scalar_t, c10::Half> && !cpu_features::has_f16c())
+    return {&clip_base::norm_partial<scalar_t>, &clip_base::scale<scalar_t>};
   if (cpu_features::has_avx512()) return {&clip_avx512::norm_partial<scalar_t>, &clip_avx512::scale<scalar_t>};
   if (cpu_features::has_avx2()) return {&clip_avx2::norm_partial<scalar_t>, &clip_avx2::scale<scalar_t>};
 #endif

@@ -11,17 +11,23 @@
 #include "cpu/clip_grad_isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+// Both sets also convert float16 with F16C and bfloat16 with AVX2 bit operations
+// (TORCHFAST_CLIP_F16C); clip_grad.cpp takes them for float16 tensors only when the CPU has F16C.
+#define TORCHFAST_CLIP_F16C 1
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #define TORCHFAST_CLIP_ISA clip_avx2
 #include "cpu/clip_grad_kernels.h"
 #undef TORCHFAST_CLIP_ISA
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,f16c")
 #define TORCHFAST_CLIP_ISA clip_avx512
 #include "cpu/clip_grad_kernels.h"
 #undef TORCHFAST_CLIP_ISA
 #pragma GCC pop_options
+#undef TORCHFAST_CLIP_F16C
 #endif
