@@ -14,6 +14,7 @@
 #include "cpu/common.h"
 #include "cpu/philox_avx2.h"
 #include "cpu/philox_avx512.h"
+#include "cpu/half_convert.h"
 
 namespace torchfast {
 namespace {
@@ -21,6 +22,23 @@ namespace {
 // Fills whole steps of STEP elements from `values(blk0, float* dst)` (a vector path) starting at i,
 // stopping before a step whose STEP / 4 blocks would wrap the low 32-bit counter word; returns where
 // it stopped. Non-float tensors go through a float buffer.
+// float values to the tensor's dtype, rounded as static_cast rounds them (nearest even): bfloat16
+// through half_convert.h's AVX2 bit operations, float16 through F16C where the CPU has it (c10's
+// conversion operators keep the loop scalar: float16 normal_ took 2.9x float32's time).
+template <typename scalar_t>
+inline void store_converted(const float* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    f16c::float_to_bf16(src, dst, n);
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (cpu_features::has_f16c()) {
+      f16c::float_to_half(src, dst, n);
+      return;
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) dst[r] = static_cast<scalar_t>(src[r]);
+}
+
 template <int STEP, typename scalar_t, typename Values>
 int64_t fill_steps(scalar_t* out, int64_t i, int64_t end, Values&& values) {
   alignas(64) float buf[STEP];
@@ -31,7 +49,7 @@ int64_t fill_steps(scalar_t* out, int64_t i, int64_t end, Values&& values) {
       values(blk0, out + i);
     } else {
       values(blk0, buf);
-      for (int r = 0; r < STEP; ++r) out[i + r] = static_cast<scalar_t>(buf[r]);
+      store_converted(buf, out + i, STEP);
     }
   }
   return i;
