@@ -552,6 +552,17 @@ TF_BN_F16C inline __m256 masked_grad8(__m256 mv, __m256 g, __m256 mmu, __m256 ms
   return _mm256_and_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ), g);
 }
 
+// gm of elements j..j+7 (stored to gm_out unless null: dy or 0, exact) and their x - mean. (A helper,
+// not a lambda: a lambda would not carry TF_BN_F16C, and the loads could not be inlined into it.)
+template <typename T>
+TF_BN_F16C inline void masked_step8(const T* x, const T* dy, const T* m, T* gm_out, int64_t j, __m256 mmu, __m256 msc,
+                                    __m256 msh, __m256 thr, __m256 mu, __m256& gm, __m256& t) {
+  const __m256 xv = load8(x + j);
+  gm = masked_grad8(m == x ? xv : load8(m + j), load8(dy + j), mmu, msc, msh, thr);
+  if (gm_out != nullptr) store8(gm_out + j, gm);
+  t = _mm256_sub_ps(xv, mu);
+}
+
 // As the float rows' SSE kernel: two vectors' gm and gm * (x - mean) added in float (one rounding of
 // two terms), then widened into double.
 template <typename T>
@@ -560,17 +571,11 @@ TF_BN_F16C void fused_backward_row_sums(const T* x, const T* dy, const T* m, T* 
   const __m256 vmmu = _mm256_set1_ps(mmu), vmsc = _mm256_set1_ps(msc), vmsh = _mm256_set1_ps(msh),
                vthr = _mm256_set1_ps(mthr), vmu = _mm256_set1_ps(mu);
   __m256d a1lo = _mm256_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
-  auto step = [&](int64_t j, __m256& gm, __m256& t) {
-    const __m256 xv = load8(x + j);
-    gm = masked_grad8(m == x ? xv : load8(m + j), load8(dy + j), vmmu, vmsc, vmsh, vthr);
-    if (gm_out != nullptr) store8(gm_out + j, gm);  // dy or 0: exact
-    t = _mm256_sub_ps(xv, vmu);
-  };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256 g1, t1, g2, t2;
-    step(i, g1, t1);
-    step(i + 8, g2, t2);
+    masked_step8(x, dy, m, gm_out, i, vmmu, vmsc, vmsh, vthr, vmu, g1, t1);
+    masked_step8(x, dy, m, gm_out, i + 8, vmmu, vmsc, vmsh, vthr, vmu, g2, t2);
     widen_add8(_mm256_add_ps(g1, g2), a1lo, a1hi);
     widen_add8(_mm256_add_ps(_mm256_mul_ps(g1, t1), _mm256_mul_ps(g2, t2)), a2lo, a2hi);
   }
