@@ -351,17 +351,20 @@ void backward_row(const scalar_t* x, const scalar_t* dy, const scalar_t* m, scal
   }
 }
 
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
 // float16 and bfloat16 rows (float16 only when the CPU has F16C, checked by the callers; see
-// half_convert.h): blocks of kHalfBlock elements are converted to float32 on the stack, run through
-// the float32 row kernels (which vectorise) and converted back: the same float32 math as the other
+// half_convert.h): the half_* row functions behind the row kernels' specialisations below, one
+// implementation per instruction set.
+#if !defined(TORCHFAST_BN_AVX2)
+// Base set: blocks of kHalfBlock elements are converted to float32 on the stack, run through the
+// float32 row kernels (which vectorise) and converted back: the same float32 math as the other
 // dtypes, one rounding at the end.
 constexpr int64_t kHalfBlock = 1024;
 
 template <typename T>
-constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
-
-template <typename T>
-void row_moments_blocked(const T* x, int64_t n, float K, double& s1, double& s2) {
+void half_row_moments(const T* x, int64_t n, float K, double& s1, double& s2) {
   float bx[kHalfBlock];
   double a1 = 0, a2 = 0;
   for (int64_t i = 0; i < n; i += kHalfBlock) {
@@ -377,7 +380,7 @@ void row_moments_blocked(const T* x, int64_t n, float K, double& s1, double& s2)
 }
 
 template <typename T>
-void normalize_row_blocked(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
+void half_normalize_row(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
   float bx[kHalfBlock], br[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t m = std::min(kHalfBlock, n - i);
@@ -398,7 +401,7 @@ const float* mask_block(const T* m, const T* x, int64_t i, int64_t len, const fl
 }
 
 template <typename T>
-void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
+void half_backward_row_sums(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
                                float msh, float mthr, float mu, double& s1, double& s2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   double a1 = 0, a2 = 0;
@@ -419,7 +422,7 @@ void backward_row_sums_blocked(const T* x, const T* dy, const T* m, T* gm_out, i
 }
 
 template <typename T>
-void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, float msh,
+void half_backward_row(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, float msh,
                           float mthr, float mu, float k0, float k1, float k2) {
   float bx[kHalfBlock], bg[kHalfBlock], bm[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
@@ -432,26 +435,7 @@ void backward_row_blocked(const T* x, const T* dy, const T* m, T* dx, int64_t n,
   }
 }
 
-#define TORCHFAST_BLOCKED_ROWS(T)                                                                          \
-  template <>                                                                                              \
-  void row_moments<T, float>(const T* x, int64_t n, float K, double& s1, double& s2) {                     \
-    row_moments_blocked(x, n, K, s1, s2);                                                                  \
-  }                                                                                                        \
-  template <>                                                                                              \
-  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {    \
-    normalize_row_blocked(x, r, y, n, mu, sc, sh);                                                         \
-  }                                                                                                        \
-  template <>                                                                                              \
-  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,   \
-                                   float msc, float msh, float mthr, float mu, double& s1, double& s2) {   \
-    backward_row_sums_blocked(x, dy, m, gm_out, n, mmu, msc, msh, mthr, mu, s1, s2);                       \
-  }                                                                                                        \
-  template <>                                                                                              \
-  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc, \
-                              float msh, float mthr, float mu, float k0, float k1, float k2) {             \
-    backward_row_blocked(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                            \
-  }
-#if defined(TORCHFAST_BN_AVX2)
+#else
 // bfloat16 and float16 rows in the AVX2 set: the conversions fused into the row loops, 8 elements a
 // step, with no float buffer in between (bfloat16 widens by a shift and narrows by the rounding of
 // float_to_bf16_avx2; float16 converts with F16C, which every caller has checked: without it float16
@@ -499,7 +483,7 @@ TF_BN_F16C inline double hsum8(__m256d lo, __m256d hi) {
 
 // Each lane sums four vectors (kSumChunk elements in all) in float, then widens into double.
 template <typename T>
-TF_BN_F16C void fused_row_moments(const T* x, int64_t n, float K, double& s1, double& s2) {
+TF_BN_F16C void half_row_moments(const T* x, int64_t n, float K, double& s1, double& s2) {
   const __m256 k = _mm256_set1_ps(K);
   __m256d a1lo = _mm256_setzero_pd(), a1hi = a1lo, a2lo = a1lo, a2hi = a1lo;
   int64_t i = 0;
@@ -524,7 +508,7 @@ TF_BN_F16C void fused_row_moments(const T* x, int64_t n, float K, double& s1, do
 }
 
 template <typename T>
-TF_BN_F16C void fused_normalize_row(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
+TF_BN_F16C void half_normalize_row(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {
   const __m256 vmu = _mm256_set1_ps(mu), vsc = _mm256_set1_ps(sc), vsh = _mm256_set1_ps(sh), zero = _mm256_setzero_ps();
   int64_t i = 0;
   // relu(v) = v < 0 ? 0 : v is max(0, v): max returns its second operand for a NaN, and -0 for -0.
@@ -566,7 +550,7 @@ TF_BN_F16C inline void masked_step8(const T* x, const T* dy, const T* m, T* gm_o
 // As the float rows' SSE kernel: two vectors' gm and gm * (x - mean) added in float (one rounding of
 // two terms), then widened into double.
 template <typename T>
-TF_BN_F16C void fused_backward_row_sums(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
+TF_BN_F16C void half_backward_row_sums(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu, float msc,
                                         float msh, float mthr, float mu, double& s1, double& s2) {
   const __m256 vmmu = _mm256_set1_ps(mmu), vmsc = _mm256_set1_ps(msc), vmsh = _mm256_set1_ps(msh),
                vthr = _mm256_set1_ps(mthr), vmu = _mm256_set1_ps(mu);
@@ -592,7 +576,7 @@ TF_BN_F16C void fused_backward_row_sums(const T* x, const T* dy, const T* m, T* 
 }
 
 template <typename T>
-TF_BN_F16C void fused_backward_row(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc,
+TF_BN_F16C void half_backward_row(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc,
                                    float msh, float mthr, float mu, float k0, float k1, float k2) {
   const __m256 vmmu = _mm256_set1_ps(mmu), vmsc = _mm256_set1_ps(msc), vmsh = _mm256_set1_ps(msh),
                vthr = _mm256_set1_ps(mthr), vmu = _mm256_set1_ps(mu), vk0 = _mm256_set1_ps(k0),
@@ -614,28 +598,6 @@ TF_BN_F16C void fused_backward_row(const T* x, const T* dy, const T* m, T* dx, i
   }
 }
 
-#define TORCHFAST_FUSED_ROWS(T)                                                                                \
-  template <>                                                                                                  \
-  void row_moments<T, float>(const T* x, int64_t n, float K, double& s1, double& s2) {                         \
-    fused_row_moments(x, n, K, s1, s2);                                                                        \
-  }                                                                                                            \
-  template <>                                                                                                  \
-  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {        \
-    fused_normalize_row(x, r, y, n, mu, sc, sh);                                                               \
-  }                                                                                                            \
-  template <>                                                                                                  \
-  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,       \
-                                   float msc, float msh, float mthr, float mu, double& s1, double& s2) {       \
-    fused_backward_row_sums(x, dy, m, gm_out, n, mmu, msc, msh, mthr, mu, s1, s2);                             \
-  }                                                                                                            \
-  template <>                                                                                                  \
-  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc,     \
-                              float msh, float mthr, float mu, float k0, float k1, float k2) {                 \
-    fused_backward_row(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                                  \
-  }
-TORCHFAST_FUSED_ROWS(c10::BFloat16)
-TORCHFAST_FUSED_ROWS(c10::Half)
-#undef TORCHFAST_FUSED_ROWS
 
 // channels_last rows of float16 and bfloat16 (AVX2 set): the channel loops of batch_stats,
 // normalize_relu, backward_sums and backward_elementwise with the conversions inline, 8 channels a step
@@ -718,11 +680,30 @@ TF_BN_F16C void cl_backward_row(const T* x, const T* dy, const T* m, T* dx, int6
   }
 }
 #undef TF_BN_F16C
-#else
-TORCHFAST_BLOCKED_ROWS(c10::Half)
-TORCHFAST_BLOCKED_ROWS(c10::BFloat16)
 #endif
-#undef TORCHFAST_BLOCKED_ROWS
+
+#define TORCHFAST_HALF_ROWS(T)                                                                                \
+  template <>                                                                                                  \
+  void row_moments<T, float>(const T* x, int64_t n, float K, double& s1, double& s2) {                         \
+    half_row_moments(x, n, K, s1, s2);                                                                        \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  void normalize_row<T, float>(const T* x, const T* r, T* y, int64_t n, float mu, float sc, float sh) {        \
+    half_normalize_row(x, r, y, n, mu, sc, sh);                                                               \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  void backward_row_sums<T, float>(const T* x, const T* dy, const T* m, T* gm_out, int64_t n, float mmu,       \
+                                   float msc, float msh, float mthr, float mu, double& s1, double& s2) {       \
+    half_backward_row_sums(x, dy, m, gm_out, n, mmu, msc, msh, mthr, mu, s1, s2);                             \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  void backward_row<T, float>(const T* x, const T* dy, const T* m, T* dx, int64_t n, float mmu, float msc,     \
+                              float msh, float mthr, float mu, float k0, float k1, float k2) {                 \
+    half_backward_row(x, dy, m, dx, n, mmu, msc, msh, mthr, mu, k0, k1, k2);                                  \
+  }
+TORCHFAST_HALF_ROWS(c10::BFloat16)
+TORCHFAST_HALF_ROWS(c10::Half)
+#undef TORCHFAST_HALF_ROWS
 
 // channels_last rows: in the base set float16/bfloat16 rows (up to kRowsPerBlock at a time) are read
 // through a float32 copy (as_acc_row) and written from one (acc_out_row, then store_row); for other
