@@ -514,6 +514,45 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
             torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=str(key))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_rows_of_every_tail_length(cpu_backend_built, dtype):
+    """float16/bfloat16 contiguous rows of 1 to 40 elements (every remainder the 8-element steps, the
+    16-element backward steps and the 32-element sum chunks leave; 7x7 and 14x14 maps end the same
+    way) against the float32 kernels fed the same values. The statistics and per-channel gradients
+    are float32 sums of the same terms in another order (1e-5), each output element is the float32
+    result rounded once (one step apart at most, where the sums' order moves it over a rounding
+    boundary), and the residual's gradient is exactly dy where the output is positive: an element
+    of a row's tail dropped, counted twice or written from the wrong lane fails this."""
+    ops = torch.ops.torchfast
+    step = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    for s in range(1, 41):
+        g = torch.Generator().manual_seed(s)
+        shape = (3, 5, s)
+        x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+        r = torch.randn(shape, generator=g).to(dtype)
+        dy = torch.randn(shape, generator=g).to(dtype)
+        w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g) * 0.3
+        half = ops.bn_relu_fwd(x, w, b, None, None, True, 1e-5)
+        full = ops.bn_relu_fwd(x.float(), w, b, None, None, True, 1e-5)
+        for a, e in zip(half[1:], full[1:]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg="statistics, S=%d" % s)
+        torch.testing.assert_close(half[0].float(), full[0], rtol=step, atol=1e-5, msg="output, S=%d" % s)
+        mean, invstd = half[1], half[2]
+        gi, gw, gb = ops.bn_relu_bwd(dy, x, w, b, mean, invstd, True)
+        fi, fw, fb = ops.bn_relu_bwd(dy.float(), x.float(), w, b, mean, invstd, True)
+        torch.testing.assert_close(gw, fw, rtol=1e-5, atol=1e-5, msg="grad_weight, S=%d" % s)
+        torch.testing.assert_close(gb, fb, rtol=1e-5, atol=1e-5, msg="grad_bias, S=%d" % s)
+        torch.testing.assert_close(gi.float(), fi, rtol=step, atol=1e-4, msg="grad_input, S=%d" % s)
+        out, mean, invstd, _ = ops.bn_add_relu_fwd(x, r, w, b, None, None, True, 1e-5)
+        ref = ops.bn_add_relu_fwd(x.float(), r.float(), w, b, None, None, True, 1e-5)[0]
+        torch.testing.assert_close(out.float(), ref, rtol=step, atol=1e-5, msg="add output, S=%d" % s)
+        gi, gr, gw, gb = ops.bn_add_relu_bwd(dy, out, x, w, mean, invstd, True)
+        assert torch.equal(gr, torch.where(out > 0, dy, torch.zeros((), dtype=dtype))), s
+        fi, _, fw, fb = ops.bn_add_relu_bwd(dy.float(), out.float(), x.float(), w, mean, invstd, True)
+        torch.testing.assert_close(gw, fw, rtol=1e-5, atol=1e-5, msg="add grad_weight, S=%d" % s)
+        torch.testing.assert_close(gi.float(), fi, rtol=step, atol=1e-4, msg="add grad_input, S=%d" % s)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
 def test_empty_batch_gradients_are_stock(device, backend):
     torchfast.set_backend(backend)
