@@ -123,6 +123,10 @@ def _read_env():
 # torch.compile can guard on it).
 _forced = _read_env()
 
+# choose()'s answers by (op, device, dtype, norm_type), for the eager per-call path (a small layer's
+# training step calls it once per layer); emptied whenever what it depends on is set.
+_choices = {}
+
 
 def _check_name(name):
     if name is not None and name not in BACKENDS:
@@ -135,6 +139,7 @@ def set_backend(name):
     global _forced
     _check_name(name)
     _forced = name
+    _choices.clear()
 
 
 def get_backend():
@@ -149,10 +154,12 @@ def use_backend(name):
     _check_name(name)
     previous = _forced
     _forced = name
+    _choices.clear()
     try:
         yield
     finally:
         _forced = previous
+        _choices.clear()
 
 
 # Measured preference between the GPU backends, per op ({"bn_relu": "triton", ...}); ops not in it
@@ -173,6 +180,7 @@ def set_gpu_choice(choice):
             raise ValueError("torchfast: the GPU backend choice for %s must be 'cuda' or 'triton', got %r" % (op, name))
         new[op] = name
     previous, _gpu_choice = _gpu_choice, new
+    _choices.clear()
     return previous
 
 
@@ -217,6 +225,16 @@ def auto_order(op: str, device_type: str):
 
 def choose(op: str, device: torch.device, dtype: torch.dtype, norm_type: float = 2.0) -> str:
     """The backend that serves this call."""
+    if norm_type != norm_type or torch.compiler.is_compiling():  # a NaN key would never be found again
+        return _choose(op, device, dtype, norm_type)
+    key = (op, device, dtype, norm_type)
+    name = _choices.get(key)
+    if name is None:
+        name = _choices[key] = _choose(op, device, dtype, norm_type)
+    return name
+
+
+def _choose(op, device, dtype, norm_type):
     if _forced is not None:
         reason = why_not(_forced, op, device.type, dtype, norm_type)
         if reason is not None:

@@ -16,21 +16,21 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
 
 
-def _check_channel_vector(op: str, t, name: str, c: int, input: Tensor):
-    if t is None:
-        return
+def _check_channel_vector(op: str, t, name: str, c: int, device):
     if not isinstance(t, Tensor):
         raise TypeError("%s: %s must be a Tensor or None, got %s" % (op, name, type(t).__name__))
     if t.numel() != c:
         raise RuntimeError("%s should contain %d elements not %d" % (name, c, t.numel()))
-    if t.device != input.device:
+    if t.device != device:
         raise RuntimeError("%s: %s is on %s but input is on %s; expected all tensors on one device"
-                           % (op, name, t.device, input.device))
+                           % (op, name, t.device, device))
     if not t.is_floating_point():
         raise TypeError("%s: %s must be floating point, got %s" % (op, name, t.dtype))
 
 
 def _check_bn_args(op: str, input, running_mean, running_var, weight, bias, training: bool):
+    # Written for a short per-call cost (every training step calls it once per layer): small layers
+    # spent as long in these Python checks as in their kernels.
     if not isinstance(input, Tensor):
         raise TypeError("%s: input must be a Tensor, got %s" % (op, type(input).__name__))
     if input.dim() < 2:
@@ -40,10 +40,15 @@ def _check_bn_args(op: str, input, running_mean, running_var, weight, bias, trai
         raise TypeError("%s: input must be a floating-point tensor (float16, bfloat16, float32 "
                         "or float64), got %s" % (op, input.dtype,))
     c = input.shape[1]
-    _check_channel_vector(op, running_mean, "running_mean", c, input)
-    _check_channel_vector(op, running_var, "running_var", c, input)
-    _check_channel_vector(op, weight, "weight", c, input)
-    _check_channel_vector(op, bias, "bias", c, input)
+    device = input.device
+    if running_mean is not None:
+        _check_channel_vector(op, running_mean, "running_mean", c, device)
+    if running_var is not None:
+        _check_channel_vector(op, running_var, "running_var", c, device)
+    if weight is not None:
+        _check_channel_vector(op, weight, "weight", c, device)
+    if bias is not None:
+        _check_channel_vector(op, bias, "bias", c, device)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training and c > 0 and input.numel() // c == 1:
@@ -60,7 +65,10 @@ def _stock_semantics_needed(*tensors) -> bool:
         return False
     if _forward_ad._current_level >= 0:
         return True
-    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+    for t in tensors:
+        if t is not None and _is_functorch_wrapped(t):
+            return True
+    return False
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -72,15 +80,22 @@ def _kernel_dtypes(input, *params) -> bool:
     float16/bfloat16 input (mixed precision). Any other mix goes to stock's composition, which raises
     stock's error on the CPU ("mixed dtype (CPU): ...") and does whatever stock does elsewhere."""
     dt = input.dtype
-    same = all(p is None or p.dtype == dt for p in params)
-    return same or (dt in _REDUCED and all(p is None or p.dtype == torch.float32 for p in params))
+    same = mixed = True
+    for p in params:
+        if p is not None:
+            pdt = p.dtype
+            same = same and pdt == dt
+            mixed = mixed and pdt == torch.float32
+    return same or (mixed and dt in _REDUCED)
 
 
 def _update_running_stats(input, running_mean, running_var, mean, var, training, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as stock."""
+    if not training or (running_mean is None and running_var is None):
+        return
     c = input.shape[1]
     n = input.numel() // c if c > 0 else 0
-    if not training or n == 0 or (running_mean is None and running_var is None):
+    if n == 0:
         return
     if _update_op is not None and not torch.compiler.is_compiling():
         _update_op(running_mean, running_var, mean, var, float(momentum), n)  # one call, in C++
