@@ -54,6 +54,11 @@ def test_automatic_choice_and_overrides():
     assert _backends.choose("bn_relu", dev, torch.float32) == "reference"
     torchfast.set_backend(None)
     assert _backends.choose("bn_relu", dev, torch.float32) == "cpu"
+    # remembered answers are keyed by the call; a NaN norm type (never equal to itself) is not kept
+    remembered = len(_backends._choices)
+    for _ in range(3):
+        assert _backends.choose("clip_grad", dev, torch.float32, float("nan")) == "reference"
+    assert len(_backends._choices) == remembered
 
 
 def test_unavailable_backend_says_why():
@@ -123,6 +128,8 @@ def test_gpu_choice_orders_the_two_gpu_backends():
     previous = _backends.set_gpu_choice({})
     try:
         assert _backends.auto_order("bn_relu", "cuda") == ("cuda", "triton", "reference")
+        if _gpu_backends_servable():  # choose() remembers its answer: a new order must replace it
+            assert _backends.choose("bn_relu", torch.device("cuda"), torch.float32) == "cuda"
         _backends.set_gpu_choice({"bn_relu": "triton", "init": "cuda"})
         assert _backends.auto_order("bn_relu", "cuda") == ("triton", "cuda", "reference")
         assert _backends.auto_order("init", "cuda") == ("cuda", "triton", "reference")
