@@ -514,6 +514,34 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
             torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=str(key))
 
 
+def test_layer_reads_parametrized_weights_and_running_stats_switches():
+    """The layer reads its parameters and buffers from the module's dicts (a per-call shortcut) but
+    must still see what attribute access sees: a parametrized weight (no longer in _parameters), and
+    track_running_stats switched off after construction (batch statistics, running ones untouched)."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    x = torch.randn(4, 3, 5, 5)
+    fused, stock = BatchNormReLU2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        stock.weight.copy_(fused.weight)
+    parametrize.register_parametrization(fused, "weight", Double())
+    parametrize.register_parametrization(stock, "weight", Double())
+    torch.testing.assert_close(fused(x), torch.relu(stock(x)))
+    torch.testing.assert_close(fused.running_mean, stock.running_mean)
+    fused.track_running_stats = stock.track_running_stats = False
+    before = fused.running_mean.clone(), fused.num_batches_tracked.clone()
+    torch.testing.assert_close(fused(x), torch.relu(stock(x)))
+    assert torch.equal(fused.running_mean, before[0]) and torch.equal(fused.num_batches_tracked, before[1])
+    fused.eval()
+    stock.eval()
+    torch.testing.assert_close(fused(x), torch.relu(stock(x)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cpu_half_rows_of_every_tail_length(cpu_backend_built, dtype):
     """float16/bfloat16 contiguous rows of 1 to 40 elements (every remainder the 8-element steps, the

@@ -19,12 +19,11 @@ __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "BatchNormAd
            "convert_sync_batchnorm"]
 
 
-def _state(bn, name):
-    """bn.<name> for a parameter or buffer, read from the module's own dicts when it is there (as
-    attribute access would find it, without nn.Module.__getattr__'s search), else by attribute (a
+def _state(bn, table, name):
+    """bn.<name>, read from `table` (the module's _parameters or _buffers) when it is there, as
+    attribute access would find it but without nn.Module.__getattr__'s search; else by attribute (a
     parametrized weight, say)."""
-    d = bn._buffers if name.startswith(("running_", "num_")) else bn._parameters
-    return d[name] if name in d else getattr(bn, name)
+    return table[name] if name in table else getattr(bn, name)
 
 
 def _bn_call_args(bn, input):
@@ -35,14 +34,14 @@ def _bn_call_args(bn, input):
     read from the module's buffer dict, where attribute access finds them, without
     nn.Module.__getattr__'s search (a small layer's step spent ~10 us here)."""
     bn._check_input_dim(input)
-    running_mean = _state(bn, "running_mean")
-    running_var = _state(bn, "running_var")
+    running_mean = _state(bn, bn._buffers, "running_mean")
+    running_var = _state(bn, bn._buffers, "running_var")
     momentum = bn.momentum
     exponential_average_factor = 0.0 if momentum is None else momentum
     if bn.training:
         if not bn.track_running_stats:  # batch statistics, running ones neither used nor updated
             return None, None, True, exponential_average_factor
-        tracked = _state(bn, "num_batches_tracked")
+        tracked = _state(bn, bn._buffers, "num_batches_tracked")
         if tracked is not None:
             tracked.add_(1)
             if momentum is None:
@@ -88,8 +87,9 @@ def bn_relu_module(bn, input):
     if _sync_needed(bn):
         return _sync_call(bn, input, None)
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
-    return batch_norm_relu(input, running_mean, running_var, _state(bn, "weight"), _state(bn, "bias"), training,
-                           momentum, bn.eps)
+    params = bn._parameters
+    return batch_norm_relu(input, running_mean, running_var, _state(bn, params, "weight"), _state(bn, params, "bias"),
+                           training, momentum, bn.eps)
 
 
 def bn_add_relu_module(bn, input, residual):
@@ -98,8 +98,9 @@ def bn_add_relu_module(bn, input, residual):
     if _sync_needed(bn):
         return _sync_call(bn, input, residual)
     running_mean, running_var, training, momentum = _bn_call_args(bn, input)
-    return batch_norm_add_relu(input, residual, running_mean, running_var, _state(bn, "weight"), _state(bn, "bias"),
-                               training, momentum, bn.eps)
+    params = bn._parameters
+    return batch_norm_add_relu(input, residual, running_mean, running_var, _state(bn, params, "weight"),
+                               _state(bn, params, "bias"), training, momentum, bn.eps)
 
 
 def _share_state(fused, bn):
