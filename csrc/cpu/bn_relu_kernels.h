@@ -515,6 +515,23 @@ TF_BN_F16C inline __m256 tail_live(int64_t i, int64_t n) {
   return _mm256_castsi256_ps(live);
 }
 
+// The per-vector formulas of the rows below, shared by their whole-vector loops and their tails (the
+// same operations in the same order as the float template, so the same results).
+TF_BN_F16C inline void add_moments8(__m256 d, __m256& a1, __m256& a2) {
+  a1 = _mm256_add_ps(a1, d);
+  a2 = _mm256_add_ps(a2, _mm256_mul_ps(d, d));
+}
+
+// (v - mu) * sc + sh: the normalisation, and the backward's recomputed pre-ReLU value.
+TF_BN_F16C inline __m256 affine8(__m256 v, __m256 mu, __m256 sc, __m256 sh) {
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, mu), sc), sh);
+}
+
+// gm * k0 - k1 - (x - mean) * k2, in the template's order.
+TF_BN_F16C inline __m256 input_grad8(__m256 gm, __m256 xv, __m256 mu, __m256 k0, __m256 k1, __m256 k2) {
+  return _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(gm, k0), k1), _mm256_mul_ps(_mm256_sub_ps(xv, mu), k2));
+}
+
 // Each lane sums four vectors (kSumChunk elements in all) in float, then widens into double.
 template <typename T>
 TF_BN_F16C void half_row_moments(const T* x, int64_t n, float K, double& s1, double& s2) {
@@ -523,26 +540,14 @@ TF_BN_F16C void half_row_moments(const T* x, int64_t n, float K, double& s1, dou
   int64_t i = 0;
   for (; i + kSumChunk <= n; i += kSumChunk) {
     __m256 a1 = _mm256_setzero_ps(), a2 = a1;
-    for (int u = 0; u < kSumChunk; u += 8) {
-      const __m256 d = _mm256_sub_ps(load8(x + i + u), k);
-      a1 = _mm256_add_ps(a1, d);
-      a2 = _mm256_add_ps(a2, _mm256_mul_ps(d, d));
-    }
+    for (int u = 0; u < kSumChunk; u += 8) add_moments8(_mm256_sub_ps(load8(x + i + u), k), a1, a2);
     widen_add8(a1, a1lo, a1hi);
     widen_add8(a2, a2lo, a2hi);
   }
   if (i < n) {  // the last partial chunk: whole vectors, then the rest masked (its padding lanes add 0)
     __m256 a1 = _mm256_setzero_ps(), a2 = a1;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 d = _mm256_sub_ps(load8(x + i), k);
-      a1 = _mm256_add_ps(a1, d);
-      a2 = _mm256_add_ps(a2, _mm256_mul_ps(d, d));
-    }
-    if (i < n) {
-      const __m256 d = _mm256_and_ps(_mm256_sub_ps(tail_load(x, i, n), k), tail_live(i, n));
-      a1 = _mm256_add_ps(a1, d);
-      a2 = _mm256_add_ps(a2, _mm256_mul_ps(d, d));
-    }
+    for (; i + 8 <= n; i += 8) add_moments8(_mm256_sub_ps(load8(x + i), k), a1, a2);
+    if (i < n) add_moments8(_mm256_and_ps(_mm256_sub_ps(tail_load(x, i, n), k), tail_live(i, n)), a1, a2);
     widen_add8(a1, a1lo, a1hi);
     widen_add8(a2, a2lo, a2hi);
   }
@@ -556,19 +561,13 @@ TF_BN_F16C void half_normalize_row(const T* x, const T* r, T* y, int64_t n, floa
   int64_t i = 0;
   // relu(v) = v < 0 ? 0 : v is max(0, v): max returns its second operand for a NaN, and -0 for -0.
   if (r == nullptr) {
-    for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + i), vmu), vsc), vsh);
-      store8(y + i, _mm256_max_ps(zero, v));
-    }
+    for (; i + 8 <= n; i += 8) store8(y + i, _mm256_max_ps(zero, affine8(load8(x + i), vmu, vsc, vsh)));
   } else {
-    for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + i), vmu), vsc), vsh),
-                                     load8(r + i));
-      store8(y + i, _mm256_max_ps(zero, v));
-    }
+    for (; i + 8 <= n; i += 8)
+      store8(y + i, _mm256_max_ps(zero, _mm256_add_ps(affine8(load8(x + i), vmu, vsc, vsh), load8(r + i))));
   }
   if (i < n) {
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(tail_load(x, i, n), vmu), vsc), vsh);
+    __m256 v = affine8(tail_load(x, i, n), vmu, vsc, vsh);
     if (r != nullptr) v = _mm256_add_ps(v, tail_load(r, i, n));
     tail_store(y, i, n, _mm256_max_ps(zero, v));
   }
@@ -576,8 +575,7 @@ TF_BN_F16C void half_normalize_row(const T* x, const T* r, T* y, int64_t n, floa
 
 // The masked gradient of 8 elements: dy where (m - mmu) * msc + msh > thr (false for NaN), else 0.
 TF_BN_F16C inline __m256 masked_grad8(__m256 mv, __m256 g, __m256 mmu, __m256 msc, __m256 msh, __m256 thr) {
-  const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(mv, mmu), msc), msh);
-  return _mm256_and_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ), g);
+  return _mm256_and_ps(_mm256_cmp_ps(affine8(mv, mmu, msc, msh), thr, _CMP_GT_OQ), g);
 }
 
 // gm of elements j..j+7 (stored to gm_out unless null: dy or 0, exact) and their x - mean. (A helper,
@@ -643,16 +641,13 @@ TF_BN_F16C void half_backward_row(const T* x, const T* dy, const T* m, T* dx, in
     const __m256 xv = load8(x + i);
     __m256 g = load8(dy + i);
     if (m != nullptr) g = masked_grad8(m == x ? xv : load8(m + i), g, vmmu, vmsc, vmsh, vthr);
-    // gm * k0 - k1 - (x - mean) * k2, in the template's order
-    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, vk0), vk1), _mm256_mul_ps(_mm256_sub_ps(xv, vmu), vk2));
-    store8(dx + i, d);
+    store8(dx + i, input_grad8(g, xv, vmu, vk0, vk1, vk2));
   }
   if (i < n) {
     const __m256 xv = tail_load(x, i, n);
     __m256 g = tail_load(dy, i, n);
     if (m != nullptr) g = masked_grad8(m == x ? xv : tail_load(m, i, n), g, vmmu, vmsc, vmsh, vthr);
-    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, vk0), vk1), _mm256_mul_ps(_mm256_sub_ps(xv, vmu), vk2));
-    tail_store(dx, i, n, d);
+    tail_store(dx, i, n, input_grad8(g, xv, vmu, vk0, vk1, vk2));
   }
 }
 
@@ -682,9 +677,7 @@ TF_BN_F16C void cl_normalize_row(const T* x, const T* r, T* y, int64_t n, const 
   const __m256 zero = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(mean + c)),
-                                           _mm256_loadu_ps(scale + c)),
-                             _mm256_loadu_ps(shift + c));
+    __m256 v = affine8(load8(x + c), _mm256_loadu_ps(mean + c), _mm256_loadu_ps(scale + c), _mm256_loadu_ps(shift + c));
     if (r != nullptr) v = _mm256_add_ps(v, load8(r + c));
     store8(y + c, _mm256_max_ps(zero, v));
   }
@@ -728,8 +721,8 @@ TF_BN_F16C void cl_backward_row(const T* x, const T* dy, const T* m, T* dx, int6
     if (m != nullptr)
       g = masked_grad8(load8(m + c), g, _mm256_loadu_ps(mmu + c), _mm256_loadu_ps(msc + c), _mm256_loadu_ps(msh + c),
                        thr);
-    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(mean + c)), _mm256_loadu_ps(k2 + c));
-    store8(dx + c, _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, _mm256_loadu_ps(k0 + c)), _mm256_loadu_ps(k1 + c)), t));
+    store8(dx + c, input_grad8(g, load8(x + c), _mm256_loadu_ps(mean + c), _mm256_loadu_ps(k0 + c),
+                               _mm256_loadu_ps(k1 + c), _mm256_loadu_ps(k2 + c)));
   }
   for (; c < n; ++c) {
     const float g = to_acc<float>(dy[c]);
