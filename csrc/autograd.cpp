@@ -1,6 +1,6 @@
 // Autograd for the compiled fused ops, in C++: the Autograd-key kernels of torchfast::bn_relu_fwd and
-// torchfast::bn_add_relu_fwd (every device), and the running-statistics update the functional form calls
-// after the forward. On small layers (8x64x8x8) a Python autograd wrapper cost more than the kernels
+// torchfast::bn_add_relu_fwd (every device), the running-statistics update that follows a training
+// forward, and torchfast::bn_relu / bn_add_relu, the forward and that update in one call. On small layers (8x64x8x8) a Python autograd wrapper cost more than the kernels
 // (about 14 us forward and 38 us backward per call, against 20 + 25 us of work), so it lives here.
 //
 // What backward keeps, per op (the same as the Python formulas in torchfast/_ops.py, which the
@@ -31,33 +31,69 @@ c10::OperatorHandle op_handle(const char* name) {
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// The dtype a per-channel gradient is returned in (the parameter's own), as an IValue-storable int.
-int64_t dtype_of(const OptTensor& t) {
-  return static_cast<int64_t>(present(t) ? t->scalar_type() : at::kFloat);
-}
+// What both forwards keep besides the saved tensors, in two saved_data entries: "eps", and "meta", one
+// int64 packing the training flag, the parameters' dtypes, and for each tensor argument that can have a
+// gradient (in argument order; absent optionals included) its position among the tensors autograd sees
+// (its "edge"; -1 for an absent optional). saved_data is a string-keyed map: the seven entries this
+// used to be cost a hash insert each per forward and a lookup each per backward. The statistics
+// are not differentiable.
+struct Meta {
+  bool training = false;
+  at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
+  int64_t edge[4] = {-1, -1, -1, -1};
 
-// What both forwards keep besides the saved tensors: the flags, the parameters' dtypes, and, for each
-// tensor argument that can have a gradient (named, with whether it was given), its position among the
-// tensors autograd sees (its "edge"; -1 for an absent optional). The statistics are not differentiable.
+  int64_t pack() const {
+    int64_t v = (training ? 1 : 0) | (static_cast<int64_t>(w_dtype) << 8) | (static_cast<int64_t>(b_dtype) << 16);
+    for (int k = 0; k < 4; ++k) v |= (edge[k] + 1) << (32 + 4 * k);
+    return v;
+  }
+  static Meta unpack(int64_t v) {
+    Meta m;
+    m.training = v & 1;
+    m.w_dtype = static_cast<at::ScalarType>((v >> 8) & 0xff);
+    m.b_dtype = static_cast<at::ScalarType>((v >> 16) & 0xff);
+    for (int k = 0; k < 4; ++k) m.edge[k] = ((v >> (32 + 4 * k)) & 0xf) - 1;
+    return m;
+  }
+};
+
 void remember(AutogradContext* ctx, bool training, double eps, const OptTensor& weight, const OptTensor& bias,
-              std::initializer_list<std::pair<const char*, bool>> edges, const variable_list& stats) {
-  ctx->saved_data["training"] = training;
+              std::initializer_list<bool> given, const variable_list& stats) {
+  Meta m;
+  m.training = training;
+  if (present(weight)) m.w_dtype = weight->scalar_type();
+  if (present(bias)) m.b_dtype = bias->scalar_type();
+  int64_t next = 0, k = 0;
+  for (const bool g : given) m.edge[k++] = g ? next++ : -1;
+  ctx->saved_data["meta"] = m.pack();
   ctx->saved_data["eps"] = eps;
-  ctx->saved_data["w_dtype"] = dtype_of(weight);
-  ctx->saved_data["b_dtype"] = dtype_of(bias);
-  int64_t next = 0;
-  for (const auto& [name, given] : edges) ctx->saved_data[name] = given ? next++ : int64_t(-1);
   ctx->mark_non_differentiable(stats);
+  // The statistics' gradients are never used: no zero tensors for them (the default makes three per
+  // backward). An undefined output gradient is handled in backward.
+  ctx->set_materialize_grads(false);
 }
 
-bool needs(AutogradContext* ctx, const std::string& key) {
-  const int64_t e = ctx->saved_data[key].toInt();
-  return e >= 0 && ctx->needs_input_grad(static_cast<size_t>(e));
+bool needs(AutogradContext* ctx, const Meta& m, int k) {
+  return m.edge[k] >= 0 && ctx->needs_input_grad(static_cast<size_t>(m.edge[k]));
 }
 
-// A per-channel gradient in its parameter's dtype, or undefined when it is not needed.
-at::Tensor param_grad(AutogradContext* ctx, bool need, const at::Tensor& g, const char* dtype_key) {
-  return need ? g.to(static_cast<at::ScalarType>(ctx->saved_data[dtype_key].toInt())) : at::Tensor();
+// A per-channel gradient (float32 or float64 from the kernels) in its parameter's dtype, or undefined
+// when it is not needed. float16/bfloat16 parameters on the CPU are converted here in a loop: .to()
+// went through five dispatcher calls for 2x64 values, ~3 % of a small layer's step.
+at::Tensor param_grad(bool need, const at::Tensor& g, at::ScalarType dtype) {
+  if (!need) return at::Tensor();
+  if (g.scalar_type() == dtype) return g;
+  if (g.is_cpu() && g.scalar_type() == at::kFloat && g.dim() == 1 && g.is_contiguous() &&
+      (dtype == at::kHalf || dtype == at::kBFloat16) && !g.requires_grad()) {
+    at::Tensor r = at::detail::empty_cpu({g.numel()}, dtype, /*pin_memory=*/false, c10::nullopt);
+    const float* src = g.const_data_ptr<float>();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "param_grad", [&] {
+      scalar_t* dst = r.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < g.numel(); ++i) dst[i] = static_cast<scalar_t>(src[i]);  // round to nearest, as .to()
+    });
+    return r;
+  }
+  return g.to(dtype);
 }
 
 }  // namespace
@@ -77,8 +113,7 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
       std::tie(out, mean, invstd, var) = fwd.call(input, weight, bias, running_mean, running_var, training, eps);
     }
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, invstd});
-    remember(ctx, training, eps, weight, bias,
-             {{"e_input", true}, {"e_weight", present(weight)}, {"e_bias", present(bias)}}, {mean, invstd, var});
+    remember(ctx, training, eps, weight, bias, {true, present(weight), present(bias)}, {mean, invstd, var});
     return {out, mean, invstd, var};
   }
 
@@ -87,9 +122,11 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
     const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     const OptTensor w = weight.defined() ? OptTensor(weight) : c10::nullopt;
     const OptTensor b = bias.defined() ? OptTensor(bias) : c10::nullopt;
-    const bool training = ctx->saved_data["training"].toBool();
-    const bool need_in = needs(ctx, "e_input"), need_w = needs(ctx, "e_weight"), need_b = needs(ctx, "e_bias");
+    const Meta meta = Meta::unpack(ctx->saved_data["meta"].toInt());
+    const bool training = meta.training;
+    const bool need_in = needs(ctx, meta, 0), need_w = needs(ctx, meta, 1), need_b = needs(ctx, meta, 2);
     const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(7);  // no gradient reached the output: none flows back
     at::Tensor gi, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable composite
       static const auto dbl = op_handle("torchfast::bn_relu_double_backward").typed<std::vector<at::Tensor>(
@@ -105,8 +142,8 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(gi, gw, gb) = bwd.call(grad_out, input, w, b, mean, invstd, training);
     }
-    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), param_grad(ctx, need_w, gw, "w_dtype"),
-            param_grad(ctx, need_b, gb, "b_dtype"), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), param_grad(need_w, gw, meta.w_dtype),
+            param_grad(need_b, gb, meta.b_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -125,9 +162,7 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
           fwd.call(input, residual, weight, bias, running_mean, running_var, training, eps);
     }
     ctx->save_for_backward({out, input, weight.value_or(at::Tensor()), mean, invstd});
-    remember(ctx, training, eps, weight, bias,
-             {{"e_input", true}, {"e_residual", true}, {"e_weight", present(weight)}, {"e_bias", present(bias)}},
-             {mean, invstd, var});
+    remember(ctx, training, eps, weight, bias, {true, true, present(weight), present(bias)}, {mean, invstd, var});
     return {out, mean, invstd, var};
   }
 
@@ -135,10 +170,12 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &out = saved[0], &input = saved[1], &weight = saved[2], &mean = saved[3], &invstd = saved[4];
     const OptTensor w = weight.defined() ? OptTensor(weight) : c10::nullopt;
-    const bool training = ctx->saved_data["training"].toBool();
-    const bool need_in = needs(ctx, "e_input"), need_res = needs(ctx, "e_residual"), need_w = needs(ctx, "e_weight"),
-               need_b = needs(ctx, "e_bias");
+    const Meta meta = Meta::unpack(ctx->saved_data["meta"].toInt());
+    const bool training = meta.training;
+    const bool need_in = needs(ctx, meta, 0), need_res = needs(ctx, meta, 1), need_w = needs(ctx, meta, 2),
+               need_b = needs(ctx, meta, 3);
     const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(8);
     at::Tensor gi, gr, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable composite
       static const auto dbl = op_handle("torchfast::bn_add_relu_double_backward").typed<std::vector<at::Tensor>(
@@ -155,7 +192,7 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
       std::tie(gi, gr, gw, gb) = bwd.call(grad_out, out, input, w, mean, invstd, training);
     }
     return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), need_res ? gr : at::Tensor(),
-            param_grad(ctx, need_w, gw, "w_dtype"), param_grad(ctx, need_b, gb, "b_dtype"),
+            param_grad(need_w, gw, meta.w_dtype), param_grad(need_b, gb, meta.b_dtype),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -189,18 +226,27 @@ void check_stat(const OptTensor& running, const at::Tensor& batch, const char* n
               running->scalar_type());
 }
 
-void update_one(at::Tensor& running, const at::Tensor& batch, double momentum, double factor) {
-  const at::Tensor b = batch.to(at::kDouble).contiguous();
-  const double* bp = b.data_ptr<double>();
-  const int64_t C = b.numel();
+template <typename batch_t>
+void update_from(at::Tensor& running, const batch_t* bp, int64_t bstride, int64_t C, double momentum, double factor) {
   const int64_t stride = running.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bn_update_running_stats_", [&] {
     scalar_t* rp = running.data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
       scalar_t& r = rp[c * stride];
-      r = static_cast<scalar_t>(momentum * (bp[c] * factor) + (1.0 - momentum) * static_cast<double>(r));
+      const double b = static_cast<double>(bp[c * bstride]);
+      r = static_cast<scalar_t>(momentum * (b * factor) + (1.0 - momentum) * static_cast<double>(r));
     }
   });
+}
+
+void update_one(at::Tensor& running, const at::Tensor& batch, double momentum, double factor) {
+  // The batch statistics are the forward's (float32, or float64): read in place, widened exactly.
+  if (batch.dim() == 1 && batch.scalar_type() == at::kFloat)
+    return update_from(running, batch.const_data_ptr<float>(), batch.stride(0), batch.numel(), momentum, factor);
+  if (batch.dim() == 1 && batch.scalar_type() == at::kDouble)
+    return update_from(running, batch.const_data_ptr<double>(), batch.stride(0), batch.numel(), momentum, factor);
+  const at::Tensor b = batch.to(at::kDouble).contiguous();
+  update_from(running, b.const_data_ptr<double>(), 1, b.numel(), momentum, factor);
 }
 
 void bn_update_running_stats_cpu(const OptTensor& running_mean, const OptTensor& running_var, const at::Tensor& mean,
@@ -230,7 +276,48 @@ void bn_update_running_stats_any(const OptTensor& running_mean, const OptTensor&
   if (present(running_var)) running_var->mul_(1.0 - momentum).add_(var, momentum * unbias);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// bn_relu / bn_add_relu: the forward (through its autograd kernel above) and the running-statistics
+// update, as torchfast.nn.functional did with two ops from Python.
+
+void update_after_forward(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                          const at::Tensor& mean, const at::Tensor& var, bool training, double momentum) {
+  if (!training || !(present(running_mean) || present(running_var))) return;
+  const int64_t C = input.size(1);
+  const int64_t count = C > 0 ? input.numel() / C : 0;
+  if (count == 0) return;
+  static const auto update = op_handle("torchfast::bn_update_running_stats_").typed<void(
+      const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  update.call(running_mean, running_var, mean, var, momentum, count);
+}
+
+at::Tensor bn_relu_whole(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                         double eps) {
+  static const auto fwd = op_handle("torchfast::bn_relu_fwd").typed<Quad(
+      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>();
+  auto [out, mean, invstd, var] = fwd.call(input, weight, bias, running_mean, running_var, training, eps);
+  update_after_forward(input, running_mean, running_var, mean, var, training, momentum);
+  return out;
+}
+
+at::Tensor bn_add_relu_whole(const at::Tensor& input, const at::Tensor& residual, const OptTensor& weight,
+                             const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                             bool training, double momentum, double eps) {
+  static const auto fwd = op_handle("torchfast::bn_add_relu_fwd").typed<Quad(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+      bool, double)>();
+  auto [out, mean, invstd, var] = fwd.call(input, residual, weight, bias, running_mean, running_var, training, eps);
+  update_after_forward(input, running_mean, running_var, mean, var, training, momentum);
+  return out;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CompositeImplicitAutograd, m) {
+  m.impl("bn_relu", &bn_relu_whole);
+  m.impl("bn_add_relu", &bn_add_relu_whole);
+}
 
 TORCH_LIBRARY_IMPL(torchfast, Autograd, m) {
   m.impl("bn_relu_fwd", &bn_relu_fwd_autograd);

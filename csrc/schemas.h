@@ -40,6 +40,19 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "bn_update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
+  // The whole functional call in one op, for the eager calls of torchfast.nn.functional: the forward
+  // (bn_relu_fwd / bn_add_relu_fwd, through their autograd) and, in training, the running-statistics
+  // update (bn_update_running_stats_ with count = elements per channel); returns the output only. One
+  // crossing of the Python/C++ boundary and one Python object per call, where the two ops made two
+  // crossings and five objects: that was a tenth of a small layer's step. Composite (implemented with
+  // the ops above), so every device whose forward is registered has it; torch.compile traces the two
+  // ops instead.
+  m.def(
+      "bn_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps) -> Tensor");
+  m.def(
+      "bn_add_relu(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
   // The local pieces of the synchronised layers (torchfast.nn.SyncBatchNormReLU/AddReLU), which
   // communicate between them (CPU kernels; other devices compose stock ops in Python).
   // bn_stats: per-channel mean and biased variance of this process's batch (statistics dtype; NaN when

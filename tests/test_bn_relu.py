@@ -817,3 +817,66 @@ def test_profiler_names_the_fused_ops(cpu_backend_built):
         assert "torchfast::" + op in names, sorted(names)
     assert not any(n.startswith("GeneratedBackwardFor") for n in names), sorted(names)
     assert any("BnReluFunction" in n for n in names) and any("BnAddReluFunction" in n for n in names)
+    # An eager layer call is one op (forward and running-statistics update): torchfast::bn_relu, and
+    # torchfast::bn_add_relu, each with the update inside it.
+    for op in ("bn_relu", "bn_add_relu"):
+        calls = [e for e in prof.events() if e.name == "torchfast::" + op]
+        assert len(calls) == 1, sorted(names)
+        inner = {c.name for c in calls[0].cpu_children}
+        assert {"torchfast::%s_fwd" % op, "torchfast::bn_update_running_stats_"} <= inner, inner
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_whole_op_is_the_forward_and_update(cpu_backend_built, dtype, momentum):
+    """torchfast::bn_relu / bn_add_relu (the eager functional call in one op) against the two ops they
+    stand for, bit for bit: the output, and the running statistics updated in training (in the parameters'
+    dtype, float32 ones for a half-precision input included), untouched in eval and for an empty batch."""
+    ops = torch.ops.torchfast
+    for pdt in {dtype, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype}:
+        for shape in [(5, 6, 3, 7), (0, 6, 3, 7), (9, 6)]:
+            g = torch.Generator().manual_seed(sum(shape))
+            x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+            r = torch.randn(shape, generator=g).to(dtype)
+            w, b = (torch.rand(6, generator=g) + 0.5).to(pdt), torch.randn(6, generator=g).to(pdt)
+            rm, rv = torch.randn(6, generator=g).to(pdt), (torch.rand(6, generator=g) + 0.5).to(pdt)
+            for training in (True, False):
+                for add in (False, True):
+                    args = (x, r) if add else (x,)
+                    whole_rs, two_rs = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+                    got = (ops.bn_add_relu if add else ops.bn_relu)(*args, w, b, *whole_rs, training, momentum, 1e-5)
+                    y, mean, _, var = (ops.bn_add_relu_fwd if add else ops.bn_relu_fwd)(*args, w, b, *two_rs,
+                                                                                       training, 1e-5)
+                    count = x.numel() // 6
+                    if training and count > 0:
+                        ops.bn_update_running_stats_(*two_rs, mean, var, momentum, count)
+                    key = (shape, pdt, training, add)
+                    assert torch.equal(got, y), key
+                    for a, b_ in zip(whole_rs, two_rs):
+                        assert torch.equal(a, b_), key
+                    if not training or count == 0:
+                        assert torch.equal(whole_rs[0], rm) and torch.equal(whole_rs[1], rv), key
+                    else:
+                        assert not torch.equal(whole_rs[0], rm), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_parameter_gradients_are_rounded_as_to(cpu_backend_built, dtype):
+    """The layer's float16/bfloat16 weight and bias gradients (converted from the kernels' float32 sums
+    without .to()) are the float32 gradients rounded to nearest, as .to() rounds them, bit for bit; float32
+    parameters of a half-precision input get the float32 gradients themselves."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 40, 5, 5, generator=g) * 2).to(dtype)
+    dy = torch.randn(6, 40, 5, 5, generator=g).to(dtype)
+    for pdt in (dtype, torch.float32):
+        w = (torch.rand(40, generator=g) * 3 + 0.5).to(pdt).requires_grad_()
+        b = (torch.randn(40, generator=g) * 5).to(pdt).requires_grad_()
+        with torchfast.use_backend("cpu"):
+            batch_norm_relu(x, None, None, w, b, True).backward(dy)
+        _, mean, invstd, _ = torch.ops.torchfast.bn_relu_fwd(x, w.detach(), b.detach(), None, None, True, 1e-5)
+        _, gw, gb = torch.ops.torchfast.bn_relu_bwd(dy, x, w.detach(), b.detach(), mean, invstd, True)
+        assert gw.dtype == torch.float32
+        assert w.grad.dtype == pdt and b.grad.dtype == pdt
+        assert torch.equal(w.grad, gw.to(pdt)) and torch.equal(b.grad, gb.to(pdt))
+        if pdt != torch.float32:  # a test that could not fail if the sums came out representable
+            assert not torch.equal(gw, gw.to(pdt).float())

@@ -14,6 +14,11 @@ __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
+# The whole eager call (forward and running-statistics update) in one compiled op, for the backends
+# the compiled ops serve; see csrc/schemas.h.
+_whole_op = ({"bn_relu": torch.ops.torchfast.bn_relu.default, "bn_add_relu": torch.ops.torchfast.bn_add_relu.default}
+             if _ext._C is not None else {})
+_COMPILED_BACKENDS = ("cpu", "cuda")
 
 
 def _check_channel_vector(op: str, t, name: str, c: int, device):
@@ -107,6 +112,11 @@ def _update_running_stats(input, running_mean, running_var, mean, var, training,
             running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * n / max(n - 1, 1))
 
 
+def _momentum(training, momentum) -> float:
+    """The momentum as the update reads it; only a training call reads it (as stock's)."""
+    return float(momentum) if training else 0.0
+
+
 def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``relu(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
@@ -121,6 +131,9 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
             or _stock_semantics_needed(input, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     backend = _backends.choose("bn_relu", input.device, input.dtype)
+    if backend in _COMPILED_BACKENDS and _whole_op and not torch.compiler.is_compiling():
+        return _whole_op["bn_relu"](input, weight, bias, running_mean, running_var, bool(training),
+                                    _momentum(training, momentum), float(eps))
     out, mean, _invstd, var = impl(backend).bn_relu_fwd(input, weight, bias, running_mean, running_var,
                                                          bool(training), float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
@@ -148,6 +161,9 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
                           + residual)
     backend = _backends.choose("bn_add_relu", input.device, input.dtype)
+    if backend in _COMPILED_BACKENDS and _whole_op and not torch.compiler.is_compiling():
+        return _whole_op["bn_add_relu"](input, residual, weight, bias, running_mean, running_var, bool(training),
+                                        _momentum(training, momentum), float(eps))
     out, mean, _invstd, var = impl(backend).bn_add_relu_fwd(input, residual, weight, bias, running_mean,
                                                              running_var, bool(training), float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
