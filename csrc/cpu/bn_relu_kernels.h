@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -471,6 +472,9 @@ TF_BN_F16C inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// float rows use the same helpers for their statistics (row_moments<float, float> below).
+TF_BN_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
 // v's eight floats added to the double accumulators (lanes 0-3 to lo, 4-7 to hi).
 TF_BN_F16C inline void widen_add8(__m256 v, __m256d& lo, __m256d& hi) {
   lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
@@ -494,9 +498,9 @@ TF_BN_F16C inline double hsum8(__m256d lo, __m256d hi) {
 template <typename T>
 TF_BN_F16C inline __m256 tail_load(const T* row, int64_t i, int64_t n) {
   if (n >= 8) return load8(row + n - 8);
-  alignas(16) uint16_t buf[8] = {};
-  std::memcpy(buf, row + i, static_cast<size_t>(n - i) * sizeof(T));
-  return load8(reinterpret_cast<const T*>(buf));
+  alignas(32) T buf[8] = {};
+  std::memcpy(static_cast<void*>(buf), row + i, static_cast<size_t>(n - i) * sizeof(T));
+  return load8(buf);
 }
 
 template <typename T>
@@ -756,6 +760,18 @@ TORCHFAST_HALF_ROWS(c10::BFloat16)
 TORCHFAST_HALF_ROWS(c10::Half)
 #undef TORCHFAST_HALF_ROWS
 
+#if defined(TORCHFAST_BN_AVX2)
+// float rows' statistics in the AVX2 set: the half-precision rows' lane-wise sums (each lane adds its
+// four elements of a 32-element chunk in float, then widens into double). The template's omp simd
+// reduction added each chunk's lanes together, a horizontal sum per 32 elements that cost as much
+// as the chunk (8x64x8x8 forward: the statistics were half the op's kernel time). Another summation
+// order, no less precise.
+template <>
+void row_moments<float, float>(const float* x, int64_t n, float K, double& s1, double& s2) {
+  half_row_moments(x, n, K, s1, s2);
+}
+#endif
+
 // channels_last rows: in the base set float16/bfloat16 rows (up to kRowsPerBlock at a time) are read
 // through a float32 copy (as_acc_row) and written from one (acc_out_row, then store_row); for other
 // dtypes these return the rows themselves. The AVX2 set makes no copies: its channel loops for
@@ -979,13 +995,22 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
   if (g.layout == Layout::kNCS) {
     // Channels in parallel (each channel's sum in the same order on any thread count): serial, this was
     // a tenth of a small layer's forward (8x512x7x7 float16: 16K scalar conversions).
+    // float16/bfloat16 samples are converted with the vector conversions first (one at a time they
+    // took 2K scalar conversions, a fifth of an 8x64x8x8 forward's kernel time), then added in the
+    // same order: the same shift.
     at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+      float conv[kSamples];
       for (int64_t c = cb; c < ce; ++c) {
         int64_t left = count;
         for (int64_t n = 0; left > 0; ++n) {
           const scalar_t* row = x + (n * C + c) * S;
           const int64_t take = std::min(S, left);
-          for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(to_acc<acc_t>(row[i]));
+          if constexpr (kReduced<scalar_t>) {
+            f16c::to_float(row, conv, take);
+            for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(conv[i]);
+          } else {
+            for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(to_acc<acc_t>(row[i]));
+          }
           left -= take;
         }
       }
@@ -1151,6 +1176,23 @@ struct ClUnits {
   }
 };
 
+// Contiguous rows r = n * C + c are walked with the channel counted along (a division per row cost
+// ~2 % of a small layer's pass), and each row's two sums kept in RowPartials, then folded per channel
+// in row order (the same order on any thread count).
+inline int64_t next_channel(int64_t c, int64_t C) { return c + 1 == C ? 0 : c + 1; }
+
+struct RowPartials {
+  std::unique_ptr<double[]> s1, s2;  // every entry is written before it is read: no zero fill
+  explicit RowPartials(int64_t rows) : s1(new double[rows]), s2(new double[rows]) {}
+  void fold(int64_t N, int64_t C, double* S1, double* S2) const {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        S1[c] += s1[n * C + c];
+        S2[c] += s2[n * C + c];
+      }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
   const int64_t N = g.N, C = g.C, S = g.S;
@@ -1158,17 +1200,12 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
   std::vector<double> S1(C, 0.0), S2(C, 0.0);
   const std::vector<double> K = channel_shifts<scalar_t, acc_t>(x, g);
   if (g.layout == Layout::kNCS) {
-    std::vector<double> r1(N * C), r2(N * C);
+    RowPartials part(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
-        row_moments<scalar_t, acc_t>(x + r * S, S, to_acc<acc_t>(K[c]), r1[r], r2[r]);
-      }
+      for (int64_t r = b, c = b % C; r < e; ++r, c = next_channel(c, C))
+        row_moments<scalar_t, acc_t>(x + r * S, S, to_acc<acc_t>(K[c]), part.s1[r], part.s2[r]);
     });
-    for (int64_t r = 0; r < N * C; ++r) {
-      S1[r % C] += static_cast<double>(r1[r]);
-      S2[r % C] += static_cast<double>(r2[r]);
-    }
+    part.fold(N, C, S1.data(), S2.data());
   } else {
     const int64_t R = N * S;
     std::vector<acc_t> Kc(C);
@@ -1221,9 +1258,9 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, mean[r % C], scale[r % C],
-                                       shift[r % C]);
+      for (int64_t r = b, c = b % C; r < e; ++r, c = next_channel(c, C))
+        normalize_row<scalar_t, acc_t>(x + r * S, res ? res + r * S : nullptr, y + r * S, S, mean[c], scale[c],
+                                       shift[c]);
     });
   } else {
 #ifdef TORCHFAST_STREAM_STORES
@@ -1293,18 +1330,13 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
   std::fill(sum_dy, sum_dy + C, 0.0);
   std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
   if (g.layout == Layout::kNCS) {
-    std::vector<double> r1(N * C), r2(N * C);
+    RowPartials part(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
+      for (int64_t r = b, c = b % C; r < e; ++r, c = next_channel(c, C))
         backward_row_sums<scalar_t, acc_t>(x + r * S, dy + r * S, ms.m + r * S, ms.gm_out ? ms.gm_out + r * S : nullptr,
-                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c], r1[r], r2[r]);
-      }
+                                           S, ms.mmu[c], ms.msc[c], ms.msh[c], ms.mthr, mean[c], part.s1[r], part.s2[r]);
     });
-    for (int64_t r = 0; r < N * C; ++r) {
-      sum_dy[r % C] += static_cast<double>(r1[r]);
-      sum_dy_xmu[r % C] += static_cast<double>(r2[r]);
-    }
+    part.fold(N, C, sum_dy, sum_dy_xmu);
   } else {
     const int64_t R = N * S;
     const ClUnits u(R, C, kReduced<scalar_t>);
@@ -1378,11 +1410,9 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kNCS) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
+      for (int64_t r = b, c = b % C; r < e; ++r, c = next_channel(c, C))
         backward_row<scalar_t, acc_t>(x + r * S, dy + r * S, m ? m + r * S : nullptr, dx + r * S, S, mmu[c], msc[c],
                                       msh[c], mthr, mean[c], k0[c], k1[c], k2[c]);
-      }
     });
   } else {
 #ifdef TORCHFAST_STREAM_STORES
