@@ -73,6 +73,11 @@ void remember(AutogradContext* ctx, bool training, double eps, const OptTensor& 
   ctx->set_materialize_grads(false);
 }
 
+// The input gradient in the input's dtype (the kernels' already is: no dispatcher round trip for it).
+at::Tensor in_dtype(const at::Tensor& g, const at::Tensor& input) {
+  return g.scalar_type() == input.scalar_type() ? g : g.to(input.scalar_type());
+}
+
 bool needs(AutogradContext* ctx, const Meta& m, int k) {
   return m.edge[k] >= 0 && ctx->needs_input_grad(static_cast<size_t>(m.edge[k]));
 }
@@ -142,7 +147,7 @@ class BnReluFunction : public torch::autograd::Function<BnReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(gi, gw, gb) = bwd.call(grad_out, input, w, b, mean, invstd, training);
     }
-    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), param_grad(need_w, gw, meta.w_dtype),
+    return {need_in ? in_dtype(gi, input) : at::Tensor(), param_grad(need_w, gw, meta.w_dtype),
             param_grad(need_b, gb, meta.b_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -191,7 +196,7 @@ class BnAddReluFunction : public torch::autograd::Function<BnAddReluFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(gi, gr, gw, gb) = bwd.call(grad_out, out, input, w, mean, invstd, training);
     }
-    return {need_in ? gi.to(input.scalar_type()) : at::Tensor(), need_res ? gr : at::Tensor(),
+    return {need_in ? in_dtype(gi, input) : at::Tensor(), need_res ? gr : at::Tensor(),
             param_grad(need_w, gw, meta.w_dtype), param_grad(need_b, gb, meta.b_dtype),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
