@@ -1,7 +1,8 @@
 // Autograd for the compiled fused ops, in C++: the Autograd-key kernels of torchfast::bn_relu_fwd and
 // torchfast::bn_add_relu_fwd (every device), the running-statistics update that follows a training
-// forward, and torchfast::bn_relu / bn_add_relu, the forward and that update in one call. On small layers (8x64x8x8) a Python autograd wrapper cost more than the kernels
-// (about 14 us forward and 38 us backward per call, against 20 + 25 us of work), so it lives here.
+// forward, and torchfast::bn_relu / bn_add_relu, the forward and that update in one call. On small
+// layers (8x64x8x8) a Python autograd wrapper cost more than the kernels (about 14 us forward and
+// 38 us backward per call, against 20 + 25 us of work), so it lives here.
 //
 // What backward keeps, per op (the same as the Python formulas in torchfast/_ops.py, which the
 // reference, Triton and emulator ops use):
