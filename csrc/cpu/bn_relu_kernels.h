@@ -995,24 +995,34 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
   if (g.layout == Layout::kNCS) {
     // Channels in parallel (each channel's sum in the same order on any thread count): serial, this was
     // a tenth of a small layer's forward (8x512x7x7 float16: 16K scalar conversions).
-    // float16/bfloat16 samples are converted with the vector conversions first (one at a time they
-    // took 2K scalar conversions, a fifth of an 8x64x8x8 forward's kernel time), then added in the
-    // same order: the same shift.
+    // The samples of up to kShiftBlock channels are gathered (float16/bfloat16 with the vector
+    // conversions: one at a time they took 2K scalar conversions, a fifth of an 8x64x8x8 forward's
+    // kernel time), then each channel's are added in order, the channels side by side (one channel
+    // at a time was a chain of dependent double adds): the same shift.
     at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+      constexpr int64_t kShiftBlock = 8;
+      double v[kShiftBlock][kSamples];
       float conv[kSamples];
-      for (int64_t c = cb; c < ce; ++c) {
-        int64_t left = count;
-        for (int64_t n = 0; left > 0; ++n) {
-          const scalar_t* row = x + (n * C + c) * S;
-          const int64_t take = std::min(S, left);
-          if constexpr (kReduced<scalar_t>) {
-            f16c::to_float(row, conv, take);
-            for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(conv[i]);
-          } else {
-            for (int64_t i = 0; i < take; ++i) K[c] += static_cast<double>(to_acc<acc_t>(row[i]));
+      for (int64_t c0 = cb; c0 < ce; c0 += kShiftBlock) {
+        const int64_t nb = std::min(kShiftBlock, ce - c0);
+        for (int64_t q = 0; q < nb; ++q) {
+          int64_t got = 0;
+          for (int64_t n = 0; got < count; ++n) {
+            const scalar_t* row = x + (n * C + c0 + q) * S;
+            const int64_t take = std::min(S, count - got);
+            if constexpr (kReduced<scalar_t>) {
+              f16c::to_float(row, conv, take);
+              for (int64_t i = 0; i < take; ++i) v[q][got + i] = static_cast<double>(conv[i]);
+            } else {
+              for (int64_t i = 0; i < take; ++i) v[q][got + i] = static_cast<double>(to_acc<acc_t>(row[i]));
+            }
+            got += take;
           }
-          left -= take;
         }
+        double acc[kShiftBlock] = {};
+        for (int64_t j = 0; j < count; ++j)
+          for (int64_t q = 0; q < kShiftBlock; ++q) acc[q] += q < nb ? v[q][j] : 0.0;
+        for (int64_t q = 0; q < nb; ++q) K[c0 + q] = acc[q];
       }
     });
   } else {  // in acc_t (32 terms; a shift needs no more), vectorised across the row
