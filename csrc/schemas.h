@@ -44,9 +44,9 @@ inline void define_ops(torch::Library& m) {
   // (bn_relu_fwd / bn_add_relu_fwd, through their autograd) and, in training, the running-statistics
   // update (bn_update_running_stats_ with count = elements per channel); returns the output only. One
   // crossing of the Python/C++ boundary and one Python object per call, where the two ops made two
-  // crossings and five objects: that was a tenth of a small layer's step. Composite (implemented with
-  // the ops above), so every device whose forward is registered has it; torch.compile traces the two
-  // ops instead.
+  // crossings and five objects (the update's Python wrapper alone took 8-14 us on 8x64x8x8). Composite
+  // (implemented with the ops above), so every device whose forward is registered has it;
+  // torch.compile traces the two ops instead.
   m.def(
       "bn_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "bool training, float momentum, float eps) -> Tensor");
