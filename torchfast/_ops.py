@@ -270,9 +270,14 @@ if _ext._C is not None:
 class _Impl:
     """One backend's implementations, under the names the public API calls."""
 
-    def __init__(self, bn_relu_fwd, bn_add_relu_fwd, multi_tensor_norm, multi_tensor_clip_, philox_fill_):
+    def __init__(self, bn_relu_fwd, bn_add_relu_fwd, multi_tensor_norm, multi_tensor_clip_, philox_fill_,
+                 bn_relu=None, bn_add_relu=None):
         self.bn_relu_fwd = bn_relu_fwd
         self.bn_add_relu_fwd = bn_add_relu_fwd
+        # The whole eager functional call (forward and running-statistics update) in one op, where the
+        # backend has one (the compiled ops; see csrc/schemas.h); None elsewhere.
+        self.bn_relu = bn_relu
+        self.bn_add_relu = bn_add_relu
         self.multi_tensor_norm = multi_tensor_norm
         self.multi_tensor_clip_ = multi_tensor_clip_
         self.philox_fill_ = philox_fill_
@@ -282,7 +287,7 @@ def _compiled_impl():
     ops = torch.ops.torchfast
     # The overloads themselves: calling an OpOverloadPacket resolves the overload on every call.
     return _Impl(ops.bn_relu_fwd.default, ops.bn_add_relu_fwd.default, ops.multi_tensor_norm,
-                 ops.multi_tensor_clip_, ops.philox_fill_)
+                 ops.multi_tensor_clip_, ops.philox_fill_, ops.bn_relu.default, ops.bn_add_relu.default)
 
 
 IMPLS = {

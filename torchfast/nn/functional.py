@@ -14,11 +14,6 @@ __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
-# The whole eager call (forward and running-statistics update) in one compiled op, for the backends
-# the compiled ops serve; see csrc/schemas.h.
-_whole_op = ({"bn_relu": torch.ops.torchfast.bn_relu.default, "bn_add_relu": torch.ops.torchfast.bn_add_relu.default}
-             if _ext._C is not None else {})
-_COMPILED_BACKENDS = ("cpu", "cuda")
 
 
 def _check_channel_vector(op: str, t, name: str, c: int, device):
@@ -130,12 +125,12 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     if (not _kernel_dtypes(input, running_mean, running_var, weight, bias)
             or _stock_semantics_needed(input, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
-    backend = _backends.choose("bn_relu", input.device, input.dtype)
-    if backend in _COMPILED_BACKENDS and _whole_op and not torch.compiler.is_compiling():
-        return _whole_op["bn_relu"](input, weight, bias, running_mean, running_var, bool(training),
-                                    _momentum(training, momentum), float(eps))
-    out, mean, _invstd, var = impl(backend).bn_relu_fwd(input, weight, bias, running_mean, running_var,
-                                                         bool(training), float(eps))
+    ops = impl(_backends.choose("bn_relu", input.device, input.dtype))
+    if ops.bn_relu is not None and not torch.compiler.is_compiling():  # one op: forward and update
+        return ops.bn_relu(input, weight, bias, running_mean, running_var, bool(training),
+                           _momentum(training, momentum), float(eps))
+    out, mean, _invstd, var = ops.bn_relu_fwd(input, weight, bias, running_mean, running_var, bool(training),
+                                              float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
     return out
 
@@ -160,11 +155,11 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
             or _stock_semantics_needed(input, residual, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
                           + residual)
-    backend = _backends.choose("bn_add_relu", input.device, input.dtype)
-    if backend in _COMPILED_BACKENDS and _whole_op and not torch.compiler.is_compiling():
-        return _whole_op["bn_add_relu"](input, residual, weight, bias, running_mean, running_var, bool(training),
-                                        _momentum(training, momentum), float(eps))
-    out, mean, _invstd, var = impl(backend).bn_add_relu_fwd(input, residual, weight, bias, running_mean,
-                                                             running_var, bool(training), float(eps))
+    ops = impl(_backends.choose("bn_add_relu", input.device, input.dtype))
+    if ops.bn_add_relu is not None and not torch.compiler.is_compiling():  # one op: forward and update
+        return ops.bn_add_relu(input, residual, weight, bias, running_mean, running_var, bool(training),
+                               _momentum(training, momentum), float(eps))
+    out, mean, _invstd, var = ops.bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var,
+                                                  bool(training), float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
     return out
