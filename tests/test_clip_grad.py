@@ -214,6 +214,34 @@ def test_thread_count_invariance(cpu_backend_built):
             assert torch.equal(a, b)
 
 
+def test_clipping_is_the_same_on_any_thread_count(cpu_backend_built):
+    """The chunk table is split between threads by element count, so the split points move with the
+    thread count and with where the many small tensors sit: every chunk must still be read and scaled
+    exactly once. Small tensors between and around large ones; more threads than large tensors."""
+    shapes = [(3,)] * 30 + [(300, 700)] + [(5, 7)] * 25 + [(50000,)] + [(2,)] * 40 + [(64, 64), (130001,)]
+    ref = _params(torch.float32, shapes=shapes)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5, 8):
+            torch.set_num_threads(threads)
+            ps = _clone(ref)
+            with torchfast.use_backend("cpu"):
+                norm = torchfast.clip_grad_norm_(ps, 1.0)
+            results.append((norm, [p.grad for p in ps]))
+    finally:
+        torch.set_num_threads(before)
+    expected_norm = torch.nn.utils.get_total_norm([p.grad for p in ref])
+    torch.testing.assert_close(results[0][0], expected_norm)
+    coef = 1.0 / (float(results[0][0]) + 1e-6)
+    for p, g in zip(ref, results[0][1]):  # a chunk skipped or scaled twice would be off by coef
+        torch.testing.assert_close(g, p.grad * coef)
+    for norm, grads in results[1:]:
+        assert torch.equal(norm, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            assert torch.equal(a, b)
+
+
 def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
     """The clipping loops compiled for AVX-512, AVX2 and the baseline (chosen by the CPU; forced down with
     TORCHFAST_NO_AVX512 / TORCHFAST_NO_AVX2) sum the same fixed lanes in the same order: 1-, 2- and

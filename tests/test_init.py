@@ -175,7 +175,10 @@ def test_thread_count_invariance(device, backend):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torchfast.use_backend(backend):
-                outs.append(tfi.trunc_normal_([torch.empty(100003), torch.empty(77, 1000)], seed=11, std=0.02))
+                # small tensors around the large ones: the threads' ranges split the list by elements
+                ts = ([torch.empty(3) for _ in range(20)] + [torch.empty(100003), torch.empty(77, 1000)]
+                      + [torch.empty(5, 2) for _ in range(30)])
+                outs.append(tfi.trunc_normal_(ts, seed=11, std=0.02))
     finally:
         torch.set_num_threads(before)
     for o in outs[1:]:

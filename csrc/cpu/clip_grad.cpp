@@ -77,7 +77,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Loops<scalar_t> k = loops<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk& ch = chunks[c];
         const scalar_t* x = static_cast<const scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
@@ -126,13 +126,13 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
     for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
     const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
     const Loops<scalar_t> k = loops<scalar_t>();
-    // Backwards through the list: the norm pass that came just before read it forwards, so the
-    // chunks each thread starts on here are the ones still in the last-level cache (up to its size
-    // of the reads are saved; measured 10-15 % of the scale pass on ResNet-50's 102 MB of gradients).
-    const int64_t nch = static_cast<int64_t>(chunks.size());
-    at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t i = ce - 1; i >= cb; --i) {
-        const Chunk& ch = chunks[nch - 1 - i];
+    // Each thread walks its chunks backwards: the norm pass just before read the same ranges
+    // forwards (same chunk table, same ranges per thread), so the chunks each thread starts on
+    // here are the ones still in its caches and the shared last-level cache. Measured on 102 MB, one
+    // thread, after a forward read: 5-7 % off the scale pass (with nothing cached, backwards costs ~4 %).
+    parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = ce - 1; c >= cb; --c) {
+        const Chunk& ch = chunks[c];
         scalar_t* x = static_cast<scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
         k.scale(x, ch.end - ch.begin, static_cast<double>(coef));
       }

@@ -117,7 +117,7 @@ void philox_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef strea
   }
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunkElems);
   const uint64_t useed = static_cast<uint64_t>(seed);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+  parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       const at::Tensor& t = tensors[ch.tensor];
