@@ -297,9 +297,23 @@ void update_after_forward(const at::Tensor& input, const OptTensor& running_mean
   update.call(running_mean, running_var, mean, var, momentum, count);
 }
 
+// What F.batch_norm refuses that the forward ops' own checks let through: torchfast.nn.functional
+// calls the whole-call ops without its Python checks (they cost a small layer ~5 us per call) and
+// runs them only to word the error as stock does, so every refusal of stock's must come from here.
+// Every tensor on the input's device: the dispatcher would otherwise pick the kernel of the other
+// device (a meta weight with a CPU input ran the meta kernel and returned meta tensors).
+void check_batch(const at::Tensor& input, bool training, std::initializer_list<const OptTensor*> others) {
+  TORCH_CHECK_VALUE(!(training && input.dim() >= 2 && input.size(1) > 0 && input.numel() / input.size(1) == 1),
+                    "Expected more than 1 value per channel when training, got input size ", input.sizes());
+  for (const OptTensor* t : others)
+    TORCH_CHECK(!present(*t) || (*t)->device() == input.device(), "a tensor argument is on ", (*t)->device(),
+                " but input is on ", input.device());
+}
+
 at::Tensor bn_relu_whole(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                          const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                          double eps) {
+  check_batch(input, training, {&weight, &bias, &running_mean, &running_var});
   static const auto fwd = op_handle("torchfast::bn_relu_fwd").typed<Quad(
       const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>();
   auto [out, mean, invstd, var] = fwd.call(input, weight, bias, running_mean, running_var, training, eps);
@@ -310,6 +324,9 @@ at::Tensor bn_relu_whole(const at::Tensor& input, const OptTensor& weight, const
 at::Tensor bn_add_relu_whole(const at::Tensor& input, const at::Tensor& residual, const OptTensor& weight,
                              const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                              bool training, double momentum, double eps) {
+  check_batch(input, training, {&weight, &bias, &running_mean, &running_var});
+  TORCH_CHECK(residual.device() == input.device(), "residual is on ", residual.device(), " but input is on ",
+              input.device());
   static const auto fwd = op_handle("torchfast::bn_add_relu_fwd").typed<Quad(
       const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       bool, double)>();

@@ -46,7 +46,8 @@ inline void define_ops(torch::Library& m) {
   // crossing of the Python/C++ boundary and one Python object per call, where the two ops made two
   // crossings and five objects (the update's Python wrapper alone took 8-14 us on 8x64x8x8). Composite
   // (implemented with the ops above), so every device whose forward is registered has it;
-  // torch.compile traces the two ops instead.
+  // torch.compile traces the two ops instead. They refuse every argument F.batch_norm refuses (the
+  // forward ops' checks and one of their own), which lets the Python side skip its checks until one fails.
   m.def(
       "bn_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "bool training, float momentum, float eps) -> Tensor");

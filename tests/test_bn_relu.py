@@ -860,6 +860,56 @@ def test_whole_op_is_the_forward_and_update(cpu_backend_built, dtype, momentum):
                         assert not torch.equal(whole_rs[0], rm), key
 
 
+def test_whole_op_refuses_what_stock_refuses(cpu_backend_built):
+    """The whole-call ops are called with no Python checks first, so they must refuse by themselves
+    what F.batch_norm refuses and what the forward ops would mis-serve: one value per channel in
+    training, and a tensor on another device (the dispatcher would run that device's kernel: a meta
+    weight gave meta outputs)."""
+    ops = torch.ops.torchfast
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.bn_relu(torch.randn(1, 3), None, None, None, None, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.bn_add_relu(torch.randn(1, 3, 1), torch.randn(1, 3, 1), None, None, None, None, True, 0.1, 1e-5)
+    ops.bn_relu(torch.randn(1, 3), None, None, torch.zeros(3), torch.ones(3), False, 0.1, 1e-5)  # eval: fine
+    meta = torch.ones(3, device="meta")
+    for i in range(4):
+        args = [None, None, None, None]
+        args[i] = meta
+        with pytest.raises(RuntimeError, match="is on meta but input is on cpu"):
+            ops.bn_relu(x, *args, True, 0.1, 1e-5)
+        with pytest.raises(RuntimeError, match="is on meta but input is on cpu"):
+            ops.bn_add_relu(x, x, *args, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="residual is on meta but input is on cpu"):
+        ops.bn_add_relu(x, torch.ones(2, 3, device="meta"), None, None, None, None, True, 0.1, 1e-5)
+
+
+def test_eager_calls_check_in_python_only_when_the_op_refuses(cpu_backend_built, monkeypatch):
+    """Eager calls on a compiled backend go straight to the whole-call op (the Python checks cost a
+    small layer ~5 us a call); the Python checks run when the op refuses, and word the error as stock.
+    Under a torch.func transform the checked path runs (it may hand the call to stock's composition)."""
+    from torchfast.nn import functional as TF
+    real, seen = TF._check_bn_args, []
+
+    def spy(op, *args):
+        seen.append(op)
+        return real(op, *args)
+
+    monkeypatch.setattr(TF, "_check_bn_args", spy)
+    with torchfast.use_backend("cpu"):
+        x = torch.randn(4, 3, 2, 2)
+        BatchNormReLU2d(3)(x)
+        batch_norm_add_relu(x, x, torch.zeros(3), torch.ones(3), training=True)
+        assert seen == []
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            BatchNormReLU1d(3)(torch.randn(1, 3))
+        with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+            batch_norm_add_relu(torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3), torch.ones(3), training=True)
+        assert seen == ["batch_norm_relu", "batch_norm_add_relu"]
+        torch.func.grad(lambda t: batch_norm_relu(t, None, None, training=True).sum())(x)
+        assert seen[-1] == "batch_norm_relu"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_parameter_gradients_are_rounded_as_to(cpu_backend_built, dtype):
     """The layer's float16/bfloat16 weight and bias gradients (converted from the kernels' float32 sums

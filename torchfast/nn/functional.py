@@ -13,6 +13,7 @@ __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
 
 
@@ -74,6 +75,22 @@ def _stock_semantics_needed(*tensors) -> bool:
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def _whole_call_op(name: str, input):
+    """The compiled whole-call op (torchfast::bn_relu / bn_add_relu) that serves this call with no
+    Python-side checks, or None when the call must take the checked path: torch.compile tracing,
+    forward-mode AD or a torch.func transform (which may need stock's composition), an input that is
+    not a plain tensor, or a backend without that op (reference, Triton). The op refuses every
+    argument F.batch_norm refuses; the callers then run the Python checks only to raise stock's error."""
+    if (torch.compiler.is_compiling() or _forward_ad._current_level >= 0
+            or (_transforms_active is None or _transforms_active()) or not isinstance(input, Tensor)
+            or _is_functorch_wrapped(input)):
+        return None
+    try:
+        return getattr(impl(_backends.choose(name, input.device, input.dtype)), name)
+    except _backends.BackendUnavailable:  # a forced backend that cannot serve this input: the checked path
+        return None
+
+
 def _kernel_dtypes(input, *params) -> bool:
     """The dtype combinations the fused kernels take, which are the ones stock accepts everywhere:
     every given parameter and running statistic in the input's dtype, or all of them float32 for a
@@ -83,7 +100,7 @@ def _kernel_dtypes(input, *params) -> bool:
     same = mixed = True
     for p in params:
         if p is not None:
-            pdt = p.dtype
+            pdt = getattr(p, "dtype", None)  # not a tensor: no kernel; the checked path says what is wrong
             same = same and pdt == dt
             mixed = mixed and pdt == torch.float32
     return same or (mixed and dt in _REDUCED)
@@ -121,6 +138,14 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     Backward recomputes the ReLU mask from the saved input: only the input and per-channel
     statistics are kept for it.
     """
+    op = _whole_call_op("bn_relu", input)
+    if op is not None and _kernel_dtypes(input, running_mean, running_var, weight, bias):
+        try:  # one op: forward and update, its arguments checked in C++
+            return op(input, weight, bias, running_mean, running_var, bool(training), _momentum(training, momentum),
+                      float(eps))
+        except Exception:
+            _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
+            raise  # not an argument stock refuses (or refused in other words): the op's own error
     _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
     if (not _kernel_dtypes(input, running_mean, running_var, weight, bias)
             or _stock_semantics_needed(input, running_mean, running_var, weight, bias)):
@@ -149,6 +174,16 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     input anyway), the input and per-channel statistics; it returns gradients for input, residual,
     weight and bias.
     """
+    op = _whole_call_op("bn_add_relu", input)
+    if (op is not None and isinstance(residual, Tensor) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device
+            and not _is_functorch_wrapped(residual) and _kernel_dtypes(input, running_mean, running_var, weight, bias)):
+        try:  # as in batch_norm_relu
+            return op(input, residual, weight, bias, running_mean, running_var, bool(training),
+                      _momentum(training, momentum), float(eps))
+        except Exception:
+            _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
+            raise
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
     if (not isinstance(residual, Tensor) or residual.shape != input.shape or residual.dtype != input.dtype
             or residual.device != input.device or not _kernel_dtypes(input, running_mean, running_var, weight, bias)
