@@ -131,6 +131,13 @@ void scale_range(scalar_t* x, int64_t n, acc_t coef) {
 #if defined(TORCHFAST_CLIP_F16C)
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {  // the same rounding (nearest even), 8 at a time
     const __m256 c = _mm256_set1_ps(coef);
+    for (; i + 16 <= n; i += 16) {  // two vectors a step (see the float loop below)
+      __m128i* p = reinterpret_cast<__m128i*>(x + i);
+      const __m256 v0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), c);
+      const __m256 v1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p + 1)), c);
+      _mm_storeu_si128(p, _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm_storeu_si128(p + 1, _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
     for (; i + 8 <= n; i += 8) {
       __m128i* p = reinterpret_cast<__m128i*>(x + i);
       const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), c);
@@ -154,6 +161,14 @@ void scale_range(scalar_t* x, int64_t n, acc_t coef) {
     }
   }
 #endif
+  // Blocks of 32 elements, each one vectorised loop of fixed length (4 AVX2 vectors unrolled): one
+  // vector per loop step measured 7-10 % slower on one thread (a standalone 102 MB in-place scale on
+  // the 2-core VM, three interleaved runs), as the loop instructions per cache line limit how far
+  // ahead a core's loads run; stock's loops take two vectors a step. Same products.
+  for (; i + 32 <= n; i += 32) {
+#pragma omp simd
+    for (int64_t j = 0; j < 32; ++j) x[i + j] = static_cast<scalar_t>(static_cast<acc_t>(x[i + j]) * coef);
+  }
 #pragma omp simd
   for (int64_t j = i; j < n; ++j) x[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * coef);
 }
