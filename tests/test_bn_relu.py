@@ -901,11 +901,15 @@ def test_eager_calls_check_in_python_only_when_the_op_refuses(cpu_backend_built,
         BatchNormReLU2d(3)(x)
         batch_norm_add_relu(x, x, torch.zeros(3), torch.ones(3), training=True)
         assert seen == []
-        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as info:
             BatchNormReLU1d(3)(torch.randn(1, 3))
+        assert info.value.__suppress_context__  # stock's error alone, not chained to the op's
         with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
             batch_norm_add_relu(torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3), torch.ones(3), training=True)
         assert seen == ["batch_norm_relu", "batch_norm_add_relu"]
+        with pytest.raises(TypeError, match="NoneType"):  # not a refusal of _check_bn_args: raised as it was
+            batch_norm_relu(x, None, None, training=True, eps=None)
+        assert seen[-1] == "batch_norm_relu"
         torch.func.grad(lambda t: batch_norm_relu(t, None, None, training=True).sum())(x)
         assert seen[-1] == "batch_norm_relu"
 

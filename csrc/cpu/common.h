@@ -31,11 +31,11 @@ inline std::vector<Chunk> make_chunks(at::TensorList tensors, int64_t chunk_elem
 }
 
 // Runs f(cb, ce) on chunk ranges [cb, ce), one contiguous range per thread, the ranges holding about
-// the same number of elements. (Split by chunk count, the many small tensors of a list put their short
-// chunks in one thread's range: on ResNet-50's 161 gradients the second of 2 threads got 23 % more
-// elements than the first; split by elements, the 2-thread norm pass there took 4-10 % less time and
-// the whole clip ~4 % less, interleaved on the 2-core VM.) Within a call the split depends only on the table and the thread count,
-// so passes over the same table give each thread the same chunks.
+// the same number of elements. (Split by chunk count, the many small tensors of a list put their
+// short chunks in one thread's range: on ResNet-50's 161 gradients the second of 2 threads got 23 %
+// more elements than the first; split by elements, the 2-thread norm pass there took 4-10 % less time
+// and the whole clip ~4 % less, interleaved on the 2-core VM.) The split depends only on the table and
+// the thread count, so passes over the same table give each thread the same chunks.
 template <typename F>
 inline void parallel_over_chunks(const std::vector<Chunk>& chunks, const F& f) {
   const int64_t n = static_cast<int64_t>(chunks.size());

@@ -91,6 +91,20 @@ def _whole_call_op(name: str, input):
         return None
 
 
+def _call_unchecked(call, check_args):
+    """call() (a whole-call op), its arguments unchecked in Python. When it refuses them,
+    _check_bn_args(*check_args) raises stock's error for what stock refuses (without the op's error
+    chained to it); anything else is the op's own error, raised as it is."""
+    try:
+        return call()
+    except Exception:
+        try:
+            _check_bn_args(*check_args)
+        except Exception as stock_error:
+            raise stock_error from None
+        raise
+
+
 def _kernel_dtypes(input, *params) -> bool:
     """The dtype combinations the fused kernels take, which are the ones stock accepts everywhere:
     every given parameter and running statistic in the input's dtype, or all of them float32 for a
@@ -140,12 +154,10 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     """
     op = _whole_call_op("bn_relu", input)
     if op is not None and _kernel_dtypes(input, running_mean, running_var, weight, bias):
-        try:  # one op: forward and update, its arguments checked in C++
-            return op(input, weight, bias, running_mean, running_var, bool(training), _momentum(training, momentum),
-                      float(eps))
-        except Exception:
-            _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
-            raise  # not an argument stock refuses (or refused in other words): the op's own error
+        # one op (forward and update), its arguments checked in C++
+        return _call_unchecked(lambda: op(input, weight, bias, running_mean, running_var, bool(training),
+                                          _momentum(training, momentum), float(eps)),
+                               ("batch_norm_relu", input, running_mean, running_var, weight, bias, training))
     _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
     if (not _kernel_dtypes(input, running_mean, running_var, weight, bias)
             or _stock_semantics_needed(input, running_mean, running_var, weight, bias)):
@@ -178,12 +190,9 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     if (op is not None and isinstance(residual, Tensor) and residual.shape == input.shape
             and residual.dtype == input.dtype and residual.device == input.device
             and not _is_functorch_wrapped(residual) and _kernel_dtypes(input, running_mean, running_var, weight, bias)):
-        try:  # as in batch_norm_relu
-            return op(input, residual, weight, bias, running_mean, running_var, bool(training),
-                      _momentum(training, momentum), float(eps))
-        except Exception:
-            _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
-            raise
+        return _call_unchecked(lambda: op(input, residual, weight, bias, running_mean, running_var, bool(training),
+                                          _momentum(training, momentum), float(eps)),
+                               ("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training))
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
     if (not isinstance(residual, Tensor) or residual.shape != input.shape or residual.dtype != input.dtype
             or residual.device != input.device or not _kernel_dtypes(input, running_mean, running_var, weight, bias)
