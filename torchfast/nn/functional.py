@@ -13,7 +13,8 @@ __all__ = ["batch_norm_relu", "batch_norm_add_relu"]
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+# (A torch without the query: every call takes the checked path.)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 _update_op = torch.ops.torchfast.bn_update_running_stats_.default if _ext._C is not None else None
 
 
@@ -82,7 +83,7 @@ def _whole_call_op(name: str, input):
     not a plain tensor, or a backend without that op (reference, Triton). The op refuses every
     argument F.batch_norm refuses; the callers then run the Python checks only to raise stock's error."""
     if (torch.compiler.is_compiling() or _forward_ad._current_level >= 0
-            or (_transforms_active is None or _transforms_active()) or not isinstance(input, Tensor)
+            or _transforms_active() or not isinstance(input, Tensor)
             or _is_functorch_wrapped(input)):
         return None
     try:
@@ -103,6 +104,13 @@ def _call_unchecked(call, check_args):
         except Exception as stock_error:
             raise stock_error from None
         raise
+
+
+def _residual_fusable(input, residual) -> bool:
+    """Whether residual adds to the normalised input elementwise in its dtype (else stock's composition:
+    another shape broadcasts, another dtype promotes)."""
+    return (isinstance(residual, Tensor) and residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device)
 
 
 def _kernel_dtypes(input, *params) -> bool:
@@ -187,15 +195,13 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     weight and bias.
     """
     op = _whole_call_op("bn_add_relu", input)
-    if (op is not None and isinstance(residual, Tensor) and residual.shape == input.shape
-            and residual.dtype == input.dtype and residual.device == input.device
-            and not _is_functorch_wrapped(residual) and _kernel_dtypes(input, running_mean, running_var, weight, bias)):
+    if (op is not None and _residual_fusable(input, residual) and not _is_functorch_wrapped(residual)
+            and _kernel_dtypes(input, running_mean, running_var, weight, bias)):
         return _call_unchecked(lambda: op(input, residual, weight, bias, running_mean, running_var, bool(training),
                                           _momentum(training, momentum), float(eps)),
                                ("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training))
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
-    if (not isinstance(residual, Tensor) or residual.shape != input.shape or residual.dtype != input.dtype
-            or residual.device != input.device or not _kernel_dtypes(input, running_mean, running_var, weight, bias)
+    if (not _residual_fusable(input, residual) or not _kernel_dtypes(input, running_mean, running_var, weight, bias)
             or _stock_semantics_needed(input, residual, running_mean, running_var, weight, bias)):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
                           + residual)
