@@ -207,14 +207,29 @@ namespace {
 
 Quad as_quad(const variable_list& v) { return {v[0], v[1], v[2], v[3]}; }
 
+// As stock's autograd kernel of native_batch_norm, with its message: while grad mode is on, running
+// statistics that require grad are refused (in training they would be updated in place, and no
+// gradient flows to them).
+void check_stats_need_no_grad(const OptTensor& running_mean, const OptTensor& running_var) {
+  if (!at::GradMode::is_enabled()) return;
+  TORCH_CHECK(!(present(running_mean) && running_mean->requires_grad()),
+              "The function 'native_batch_norm' is not differentiable with respect to argument 'running_mean'. "
+              "This input cannot have requires_grad True.");
+  TORCH_CHECK(!(present(running_var) && running_var->requires_grad()),
+              "The function 'native_batch_norm' is not differentiable with respect to argument 'running_var'. "
+              "This input cannot have requires_grad True.");
+}
+
 Quad bn_relu_fwd_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                           const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps) {
+  check_stats_need_no_grad(running_mean, running_var);
   return as_quad(BnReluFunction::apply(input, weight, bias, running_mean, running_var, training, eps));
 }
 
 Quad bn_add_relu_fwd_autograd(const at::Tensor& input, const at::Tensor& residual, const OptTensor& weight,
                               const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                               bool training, double eps) {
+  check_stats_need_no_grad(running_mean, running_var);
   return as_quad(BnAddReluFunction::apply(input, residual, weight, bias, running_mean, running_var, training, eps));
 }
 

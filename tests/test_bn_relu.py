@@ -1,6 +1,7 @@
 """Fused BatchNorm+ReLU against stock relu(batch_norm(x)) and the reference, on every backend."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -282,6 +283,114 @@ def test_errors(device, backend):
         batch_norm_relu(torch.randn(2, 3, device=device), None, None, training=False)
     with pytest.raises(RuntimeError, match="weight is on meta but input is on"):
         batch_norm_relu(torch.randn(2, 3, device=device), None, None, torch.ones(3, device="meta"), training=True)
+
+
+# Scalar arguments F.batch_norm takes or refuses: the functionals must give stock's result or error.
+_SCALAR_CASES = {
+    "eps string": dict(eps="1e-5"), "eps None": dict(training=True, eps=None), "eps int": dict(eps=1),
+    "eps bool": dict(eps=True), "eps numpy": dict(eps=np.float32(1e-3)), "eps 0-dim": dict(eps=torch.tensor(1e-3)),
+    "eps 0-dim requiring grad": dict(eps=torch.tensor(1e-3, requires_grad=True)), "eps negative": dict(eps=-1.0),
+    "eps 0 in training": dict(training=True, eps=0.0), "eps 0 in eval": dict(eps=0.0),
+    "momentum None in training": dict(training=True, momentum=None), "momentum None in eval": dict(momentum=None),
+    "momentum string in eval": dict(momentum="0.1"), "momentum numpy": dict(training=True, momentum=np.float64(0.3)),
+    "momentum int": dict(training=True, momentum=1), "training int": dict(training=1),
+    "training numpy": dict(training=np.bool_(True)), "training None": dict(training=None),
+    "training 0-dim": dict(training=torch.tensor(True)),
+    "eps negative and wrong running_mean": dict(eps=-1.0, running_mean=torch.zeros(4)),
+}
+
+
+def _outcome(f):
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("case", list(_SCALAR_CASES))
+def test_scalar_arguments_as_stock(cpu_backend_built, case, residual):
+    """training, momentum and eps of every type F.batch_norm takes (numpy scalars, 0-dim tensors, ints)
+    give stock's outputs and running statistics; every one it refuses (a string, None, a non-bool
+    training, a non-positive eps in training, a negative one) gives stock's exception and message, even
+    in eval mode, where the momentum is not read, and before a wrong tensor argument."""
+    kw = dict(_SCALAR_CASES[case])
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    rm = kw.pop("running_mean", torch.randn(3, generator=g))
+    rv = torch.rand(3, generator=g) + 0.5
+
+    def stock():
+        mean, var = rm.clone(), rv.clone()
+        y = F.batch_norm(x, mean, var, **kw)
+        return torch.relu(y + r if residual else y), mean, var
+
+    def fused():
+        mean, var = rm.clone(), rv.clone()
+        with torchfast.use_backend("cpu"):
+            y = batch_norm_add_relu(x, r, mean, var, **kw) if residual else batch_norm_relu(x, mean, var, **kw)
+        return y, mean, var
+
+    want, got = _outcome(stock), _outcome(fused)
+    if isinstance(want[0], type):  # stock raised
+        assert got == want
+    else:
+        assert not isinstance(got[0], type), got
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_running_stats_requiring_grad_refused_as_stock(device, backend):
+    """Running statistics that require grad: refused with stock's error while grad mode is on (train and
+    eval), accepted under no_grad, with stock's result, by both functionals and on every backend."""
+    torchfast.set_backend(backend)
+    x = torch.randn(4, 3, 2, 2, device=device)
+    for residual in (False, True):
+        for training in (True, False):
+            for grad in (True, False):
+                for which in ("running_mean", "running_var"):
+                    outcomes = []
+                    for fused in (False, True):
+                        rm = torch.zeros(3, device=device, requires_grad=which == "running_mean")
+                        rv = torch.ones(3, device=device, requires_grad=which == "running_var")
+
+                        def call():
+                            with torch.set_grad_enabled(grad):
+                                if fused:
+                                    return (batch_norm_add_relu(x, x, rm, rv, training=training) if residual
+                                            else batch_norm_relu(x, rm, rv, training=training)), rm.detach(), rv.detach()
+                                y = F.batch_norm(x, rm, rv, training=training)
+                                return torch.relu(y + x if residual else y), rm.detach(), rv.detach()
+
+                        outcomes.append(_outcome(call))
+                    want, got = outcomes
+                    if isinstance(want[0], type):
+                        assert grad and got == want, (residual, training, which)
+                    else:
+                        assert not grad and not isinstance(got[0], type), got
+                        for a, b in zip(got, want):
+                            torch.testing.assert_close(a, b)
+
+
+def test_compiled_layer_keeps_the_fused_op(cpu_backend_built):
+    """The scalar checks in front of the fused op trace under torch.compile: the graph calls the fused
+    op, not stock's composition (train and eval, a layer built with an int eps too)."""
+    seen = []
+
+    def backend(gm, _inputs):
+        seen.append(str(gm.graph))
+        return gm.forward
+
+    for eps in (1e-5, 1):
+        layer = BatchNormReLU2d(3, eps=eps)
+        with torchfast.use_backend("cpu"):
+            for train in (True, False):
+                layer.train(train)
+                torch._dynamo.reset()
+                seen.clear()
+                torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(4, 3, 2, 2))
+                assert len(seen) == 1 and "torchfast.bn_relu" in seen[0] and "batch_norm" not in seen[0], seen
 
 
 @pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
@@ -907,9 +1016,16 @@ def test_eager_calls_check_in_python_only_when_the_op_refuses(cpu_backend_built,
         with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
             batch_norm_add_relu(torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3), torch.ones(3), training=True)
         assert seen == ["batch_norm_relu", "batch_norm_add_relu"]
-        with pytest.raises(TypeError, match="NoneType"):  # not a refusal of _check_bn_args: raised as it was
+        with pytest.raises(TypeError, match="NoneType"):  # a scalar stock refuses: stock's composition raises
             batch_norm_relu(x, None, None, training=True, eps=None)
-        assert seen[-1] == "batch_norm_relu"
+        assert len(seen) == 2
+
+        def op_error():
+            raise KeyError("the op's own")
+
+        with pytest.raises(KeyError, match="the op's own"):  # arguments the checks pass: the op's error as it is
+            TF._call_unchecked(op_error, ("batch_norm_relu", x, None, None, None, None, True))
+        assert len(seen) == 3
         torch.func.grad(lambda t: batch_norm_relu(t, None, None, training=True).sum())(x)
         assert seen[-1] == "batch_norm_relu"
 

@@ -41,6 +41,11 @@ def _check_bn_args(op: str, input, running_mean, running_var, weight, bias, trai
     if not input.is_floating_point():
         raise TypeError("%s: input must be a floating-point tensor (float16, bfloat16, float32 "
                         "or float64), got %s" % (op, input.dtype,))
+    if torch.is_grad_enabled():  # stock's autograd kernel refuses these (before the shape checks)
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if isinstance(t, Tensor) and t.requires_grad:
+                raise RuntimeError("The function 'native_batch_norm' is not differentiable with respect to "
+                                   "argument '%s'. This input cannot have requires_grad True." % name)
     c = input.shape[1]
     device = input.device
     if running_mean is not None:
@@ -146,6 +151,18 @@ def _update_running_stats(input, running_mean, running_var, mean, var, training,
             running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * n / max(n - 1, 1))
 
 
+_NUMBER = (float, int)
+
+
+def _plain_scalars(training, momentum, eps) -> bool:
+    """training a bool, momentum and eps Python numbers, eps positive in training and non-negative
+    otherwise: the scalars the fused ops are given. Anything else (a numpy or 0-dim tensor scalar, a
+    string, None, a non-positive eps) goes to stock's composition, which gives stock's result or raises
+    stock's error, in stock's order (F.batch_norm checks eps before the tensors' shapes)."""
+    return (type(training) is bool and type(momentum) in _NUMBER and type(eps) in _NUMBER
+            and (eps > 0 if training else eps >= 0))
+
+
 def _momentum(training, momentum) -> float:
     """The momentum as the update reads it; only a training call reads it (as stock's)."""
     return float(momentum) if training else 0.0
@@ -160,10 +177,12 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
     Backward recomputes the ReLU mask from the saved input: only the input and per-channel
     statistics are kept for it.
     """
+    if not _plain_scalars(training, momentum, eps):
+        return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     op = _whole_call_op("bn_relu", input)
     if op is not None and _kernel_dtypes(input, running_mean, running_var, weight, bias):
         # one op (forward and update), its arguments checked in C++
-        return _call_unchecked(lambda: op(input, weight, bias, running_mean, running_var, bool(training),
+        return _call_unchecked(lambda: op(input, weight, bias, running_mean, running_var, training,
                                           _momentum(training, momentum), float(eps)),
                                ("batch_norm_relu", input, running_mean, running_var, weight, bias, training))
     _check_bn_args("batch_norm_relu", input, running_mean, running_var, weight, bias, training)
@@ -172,9 +191,9 @@ def batch_norm_relu(input: Tensor, running_mean, running_var, weight=None, bias=
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     ops = impl(_backends.choose("bn_relu", input.device, input.dtype))
     if ops.bn_relu is not None and not torch.compiler.is_compiling():  # one op: forward and update
-        return ops.bn_relu(input, weight, bias, running_mean, running_var, bool(training),
+        return ops.bn_relu(input, weight, bias, running_mean, running_var, training,
                            _momentum(training, momentum), float(eps))
-    out, mean, _invstd, var = ops.bn_relu_fwd(input, weight, bias, running_mean, running_var, bool(training),
+    out, mean, _invstd, var = ops.bn_relu_fwd(input, weight, bias, running_mean, running_var, training,
                                               float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
     return out
@@ -194,10 +213,13 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
     input anyway), the input and per-channel statistics; it returns gradients for input, residual,
     weight and bias.
     """
+    if not _plain_scalars(training, momentum, eps):
+        return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+                          + residual)
     op = _whole_call_op("bn_add_relu", input)
     if (op is not None and _residual_fusable(input, residual) and not _is_functorch_wrapped(residual)
             and _kernel_dtypes(input, running_mean, running_var, weight, bias)):
-        return _call_unchecked(lambda: op(input, residual, weight, bias, running_mean, running_var, bool(training),
+        return _call_unchecked(lambda: op(input, residual, weight, bias, running_mean, running_var, training,
                                           _momentum(training, momentum), float(eps)),
                                ("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training))
     _check_bn_args("batch_norm_add_relu", input, running_mean, running_var, weight, bias, training)
@@ -207,9 +229,9 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean, running_v
                           + residual)
     ops = impl(_backends.choose("bn_add_relu", input.device, input.dtype))
     if ops.bn_add_relu is not None and not torch.compiler.is_compiling():  # one op: forward and update
-        return ops.bn_add_relu(input, residual, weight, bias, running_mean, running_var, bool(training),
+        return ops.bn_add_relu(input, residual, weight, bias, running_mean, running_var, training,
                                _momentum(training, momentum), float(eps))
     out, mean, _invstd, var = ops.bn_add_relu_fwd(input, residual, weight, bias, running_mean, running_var,
-                                                  bool(training), float(eps))
+                                                  training, float(eps))
     _update_running_stats(input, running_mean, running_var, mean, var, training, momentum)
     return out
