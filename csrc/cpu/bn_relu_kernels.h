@@ -462,31 +462,40 @@ void half_backward_row(const T* x, const T* dy, const T* m, T* dx, int64_t n, fl
 // normalise+ReLU 2.9 -> 1.8. Compiled with F16C enabled (TF_BN_F16C); only the float16 loads and
 // stores use it.
 #define TF_BN_F16C __attribute__((target("avx2,f16c")))
-TF_BN_F16C inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+// Eight 16-bit values widened to float (widen8) and eight floats rounded to them (narrow8), for the
+// whole-vector loads and stores (load8, store8) and the short tails' partial ones (tail_load).
+TF_BN_F16C inline __m256 widen8(const c10::BFloat16*, __m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 // Round to nearest even, NaN -> 0x7FC0 (c10's conversion, as f16c::float_to_bf16_avx2).
-TF_BN_F16C inline void store8(c10::BFloat16* p, __m256 v) {
+TF_BN_F16C inline __m128i narrow8(const c10::BFloat16*, __m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
                                                  _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))),
                                 16);
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
 
-TF_BN_F16C inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+TF_BN_F16C inline __m256 widen8(const c10::Half*, __m128i h) { return _mm256_cvtph_ps(h); }
+
+TF_BN_F16C inline __m128i narrow8(const c10::Half*, __m256 v) {
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-TF_BN_F16C inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+template <typename T>
+TF_BN_F16C inline __m256 load8(const T* p) {
+  return widen8(p, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <typename T>
+TF_BN_F16C inline void store8(T* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8(p, v));
 }
 
 // float rows use the same helpers for their statistics (row_moments<float, float> below).
+template <>
 TF_BN_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 // v's eight floats added to the double accumulators (lanes 0-3 to lo, 4-7 to hi).
@@ -501,36 +510,65 @@ TF_BN_F16C inline double hsum8(__m256d lo, __m256d hi) {
   return _mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t)));
 }
 
-// The elements i..n-1 of a row (fewer than 8 left) as one vector, without a scalar loop: rows whose
-// length is not a multiple of 8 (7x7 and 14x14 maps: 49 and 196 elements) ended in scalar loops whose
-// conversions cost as much as the vector body (8x256x14x14 float16 backward, one thread: 1.7 -> 0.9 ns
-// per element). A row of 8 or more takes the vector that ends at its end: the lanes below 8 - (n - i)
-// repeat elements already done, which an elementwise pass writes again with the same values and a sum
-// masks out (tail_live). A shorter row is copied into a zeroed vector (a copy through memory stalls
-// the load that follows it, so only where no overlapping vector exists). Each lane computes what the
-// scalar loop computed for its element: the elementwise outputs are unchanged.
-template <typename T>
-TF_BN_F16C inline __m256 tail_load(const T* row, int64_t i, int64_t n) {
-  if (n >= 8) return load8(row + n - 8);
-  alignas(32) T buf[8] = {};
-  std::memcpy(static_cast<void*>(buf), row + i, static_cast<size_t>(n - i) * sizeof(T));
-  return load8(buf);
-}
-
-template <typename T>
-TF_BN_F16C inline void tail_store(T* row, int64_t i, int64_t n, __m256 v) {
-  if (n >= 8) return store8(row + n - 8, v);
-  alignas(16) uint16_t buf[8];
-  store8(reinterpret_cast<T*>(buf), v);
-  std::memcpy(row + i, buf, static_cast<size_t>(n - i) * sizeof(T));
-}
-
 // All-ones in the lanes of tail_load's vector that hold elements i..n-1, zero in the others.
 TF_BN_F16C inline __m256 tail_live(int64_t i, int64_t n) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i live = n >= 8 ? _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(7 - (n - i))))
                               : _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
   return _mm256_castsi256_ps(live);
+}
+
+// The 32-bit lanes of a 128-bit vector below k / 2 (the whole pairs of k 16-bit elements).
+TF_BN_F16C inline __m128i pair_lanes(int64_t k) {
+  return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(k >> 1)), _mm_setr_epi32(0, 1, 2, 3));
+}
+
+// The elements i..n-1 of a row (fewer than 8 left) as one vector, without a scalar loop: rows whose
+// length is not a multiple of 8 (7x7 and 14x14 maps: 49 and 196 elements) ended in scalar loops whose
+// conversions cost as much as the vector body (8x256x14x14 float16 backward, one thread: 1.7 -> 0.9 ns
+// per element). A row of 8 or more takes the vector that ends at its end: the lanes below 8 - (n - i)
+// repeat elements already done, which an elementwise pass writes again with the same values and a sum
+// masks out (tail_live). A shorter row is read with masked loads (float: 8 lanes; 16-bit types: their
+// whole pairs as 32-bit lanes, an odd last element on its own), its other lanes zero, and written with
+// masked stores. (Through a zeroed stack vector filled by memcpy, every short row paid a library call
+// and a stalled load, as the vector load could not take its bytes from the copy's smaller stores:
+// 2x2 maps in float16/bfloat16, 32x512x2x2 forward+backward, ran at 0.6-0.75x stock.) Each lane
+// computes what the scalar loop computed for its element: the elementwise outputs are unchanged.
+template <typename T>
+TF_BN_F16C inline __m256 tail_load(const T* row, int64_t i, int64_t n) {
+  if (n >= 8) return load8(row + n - 8);
+  const int64_t k = n - i;
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_maskload_ps(row + i, _mm256_castps_si256(tail_live(i, n)));
+  } else {
+    const T* p = row + i;
+    __m128i h = _mm_maskload_epi32(reinterpret_cast<const int*>(p), pair_lanes(k));
+    if (k & 1) {  // the odd last element into lane k - 1
+      const __m128i at = _mm_cmpeq_epi16(_mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7), _mm_set1_epi16(static_cast<short>(k - 1)));
+      uint16_t last;
+      std::memcpy(&last, p + k - 1, sizeof(last));
+      h = _mm_or_si128(h, _mm_and_si128(at, _mm_set1_epi16(static_cast<short>(last))));
+    }
+    return widen8(p, h);
+  }
+}
+
+template <typename T>
+TF_BN_F16C inline void tail_store(T* row, int64_t i, int64_t n, __m256 v) {
+  if (n >= 8) return store8(row + n - 8, v);
+  const int64_t k = n - i;
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_maskstore_ps(row + i, _mm256_castps_si256(tail_live(i, n)), v);
+  } else {
+    T* p = row + i;
+    const __m128i h = narrow8(p, v);
+    _mm_maskstore_epi32(reinterpret_cast<int*>(p), pair_lanes(k), h);
+    if (k & 1) {  // the odd last element from lane k - 1 (a load within the one store: forwarded)
+      alignas(16) uint16_t buf[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
+      std::memcpy(p + k - 1, buf + k - 1, sizeof(uint16_t));
+    }
+  }
 }
 
 // The per-vector formulas of the rows below, shared by their whole-vector loops and their tails (the
