@@ -373,6 +373,22 @@ def test_running_stats_requiring_grad_refused_as_stock(device, backend):
                             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
+def test_running_statistics_versions_as_stock(device, backend):
+    """The running statistics are updated without a version bump, as stock's native_batch_norm does
+    (its schema does not mark them written): a bump would refuse backwards that stock runs."""
+    torchfast.set_backend(backend)
+    fused, stock = BatchNormReLU2d(3).to(device), nn.BatchNorm2d(3).to(device)
+    before = [(t._version, u._version) for t, u in ((fused.running_mean, stock.running_mean),
+                                                   (fused.running_var, stock.running_var))]
+    x = torch.randn(4, 3, 2, 2, device=device)
+    fused(x), stock(x)
+    after = [(t._version, u._version) for t, u in ((fused.running_mean, stock.running_mean),
+                                                  (fused.running_var, stock.running_var))]
+    assert [a[0] - b[0] for a, b in zip(after, before)] == [a[1] - b[1] for a, b in zip(after, before)]
+    torch.testing.assert_close(fused.running_var, stock.running_var)
+
+
 def test_compiled_layer_keeps_the_fused_op(cpu_backend_built):
     """The scalar checks in front of the fused op trace under torch.compile: the graph calls the fused
     op, not stock's composition (train and eval, a layer built with an int eps too)."""
@@ -621,6 +637,49 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
         for a, b in zip(default, results["portable"][key]):
             # a value at a rounding boundary may land one step apart in half precision
             torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=str(key))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_short_rows(cpu_backend_built, dtype):
+    """Contiguous maps of 1-7 and 9 elements (rows shorter than a vector: read and written with masked
+    loads and stores, 16-bit types in pairs plus an odd last element), both ops, forward and backward,
+    against the float64 oracle; and on 1 and 2 threads bit for bit alike (a store past its row would
+    overwrite the next row, which the other thread may already have written)."""
+    g = torch.Generator().manual_seed(11)
+    ops = torch.ops.torchfast
+    for hw in ((1, 1), (1, 2), (1, 3), (2, 2), (1, 5), (2, 3), (1, 7), (3, 3)):
+        shape = (64, 13) + hw  # 832 rows: the second thread starts before the first is done
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3)
+        r = torch.randn(shape, generator=g, dtype=torch.float64)
+        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        w, b = torch.rand(13, generator=g) + 0.5, torch.randn(13, generator=g)
+        xl, rl, dyl = (t.to(dtype) for t in (x, r, dy))
+        runs = []
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                y, m, i, _ = ops.bn_relu_fwd(xl, w, b, None, None, True, 1e-5)
+                gx, gw, gb = ops.bn_relu_bwd(dyl, xl, w, b, m, i, True)
+                ya, ma, ia, _ = ops.bn_add_relu_fwd(xl, rl, w, b, None, None, True, 1e-5)
+                gxa, gra, gwa, gba = ops.bn_add_relu_bwd(dyl, ya, xl, w, ma, ia, True)
+            finally:
+                torch.set_num_threads(before)
+            runs.append((y, gx, gw, gb, ya, gxa, gra, gwa, gba))
+        for a, c in zip(*runs):
+            assert torch.equal(a, c), (hw, dtype)
+        # the float64 oracle, through the fused output's mask (an element at 0 in dtype may be above it in float64)
+        xo, ro = xl.double().requires_grad_(), rl.double().requires_grad_()
+        wo, bo = w.double().requires_grad_(), b.double().requires_grad_()
+        pre = F.batch_norm(xo, None, None, wo, bo, True, 0.1, 1e-5)
+        for pre_act, out, grads in ((pre, runs[0][0], runs[0][1:4]), (pre + ro, runs[0][4], runs[0][5:])):
+            ref = torch.where(out > 0, pre_act, torch.zeros_like(pre_act))
+            inputs = (xo, wo, bo) if len(grads) == 3 else (xo, ro, wo, bo)
+            ref_grads = torch.autograd.grad(ref, inputs, dyl.double(), retain_graph=True)
+            tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
+            torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol, msg=str((hw, dtype)))
+            for got, want in zip(grads, ref_grads):
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10, msg=str((hw, dtype)))
 
 
 def test_layer_reads_parametrized_weights_and_running_stats_switches():
