@@ -362,6 +362,38 @@ TORCH_LIBRARY_IMPL(torchfast, Autograd, m) {
   m.impl("bn_add_relu_fwd", &bn_add_relu_fwd_autograd);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The ops that write their arguments in place bump those tensors' version counters, as ATen's in-place
+// ops do in their ADInplaceOrView kernels: autograd then refuses a backward whose saved tensor has been
+// overwritten since ("modified by an inplace operation"), where it used the new values silently (a
+// weight re-initialised, or a gradient clipped, between forward and backward). One boxed kernel reads
+// which arguments the schema marks as written (Tensor(a!), Tensor(a!)?, Tensor(a!)[]). Not the
+// running-statistics update: stock's native_batch_norm updates them without a bump (its schema does
+// not mark them written), and a bump would refuse backwards stock runs (an eval-mode forward's saved
+// statistics, updated by a later training forward).
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensor()) written.push_back(v.toTensor());
+    else if (v.isTensorList())
+      for (const at::Tensor& t : v.toTensorVector()) written.push_back(t);
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written)
+    if (t.defined()) torch::autograd::impl::bump_version(t);
+}
+
+TORCH_LIBRARY_IMPL(torchfast, ADInplaceOrView, m) {
+  for (const char* name : {"multi_tensor_clip_", "clip_grad_norm_fused_", "philox_fill_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+}
+
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) { m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu); }
 
 TORCH_LIBRARY_IMPL(torchfast, CompositeExplicitAutograd, m) {

@@ -35,6 +35,28 @@ def _tensors(dtype, device):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("init"))
+def test_fills_bump_the_version_counter(device, backend):
+    """An init fill writes the tensor in place, so like torch.nn.init it bumps the version counter:
+    a backward that saved the tensor before it was re-initialised is refused, as with stock, not run
+    on the new values."""
+    torchfast.set_backend(backend)
+    fills = [lambda w: tfi.uniform_(w, seed=1), lambda w: tfi.normal_(w, seed=1), lambda w: tfi.trunc_normal_(w, seed=1),
+             lambda w: tfi.kaiming_uniform_(w, seed=1), lambda w: tfi.constant_(w, 0.5), lambda w: tfi.zeros_(w),
+             lambda w: tfi.uniform_([w, torch.empty(3, device=device)], seed=1),
+             lambda w: nn.init.uniform_(w)]
+    for fill in fills:
+        w = torch.randn(4, 5, device=device, requires_grad=True)
+        x = torch.randn(4, 5, device=device, requires_grad=True)
+        y = (x * w).sum()  # saves w
+        before = w._version
+        with torch.no_grad():
+            fill(w)
+        assert w._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("init"))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_backend_matches_reference(device, backend, dtype):
     skip_unsupported(backend, "init", device, dtype)
