@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import utils as tnu
 
 import torchfast
@@ -178,6 +179,79 @@ def test_get_total_norm_and_clip_with_norm(device, backend):
     torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_clipping_bumps_the_version_counter(device, backend):
+    """Clipping writes the gradients in place, so like stock's _foreach_mul_ it bumps their version
+    counters: a backward through a graph that saved a gradient since clipped is refused, as with
+    stock, not run on the new values. A call that does not clip bumps it too, as stock's (which
+    multiplies by 1)."""
+    torchfast.set_backend(backend)
+    for fn in (lambda ps: torchfast.clip_grad_norm_(ps, 1e-3),
+               lambda ps: torchfast.clip_grads_with_norm_(ps, 1e-3, torch.tensor(5.0, device=device)),
+               lambda ps: tnu.clip_grad_norm_(ps, 1e-3)):
+        p = torch.nn.Parameter(torch.zeros(4, 5, device=device))
+        p.grad = torch.randn(4, 5, device=device)
+        x = torch.randn(4, 5, device=device, requires_grad=True)
+        y = (x * p.grad).sum()  # saves the gradient tensor
+        before = p.grad._version
+        fn([p])
+        assert p.grad._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    for fn in (torchfast.clip_grad_norm_, tnu.clip_grad_norm_):
+        p.grad = torch.randn(4, 5, device=device)
+        before = p.grad._version
+        fn([p], 1e9)
+        assert p.grad._version > before
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_float16_norm_overflow_clips_to_zero_as_stock(device, backend):
+    """A float16 list whose norm overflows float16 (finite in float32): stock returns inf and scales the
+    gradients by max_norm / inf = 0; so must every path here (the fused one computed its coefficient
+    from the float32 norm and scaled them by 1e-5)."""
+    skip_unsupported(backend, "clip_grad", device, torch.float16)
+    torchfast.set_backend(backend)
+    p = torch.nn.Parameter(torch.zeros(100, dtype=torch.float16, device=device))
+    p.grad = torch.full((100,), 1e4, dtype=torch.float16, device=device)
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    got, want = torchfast.clip_grad_norm_([p], 1.0), tnu.clip_grad_norm_([q], 1.0)
+    assert torch.isinf(want) and torch.isinf(got) and got.dtype == want.dtype
+    assert torch.equal(p.grad, q.grad) and not p.grad.any()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+def test_sparse_gradients_as_stock(device, backend):
+    """Sparse gradients (nn.Embedding(sparse=True)) go to torch.nn.utils: the same norm and the same
+    clipped gradients as stock, mixed with dense ones too, for every norm type and function."""
+    torchfast.set_backend(backend)
+
+    def model():
+        g = torch.Generator().manual_seed(0)
+        emb = nn.Embedding(10, 4, sparse=True).to(device)
+        lin = nn.Linear(4, 3).to(device)
+        with torch.no_grad():
+            for t in (emb.weight, lin.weight, lin.bias):
+                t.copy_(torch.randn(t.shape, generator=g))
+        lin(emb(torch.tensor([1, 3, 3, 7], device=device))).pow(2).sum().backward()
+        return list(emb.parameters()) + list(lin.parameters())
+
+    for norm_type in (2.0, 1.0, math.inf, 0.0):
+        ours, stock = model(), model()
+        assert ours[0].grad.is_sparse
+        torch.testing.assert_close(torchfast.get_total_norm([p.grad for p in ours], norm_type),
+                                   tnu.get_total_norm([p.grad for p in stock], norm_type))
+        torch.testing.assert_close(torchfast.clip_grad_norm_(ours, 0.1, norm_type), tnu.clip_grad_norm_(stock, 0.1, norm_type))
+        for a, b in zip(ours, stock):
+            torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense())
+    ours, stock = model(), model()
+    torchfast.clip_grads_with_norm_(ours, 0.1, torch.tensor(3.0))
+    tnu.clip_grads_with_norm_(stock, 0.1, torch.tensor(3.0))
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense())
+
+
 def test_clip_grad_value_matches_stock():
     ps = _params(torch.float32, scale=2.0) + _params(torch.bfloat16, seed=3)
     ref = _clone(ps)
@@ -188,10 +262,6 @@ def test_clip_grad_value_matches_stock():
 
 
 def test_bad_inputs():
-    p = torch.nn.Parameter(torch.zeros(4, 4))
-    p.grad = torch.eye(4).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse gradients are not supported"):
-        torchfast.clip_grad_norm_([p], 1.0)
     with pytest.raises(TypeError, match="expected a Tensor"):
         torchfast.get_total_norm([torch.ones(2), "x"])
     with pytest.raises(TypeError, match="expected a floating-point tensor"):

@@ -6,8 +6,10 @@ waits for the host unless ``error_if_nonfinite=True`` (which must read the norm 
 
 Differences from stock, all in the rounding: the norm of a group is accumulated in float32
 (float64 for float64 gradients) before it is cast to the gradients' dtype, and the clip coefficient
-is computed in float32 (float64) rather than in the dtype of ``total_norm``. The ``foreach``
-argument is accepted for compatibility; torchfast always uses its multi-tensor kernels.
+is computed in float32 (float64) from the norm in the dtype of ``total_norm`` (``clip_grad_norm_``:
+the returned norm, in the gradients' dtype; a float16 norm that overflows to inf clips to zero, as
+stock's does). Sparse gradients go to torch.nn.utils itself. The ``foreach`` argument is accepted for
+compatibility; torchfast always uses its multi-tensor kernels.
 """
 import math
 import types
@@ -37,6 +39,12 @@ def _check_dense(tensors, fname: str, what: str):
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError("torchfast.%s: %s %d has dtype %s, expected a floating-point tensor"
                             % (fname, what, i, t.dtype))
+
+
+def _any_sparse(tensors) -> bool:
+    """Whether a list holds a sparse tensor (torch.nn.utils handles those; the kernels take strided
+    tensors only)."""
+    return any(getattr(t, "layout", torch.strided) != torch.strided for t in tensors)
 
 
 def _group(tensors, fname: str, what: str):
@@ -268,12 +276,16 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
             raise ValueError("torchfast.get_total_norm: process_group= takes norm types > 0 or inf, got %s"
                              % norm_type)
         # 0-norm (a count), negative and -inf norms: stock semantics combine per-tensor values in
-        # ways no fused kernel reproduces; hand them to PyTorch itself.
-        _check_dense(tensors, "get_total_norm", "tensor")
+        # ways no fused kernel reproduces; hand them to PyTorch itself (with its errors).
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
-    with torch.no_grad():
-        total_norm = _total_norm(_group(tensors, "get_total_norm", "tensor"), norm_type, tensors[0].device,
-                                 "get_total_norm")
+    try:
+        with torch.no_grad():
+            total_norm = _total_norm(_group(tensors, "get_total_norm", "tensor"), norm_type, tensors[0].device,
+                                     "get_total_norm")
+    except Exception:  # a sparse tensor: torch.nn.utils computes it (looked for only when the kernels refuse)
+        if process_group is None and _any_sparse(tensors):
+            return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+        raise
     if error_if_nonfinite:
         _check_nonfinite(total_norm, norm_type)
     return total_norm
@@ -282,10 +294,13 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None) -> None:
     """Scale the gradients of `parameters` in place by ``min(max_norm / (total_norm + 1e-6), 1)``
     (``torch.nn.utils.clip_grads_with_norm_``). The coefficient is computed on the device."""
-    grads = _grads(_as_list(parameters))
+    parameters = _as_list(parameters)
+    grads = _grads(parameters)
     max_norm = float(max_norm)
     if len(grads) == 0:
         return
+    if _any_sparse(grads):  # looked for first: the groups are scaled one by one
+        return torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     if _sharded(grads):  # sharded gradients are scaled shard by shard (the coefficient is the same everywhere)
@@ -329,6 +344,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             impl(_backends.choose("clip_grad", grads[0].device, grads[0].dtype)).multi_tensor_clip_(
                 grads, total_norm, float(max_norm))
             return total_norm
+        if _any_sparse(grads):  # (looked for only once the compiled kernels have refused the list)
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
         groups = _group(grads, "clip_grad_norm_", "gradient")  # grouped once for both passes
         total_norm = _total_norm(groups, norm_type, grads[0].device, "clip_grad_norm_")
         if error_if_nonfinite:

@@ -236,7 +236,9 @@ void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm
 
 at::Tensor clip_grad_norm_fused_cuda(at::TensorList tensors, double max_norm, double norm_type) {
   at::Tensor total = multi_tensor_norm_cuda(tensors, norm_type);
-  multi_tensor_clip_cuda(tensors, total, max_norm);
+  // The coefficient from the norm as returned, rounded to the gradients' dtype (stock computes it there):
+  // a float16 norm that overflows to inf clips the gradients to zero, as stock's does.
+  multi_tensor_clip_cuda(tensors, total.to(tensors[0].scalar_type()), max_norm);
   return total;
 }
 
