@@ -34,6 +34,38 @@ def _tensors(dtype, device):
     return [torch.empty(s, dtype=dtype, device=device) for s in SHAPES]
 
 
+_REFUSED = [("uniform_", (1.0, 0.0), {}), ("uniform_", (0.0, math.inf), {}), ("uniform_", (math.nan, 1.0), {}),
+            ("uniform_", (-1e300, 1e300), {}), ("uniform_", (-3e38, 3e38), {}), ("uniform_", (-6e4, 6e4), {}),
+            ("uniform_", (-1e6, 1e6), {}), ("normal_", (0.0, -1.0), {}), ("normal_", (0.0, math.nan), {}),
+            ("trunc_normal_", (0.0, 1.0, 1.0, -1.0), {}), ("xavier_uniform_", (), {"gain": -1.0}),
+            ("xavier_normal_", (), {"gain": -1.0}), ("sparse_", (0.5,), {"std": -1.0}),
+            # accepted by both
+            ("uniform_", (1.0, 1.0), {}), ("normal_", (0.0, 0.0), {}), ("normal_", (math.inf, 1.0), {})]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(_REFUSED)))
+def test_arguments_refused_as_stock(dtype, case):
+    """Every fill torch.nn.init refuses (a bound outside the dtype's range, a > b, b - a past the
+    dtype's max, a negative or NaN std, a negative gain) is refused with its exception and message,
+    per dtype, and leaves the tensor as it was; what it accepts is accepted. Inside fast_init too."""
+    name, args, kwargs = _REFUSED[case]
+
+    def outcome(fn):
+        t = torch.full((4, 4), 7.0, dtype=dtype)
+        try:
+            fn(t, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            assert torch.equal(t, torch.full((4, 4), 7.0, dtype=dtype))
+            return type(e), str(e)
+        return "accepted"
+
+    want = outcome(getattr(nn.init, name))
+    assert outcome(getattr(tfi, name)) == want
+    with tfi.fast_init(seed=0):
+        assert outcome(getattr(nn.init, name)) == want
+
+
 @pytest.mark.parametrize("device,backend", backend_params("init"))
 def test_fills_bump_the_version_counter(device, backend):
     """An init fill writes the tensor in place, so like torch.nn.init it bumps the version counter:

@@ -163,6 +163,35 @@ def _params_f64(kind, params):
     return (math.erf(lo_x), span, a, b, mean, scale, math.erfc(-lo_x), math.erfc(hi_x))
 
 
+# What ATen's uniform_ and normal_ refuse, which torch.nn.init's functions reach, with their messages:
+# the C++ name of the dtype, and numbers printed as C++ prints a double (6 significant digits).
+_C_TYPE = {torch.float32: ("float", "Float"), torch.float64: ("double", "Double"),
+           torch.float16: ("c10::Half", "Half"), torch.bfloat16: ("c10::BFloat16", "BFloat16")}
+
+
+def _check_spec(spec, dtype):
+    """Raise torch.nn.init's error for a fill it refuses on a tensor of `dtype`: U(a, b) with a bound
+    outside the dtype's range, a > b or b - a beyond it (xavier_uniform_ with a negative gain too);
+    N(mean, std) with std < 0 or NaN; trunc_normal_ with a > b (stock samples U(a, b) there)."""
+    kind, p = spec[0], spec[1]
+    names = _C_TYPE.get(dtype)
+    if kind == UNIFORM and names is not None:
+        a, b = p[0], p[1]
+        info = torch.finfo(dtype)
+        for name, v in (("from", a), ("to", b)):
+            if not info.min <= v <= info.max:
+                raise RuntimeError("%s is out of bounds for %s" % (name, names[0]))
+        if not a <= b:
+            raise RuntimeError("uniform_ expects to return a [from, to) range, but found from=%g > to=%g" % (a, b))
+        if not b - a <= info.max:
+            raise RuntimeError("uniform_ expects to-from <= std::numeric_limits<%s>::max(), but found to=%g and "
+                               "from=%g which result in to-from to exceed the limit" % (names[1], b, a))
+    elif kind == NORMAL and not p[1] >= 0:
+        raise RuntimeError("normal expects std >= 0.0, but found std %g" % p[1])
+    elif kind == TRUNC_NORMAL and not p[2] <= p[3]:
+        raise RuntimeError("uniform_ expects to return a [from, to) range, but found from=%g > to=%g" % (p[2], p[3]))
+
+
 def _apply(tensor, fname, spec_of, seed, generator, random=True):
     """Shared driver: spec_of(t) gives each tensor's spec (or None to skip it). Inside fast_init the
     fills are recorded, to run batched later."""
@@ -173,6 +202,8 @@ def _apply(tensor, fname, spec_of, seed, generator, random=True):
     for t in tensors:
         spec = spec_of(t)
         if spec is not None:
+            if random:
+                _check_spec(spec, t.dtype)
             kept.append(t)
             specs.append(spec)
     if kept:
@@ -477,11 +508,13 @@ def sparse_(tensor, sparsity, std: float = 0.01, generator=None, *, seed=None):
     by a torch.Generator seeded from the same seed."""
     single, tensors = _as_list(tensor, "sparse_")
     _check_float(tensors, "sparse_")
+    spec = _normal_spec(0.0, std)
     for t in tensors:
         if t.ndimension() != 2:
             raise ValueError("Only tensors with 2 dimensions are supported")
+        _check_spec(spec, t.dtype)
     seed = _draw_seed(seed, generator)
-    _fill(tensors, [_normal_spec(0.0, std)] * len(tensors), seed)
+    _fill(tensors, [spec] * len(tensors), seed)
     picker = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for t in tensors:
@@ -624,6 +657,8 @@ class _Recorder(TorchDispatchMode):
                     spec = _normal_spec(float(mean), float(std))
                 else:
                     spec = (CONSTANT, _params(0.0 if kind == "zero" else float(args[1])))
+                if kind in ("uniform", "normal"):
+                    _check_spec(spec, t.dtype)  # refused at the call, as the aten op refuses it
                 self.record([t], [spec])
                 return t
         if self.pending and not getattr(func, "is_view", False):  # views (.data, .t(), slices) move no data
