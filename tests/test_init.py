@@ -66,6 +66,45 @@ def test_arguments_refused_as_stock(dtype, case):
         assert outcome(getattr(nn.init, name)) == want
 
 
+def _trunc_normal_mean(mean, std, a, b):
+    """E[X] of N(mean, std^2) truncated to [a, b], with the tail probabilities from erfc (no cancellation)."""
+    al, be = (a - mean) / std, (b - mean) / std
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    if al >= 0:
+        mass = (math.erfc(al / math.sqrt(2)) - math.erfc(be / math.sqrt(2))) / 2
+    elif be <= 0:
+        mass = (math.erfc(-be / math.sqrt(2)) - math.erfc(-al / math.sqrt(2))) / 2
+    else:
+        mass = (math.erf(be / math.sqrt(2)) - math.erf(al / math.sqrt(2))) / 2
+    return mean + std * (pdf(al) - pdf(be)) / mass
+
+
+@pytest.mark.filterwarnings("ignore:mean is more than 2 std")
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_trunc_normal_deep_in_a_tail(device, backend, dtype):
+    """Intervals deep in a tail, where the float32 stream cannot resolve the erf-domain interval (every
+    value came out at one bound): the values stay in [a, b] (rounded to the dtype), spread over it, with
+    the truncated normal's mean (within 6 standard errors), and are the same bits on every backend."""
+    skip_unsupported(backend, "init", device, dtype)
+    n = 1 << 16
+    for mean, std, a, b in ((0.0, 1.0, 5.5, 6.0), (0.0, 1.0, 6.0, 7.0), (10.0, 1.0, -2.0, 2.0), (0.0, 1.0, 5.0, 20.0),
+                            (0.0, 1.0, -9.0, -4.0), (1.0, 0.5, 3.5, 3.6)):
+        with torchfast.use_backend("reference"):
+            ref = tfi.trunc_normal_(torch.empty(n, dtype=dtype, device=device), mean, std, a, b, seed=5)
+        got = tfi.trunc_normal_(torch.empty(n, dtype=dtype, device=device), mean, std, a, b, seed=5)
+        assert torch.equal(got, ref), (mean, std, a, b)
+        v = got.double().cpu()
+        lo, hi = torch.tensor(a).to(dtype).item(), torch.tensor(b).to(dtype).item()
+        assert v.min() >= lo and v.max() <= hi, (mean, std, a, b)
+        if dtype == torch.float32:
+            assert v.unique().numel() > n // 2, (mean, std, a, b)
+        want = _trunc_normal_mean(mean, std, a, b)
+        err = abs(v.mean().item() - want)
+        step = abs(hi) * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11 if dtype == torch.float16 else 0)
+        assert err <= 6 * v.std().item() / math.sqrt(n) + step, (mean, std, a, b, v.mean().item(), want)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("init"))
 def test_fills_bump_the_version_counter(device, backend):
     """An init fill writes the tensor in place, so like torch.nn.init it bumps the version counter:

@@ -73,9 +73,21 @@ def _check_float(tensors, fname):
                             % (fname, i, t.dtype))
 
 
+def _f32_resolves(spec) -> bool:
+    """Whether the float32 stream's truncated normal has the interval's resolution: at least 2^16
+    float32 values between its erf-domain bounds lo and hi. An interval deep in a tail (a and b both
+    beyond ~3 std on one side, e.g. trunc_normal_(t, 0, 1, 5.5, 6), or a mean far outside [a, b]) has
+    few or none -- there every value came out at one bound -- and takes the float64 stream instead
+    (erfc-based bounds, exact to 1e-300), rounded to the tensor's dtype."""
+    lo, hi = spec[1][0], spec[1][1]
+    top = max(abs(lo), abs(hi))
+    return top == 0.0 or hi - lo >= 2.0 ** (math.frexp(top)[1] - 24) * 2 ** 16
+
+
 def _fill(tensors, specs, seed):
     """Fill tensors[k] with distribution specs[k] = (kind, 6 params) using stream k. One op call
-    per (device, dtype) group; non-contiguous tensors are filled through a contiguous buffer."""
+    per (device, dtype) group; non-contiguous tensors are filled through a contiguous buffer, and
+    truncated normals the float32 stream cannot resolve (_f32_resolves) through a float64 one."""
     groups = {}
     for k, (t, spec) in enumerate(zip(tensors, specs)):
         if t.numel() == 0:
@@ -84,14 +96,21 @@ def _fill(tensors, specs, seed):
             with torch.no_grad():
                 t.fill_(spec[1][0])
             continue
-        groups.setdefault((t.device, t.dtype), []).append(k)
+        dtype = t.dtype
+        if spec[0] == TRUNC_NORMAL and dtype != torch.float64 and not _f32_resolves(spec):
+            dtype = torch.float64
+        groups.setdefault((t.device, dtype), []).append(k)
     with torch.no_grad():
         for (device, dtype), ks in groups.items():
             backend = _backends.choose("init", device, dtype)
             targets, copies = [], []
             for k in ks:
                 t = tensors[k]
-                if t.is_contiguous():
+                if t.dtype != dtype:
+                    buf = torch.empty(t.shape, dtype=dtype, device=t.device)
+                    targets.append(buf)
+                    copies.append((t, buf))
+                elif t.is_contiguous():
                     targets.append(t)
                 else:
                     buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
