@@ -4,6 +4,7 @@ the same training trajectory as stock, and the model still the user's model."""
 import copy
 import io
 import operator
+import warnings
 
 import pytest
 import torch
@@ -432,6 +433,81 @@ def test_leaves_alone_what_it_cannot_prove_and_says_why():
     assert "relu6" in why["bn_relu6"] and "silu" in why["bn_silu"]
     assert "MyBN" in why["bn_sub"] and "hooks" in why["bn_hooked"]
     assert "residual" in why["bn_iadd"] and "alpha" in why["bn_alpha"]
+
+
+class Later(nn.Module):
+    """A BatchNorm -> ReLU module pair at the top and one inside an inlined Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()
+        self.blk = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Identity())
+
+    def forward(self, x):
+        return self.blk(self.act(self.bn(self.conv(x))))
+
+
+_LATER_CHANGES = {
+    "hook on a fused BatchNorm": lambda m, seen: m.bn.register_forward_hook(lambda *a: seen.append("bn")),
+    "hook on a fused ReLU": lambda m, seen: m.blk[2].register_forward_hook(lambda *a: seen.append("relu")),
+    "pre-hook on an inlined block": lambda m, seen: m.blk.register_forward_pre_hook(lambda *a: seen.append("blk")),
+    "hook on a dropped Identity": lambda m, seen: m.blk[3].register_forward_hook(lambda *a: seen.append("id")),
+    "ReLU replaced": lambda m, seen: setattr(m, "act", nn.GELU()),
+    "BatchNorm replaced": lambda m, seen: setattr(m, "bn", nn.GroupNorm(1, 3)),
+    "Identity replaced": lambda m, seen: m.blk.__setitem__(3, nn.Tanh()),
+    "block replaced": lambda m, seen: setattr(m, "blk", nn.Sequential(nn.Tanh())),
+}
+
+
+@pytest.mark.parametrize("change", list(_LATER_CHANGES))
+def test_changes_after_fuse_are_followed(change):
+    """The fused forward stands for the submodules it inlined and the calls it removed as they were at
+    fuse time; a module replaced or given hooks afterwards (a feature-extraction hook on a block, a
+    swapped activation) is followed, not skipped: the output is stock's, every hook runs, a warning
+    says so once; a deepcopy follows it too, and fusing again takes the new structure (no warning)."""
+    stock, seen_stock = Later(), []
+    fused, seen_fused = fuse(copy.deepcopy(stock)), []
+    x = torch.randn(2, 3, 4, 4)
+    _LATER_CHANGES[change](stock, seen_stock)
+    _LATER_CHANGES[change](fused, seen_fused)
+    with pytest.warns(UserWarning, match="changed since it was fused") as record:
+        out = fused(x)
+        fused(x)
+    assert len([w for w in record if "changed since" in str(w.message)]) == 1
+    torch.testing.assert_close(out, stock(x))
+    stock(x)
+    assert seen_fused == seen_stock
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(copy.deepcopy(fused)(x), stock(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fuse(fused)(x), stock(x))
+
+
+def _noop_hook(*args):
+    return None
+
+
+def test_unchanged_fused_model_calls_the_fused_ops(monkeypatch):
+    """Without changes every call runs the fused code, after a deepcopy and a save/load too; a ReLU
+    module with a hook at fuse time is left alone (its hook must run) and said so."""
+    model = Later()
+    model.act.register_forward_hook(_noop_hook)  # (a module-level function: the model is pickled)
+    model, report = fuse(model, return_report=True)
+    assert report.pairs == ["blk.1"] and "ReLU" in dict(report.left)["bn"]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    calls = []
+    real = fused_modules.batch_norm_relu
+    monkeypatch.setattr(fused_modules, "batch_norm_relu", lambda *a: calls.append(1) or real(*a))
+    for m in (model, copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m(torch.randn(2, 3, 4, 4))
+        assert len(calls) == 1
 
 
 class TrainBranch(nn.Module):

@@ -13,23 +13,27 @@ module itself (an instance attribute), so:
 * the BatchNorm modules are still stock ``nn.BatchNorm*d``; calling one of them (or a block) on its
   own runs stock code, only the traced forward calls the fused ops;
 * ``train()``/``eval()``, ``.to()``, channels_last, ``copy.deepcopy``, ``torch.save`` of the module,
-  DDP and ``torch.compile`` work on the fused model.
+  DDP and ``torch.compile`` work on the fused model;
+* a module the rewritten code inlined or removed that is replaced or given hooks after ``fuse`` is
+  followed: the call runs the class's own forward (see :class:`FusedForward`).
 
 A module whose forward does not trace is left as it is and its children are tried one by one. The
 pass refuses (and says why in its report) whatever it cannot prove equivalent: a BatchNorm output
 used by more than one node, another activation, a BatchNorm subclass it does not know, a BatchNorm
-with hooks, a forward whose traced graph depends on ``self.training`` (traced in both modes and
+or ReLU module with hooks, a forward whose traced graph depends on ``self.training`` (traced in both modes and
 compared), an in-place add that would mutate the residual, an add with ``alpha``.
 """
 import copy
 import linecache
 import operator
 import types
+import warnings
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_mod
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from torchfast.nn import modules as _modules
@@ -83,9 +87,7 @@ def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False
     if not isinstance(model, nn.Module):
         raise TypeError("fuse: model must be a torch.nn.Module, got %s" % type(model).__name__)
     report = FuseReport()
-    from torch.nn.modules import module as _m
-    global_hooks = [n for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                                "_global_backward_pre_hooks") if getattr(_m, n, None)]
+    global_hooks = _global_hooks()
     if global_hooks:
         report.untraced.append(("", "global module hooks are registered (%s); fused calls would skip them"
                                 % ", ".join(global_hooks)))
@@ -105,37 +107,51 @@ def _has_hooks(m: nn.Module) -> bool:
 
 class _Tracer(fx.Tracer):
     """fx's default tracer, with every BatchNorm layer and every module that has hooks kept as a
-    leaf (a hooked module must still be called as a module, or its hooks would not run)."""
+    leaf (a hooked module must still be called as a module, or its hooks would not run). Records the
+    modules whose forward it inlines (`inlined`, qualified names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inlined = set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _BatchNorm) or _has_hooks(m):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if not self.is_leaf_module(m, qualname):
+            self.inlined.add(qualname)
+        return super().call_module(m, forward, args, kwargs)
 
-def _trace(module: nn.Module) -> fx.Graph:
-    """The module's class forward traced in training and in eval mode; raises if the two differ
-    (the forward branches on self.training in Python, which a single graph cannot keep)."""
+
+def _trace(module: nn.Module):
+    """The module's class forward traced in training and in eval mode, and the qualified names of the
+    submodules whose forward the graph inlines; raises if the two graphs differ (the forward branches
+    on self.training in Python, which a single graph cannot keep)."""
     flags = [(m, m.training) for m in module.modules()]
     try:
-        graphs = []
+        graphs, tracers = [], []
         for mode in (True, False):
             module.train(mode)
-            graphs.append(_Tracer().trace(module))
+            tracers.append(_Tracer())
+            graphs.append(tracers[-1].trace(module))
     finally:
         for m, flag in flags:
             m.training = flag
     if str(graphs[0]) != str(graphs[1]):
         raise RuntimeError("its traced graph depends on train/eval mode")
-    return graphs[0]
+    return graphs[0], tracers[0].inlined
 
 
 # ------------------------------------------------------------------------------------------------
 # Matching
 
 def _is_relu(node: fx.Node, root: nn.Module) -> bool:
-    if node.op == "call_module":
-        return type(root.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_module":  # (a hooked ReLU must be called, or its hooks would not run)
+        module = root.get_submodule(node.target)
+        return type(module) is nn.ReLU and not _has_hooks(module)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     if node.op == "call_method":
@@ -207,18 +223,24 @@ def _fusable_bn(module: nn.Module):
         type(module).__name__)
 
 
-def _drop_identities(graph: fx.Graph, root: nn.Module):
+def _drop_identities(graph: fx.Graph, root: nn.Module, removed: set):
     """Calls of nn.Identity modules (timm's drop_block / drop_path when disabled) return their input:
-    take them out of the graph so that they do not hide a BatchNorm -> ReLU."""
+    take them out of the graph so that they do not hide a BatchNorm -> ReLU (not hooked ones). Their
+    names go into `removed`."""
     for node in list(graph.nodes):
-        if node.op == "call_module" and type(root.get_submodule(node.target)) is nn.Identity and len(node.args) == 1 \
-                and not node.kwargs and isinstance(node.args[0], fx.Node):
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        if type(module) is nn.Identity and not _has_hooks(module) and len(node.args) == 1 and not node.kwargs \
+                and isinstance(node.args[0], fx.Node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+            removed.add(node.target)
 
 
-def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) -> int:
-    """Replace the patterns in `graph` by fused calls; returns how many."""
+def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport, removed: set) -> int:
+    """Replace the patterns in `graph` by fused calls; returns how many. The names of the modules
+    whose calls it removes (BatchNorms, ReLU modules) go into `removed`."""
     done = 0
     fused_by = {}  # residual node -> name of the BatchNorm whose fused add took it
     for node in list(graph.nodes):
@@ -243,6 +265,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
                 fused = graph.call_function(_modules.bn_relu_module, (bn_ref, node.args[0]))
             node.replace_all_uses_with(fused)
             graph.erase_node(node)
+            removed.add(node.target)
             report.pairs.append(name)
             done += 1
             continue
@@ -257,6 +280,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
             user.replace_all_uses_with(fused)
             graph.erase_node(user)
             graph.erase_node(node)
+            removed.update(n.target for n in (node, user) if n.op == "call_module")
             report.pairs.append(name)
             done += 1
             continue
@@ -280,6 +304,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
         graph.erase_node(relu)
         graph.erase_node(user)
         graph.erase_node(node)
+        removed.update(n.target for n in (node, relu) if n.op == "call_module")
         fused_by[fused] = name
         report.triples.append(name)
         done += 1
@@ -293,29 +318,80 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport) 
 class FusedForward:
     """A module's forward rewritten by :func:`fuse`: the code fx generated for the rewritten graph,
     run with the module itself as ``self`` (so every attribute it reads is the module's live one).
-    Set as the module's ``forward`` instance attribute; survives ``copy.deepcopy`` and pickling."""
+    Set as the module's ``forward`` instance attribute; survives ``copy.deepcopy`` and pickling.
 
-    def __init__(self, owner: nn.Module, src: str, globals_: dict):
+    The generated code stands for the submodules it inlined (Sequentials, blocks) and the calls it
+    removed (BatchNorms, ReLU and Identity modules) as they were at fuse time. Each call first checks
+    that they still are: the same module objects in the same places (a copy: their copies), none given
+    hooks since, and no global module hooks. Otherwise it runs the class's own forward (stock
+    behaviour: the new module, the hook), and warns once; ``fuse(model)`` again fuses the new
+    structure."""
+
+    def __init__(self, owner: nn.Module, src: str, globals_: dict, watch):
         self.owner = owner
         self.src = src
         self.globals = globals_
+        # (parent, attribute name, module, qualified name) of every module the code stands for
+        self.watch = watch
+        self.checks = None  # _intact's flat view of watch, built at the first call
+        self.warned = False
         key = "<torchfast.nn.fuse %s %x>" % (type(owner).__name__, id(self))
         linecache.cache[key] = (len(src), None, src.splitlines(True), key)  # readable tracebacks
         namespace = dict(globals_)
         exec(compile(src, key, "exec"), namespace)
         self.fn = namespace["forward"]
 
+    def _changed(self):
+        """The first watched module replaced, removed or given hooks since fuse (its qualified name),
+        "global module hooks", or None."""
+        if any(_GLOBAL_HOOK_DICTS):
+            return "global module hooks"
+        for parent, name, module, path in self.watch:
+            if parent._modules.get(name) is not module or _has_hooks(module):
+                return "'%s'" % path
+        return None
+
+    def _intact(self) -> bool:
+        """Not _changed(), fast: every call of the model pays it (ResNet-50: 90 modules, ~15 us). The
+        hook registries are read as the dicts the modules had at fuse time: registering a hook adds to
+        them."""
+        g0, g1, g2, g3 = _GLOBAL_HOOK_DICTS
+        if g0 or g1 or g2 or g3:
+            return False
+        if self.checks is None:
+            self.checks = [(parent._modules, name, module) + tuple(getattr(module, d) for d in _HOOK_DICTS)
+                           for parent, name, module, _ in self.watch]
+        for modules, name, module, h0, h1, h2, h3 in self.checks:
+            if modules.get(name) is not module or h0 or h1 or h2 or h3:
+                return False
+        return True
+
     def __call__(self, *args, **kwargs):
-        return self.fn(self.owner, *args, **kwargs)
+        if self._intact():
+            return self.fn(self.owner, *args, **kwargs)
+        changed = self._changed()
+        if changed is None:  # (a module's hook dicts or _modules replaced wholesale: read afresh)
+            self.checks = None
+            return self.fn(self.owner, *args, **kwargs)
+        if not self.warned:
+            self.warned = True
+            warnings.warn("torchfast.nn.fuse: %s changed since it was fused (%s replaced or given hooks); running "
+                          "its unfused forward. Call torchfast.nn.fuse on it again to fuse it as it is now."
+                          % (type(self.owner).__name__, changed), stacklevel=2)
+        return type(self.owner).forward(self.owner, *args, **kwargs)
 
     def __deepcopy__(self, memo):
-        return FusedForward(copy.deepcopy(self.owner, memo), self.src, self.globals)
+        # The watched modules through the same memo: their copies are the ones in the copied tree (a
+        # module replaced before the copy maps to a copy outside it, so the copy follows the change).
+        watch = [tuple(copy.deepcopy(v, memo) for v in entry) for entry in self.watch]
+        return FusedForward(copy.deepcopy(self.owner, memo), self.src, self.globals, watch)
 
     def __reduce__(self):
-        # Modules among the generated code's globals are pickled by name.
+        # Modules among the generated code's globals are pickled by name; the watched modules in the
+        # same pickle as the owner, so they unpickle as the same objects.
         globals_ = {k: _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v
                     for k, v in self.globals.items()}
-        return _rebuild_forward, (self.owner, self.src, globals_)
+        return _rebuild_forward, (self.owner, self.src, globals_, self.watch)
 
 
 class _ModuleRef:
@@ -323,22 +399,38 @@ class _ModuleRef:
         self.name = name
 
 
-def _rebuild_forward(owner, src, globals_):
+def _rebuild_forward(owner, src, globals_, watch):
     import importlib
     globals_ = {k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v for k, v in globals_.items()}
-    return FusedForward(owner, src, globals_)
+    return FusedForward(owner, src, globals_, watch)
 
 
-def _install(module: nn.Module, graph: fx.Graph):
+_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+# torch.nn.modules.module's global hook registries (registering a global hook adds to these dicts)
+_GLOBAL_HOOK_DICTS = tuple(getattr(_module_mod, n, {}) for n in _GLOBAL_HOOK_NAMES)
+
+
+def _global_hooks():
+    """The names of the global module hook registries (torch.nn.modules.module) that hold hooks."""
+    return [n for n in _GLOBAL_HOOK_NAMES if getattr(_module_mod, n, None)]
+
+
+def _install(module: nn.Module, graph: fx.Graph, watched):
     code = graph.python_code(root_module="self")
-    module.forward = FusedForward(module, code.src, dict(code.globals))
+    watch = []
+    for path in sorted(watched):
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        watch.append((parent, name, parent._modules[name], path))
+    module.forward = FusedForward(module, code.src, dict(code.globals), watch)
 
 
 def _fuse_module(module: nn.Module, prefix: str, report: FuseReport):
     if isinstance(module, _BatchNorm):
         return
     try:
-        graph = _trace(module)
+        graph, inlined = _trace(module)
     except Exception as e:  # noqa: BLE001 (any tracing failure: fall back to the children)
         if next(module.children(), None) is None:
             return  # a leaf with no BatchNorm inside: nothing to fuse here
@@ -347,9 +439,10 @@ def _fuse_module(module: nn.Module, prefix: str, report: FuseReport):
         for name, child in module.named_children():
             _fuse_module(child, prefix + name + ".", report)
         return
-    _drop_identities(graph, module)
-    if _rewrite(graph, module, prefix, report):
-        _install(module, graph)
+    removed = set()
+    _drop_identities(graph, module, removed)
+    if _rewrite(graph, module, prefix, report, removed):
+        _install(module, graph, (inlined | removed) - {""})
         report.rewritten.append(prefix.rstrip("."))
     # Modules kept as leaves because they have hooks are fused inside, as roots of their own.
     for node in graph.nodes:
