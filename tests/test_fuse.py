@@ -331,6 +331,19 @@ def test_torch_compile_fullgraph_forward_backward():
     assert rel < 0.05, rel.item()
 
 
+def test_torch_export_and_signature():
+    """torch.export of a fused model (it read the forward's __code__, which the callable object had
+    not): the exported graph calls the fused ops and computes what the eager fused model does; the
+    forward's signature is the model's own (it was (*args, **kwargs))."""
+    import inspect
+    model = fuse(torchvision.models.resnet18()).eval()
+    assert str(inspect.signature(model.forward)) == str(inspect.signature(torchvision.models.resnet18().forward))
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(model, (x,))
+    assert "torchfast.bn_relu" in str(ep.graph) and "torchfast.bn_add_relu" in str(ep.graph)
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
 def test_ddp_wraps_fused_model(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

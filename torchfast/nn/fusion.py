@@ -24,6 +24,7 @@ or ReLU module with hooks, a forward whose traced graph depends on ``self.traini
 compared), an in-place add that would mutate the residual, an add with ``alpha``.
 """
 import copy
+import inspect
 import linecache
 import operator
 import types
@@ -379,6 +380,17 @@ class FusedForward:
                           "its unfused forward. Call torchfast.nn.fuse on it again to fuse it as it is now."
                           % (type(self.owner).__name__, changed), stacklevel=2)
         return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    @property
+    def __code__(self):
+        """The generated function's code object (torch.export reads a forward's ``__code__``)."""
+        return self.fn.__code__
+
+    @property
+    def __signature__(self):
+        """The forward's own parameters, without self (``inspect.signature``, torch.export)."""
+        sig = inspect.signature(self.fn)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __deepcopy__(self, memo):
         # The watched modules through the same memo: their copies are the ones in the copied tree (a
