@@ -929,6 +929,29 @@ def test_mixed_dtypes_follow_stock(op, training):
     assert checked >= 8  # the accepted combinations were compared, not only the refusals
 
 
+class _ScaledReLU(nn.ReLU):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_convert_leaves_relu_subclasses_and_hooked_relus():
+    """convert_batchnorm_relu fuses exactly nn.ReLU: a subclass (which may compute something else) and a
+    ReLU with hooks (which the Identity it becomes would never call) stay as they are, and the model
+    computes what it did."""
+    from torchfast.nn import convert_batchnorm_relu
+    seen = []
+    model = nn.Sequential(nn.BatchNorm2d(3), _ScaledReLU(), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU())
+    model[3].register_forward_hook(lambda *a: seen.append(1))
+    x = torch.randn(2, 3, 4, 4)
+    want = copy.deepcopy(model)(x)
+    convert_batchnorm_relu(model)
+    assert type(model[1]) is _ScaledReLU and type(model[3]) is nn.ReLU and type(model[0]) is nn.BatchNorm2d
+    assert isinstance(model[4], BatchNormReLU2d) and type(model[5]) is nn.Identity
+    seen.clear()
+    torch.testing.assert_close(model(x), want)
+    assert seen == [1]
+
+
 def test_convert_sync_batchnorm_keeps_the_relu():
     """torch.nn.SyncBatchNorm.convert_sync_batchnorm on a model with fused layers gives the fused sync
     layers (was: a plain SyncBatchNorm, the ReLU silently dropped), sharing the Parameters and buffers;

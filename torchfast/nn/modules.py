@@ -131,7 +131,7 @@ def _activation_of(bn):
     if act is None and not hasattr(bn, "drop"):
         return None
     drop = getattr(bn, "drop", None)
-    if not isinstance(act, nn.ReLU) or not (drop is None or isinstance(drop, nn.Identity)):
+    if type(act) is not nn.ReLU or not (drop is None or isinstance(drop, nn.Identity)):
         raise ValueError("from_batchnorm: %s applies %s%s after the normalisation, not a plain ReLU; only a "
                          "ReLU can be fused" % (type(bn).__name__, type(act).__name__ if act is not None else "no "
                                                 "activation", " and %s" % type(drop).__name__
@@ -203,9 +203,14 @@ class BatchNormReLU3d(_BatchNormReLUMixin, nn.BatchNorm3d):
 _FUSED = {nn.BatchNorm1d: BatchNormReLU1d, nn.BatchNorm2d: BatchNormReLU2d, nn.BatchNorm3d: BatchNormReLU3d}
 
 
+def _module_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
     """Replace, in place, every BatchNorm{1,2,3}d immediately followed by a ReLU inside an
-    ``nn.Sequential`` with the fused layer (and the ReLU with ``nn.Identity``). Returns `module`.
+    ``nn.Sequential`` with the fused layer (and the ReLU with ``nn.Identity``). Returns `module`. A ReLU
+    subclass or a ReLU module with hooks is left alone.
 
     Only Sequential pairs are rewritten: a BatchNorm whose ReLU is applied in a ``forward`` method
     cannot be detected without tracing, and is left alone.
@@ -216,7 +221,8 @@ def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
         names = list(module._modules.keys())
         for a, b in zip(names, names[1:]):
             bn, act = module._modules[a], module._modules[b]
-            if type(bn) in _FUSED and isinstance(act, nn.ReLU):
+            # exactly nn.ReLU (a subclass may compute something else), without hooks (they would be lost)
+            if type(bn) in _FUSED and type(act) is nn.ReLU and not _module_hooks(act):
                 module._modules[a] = _FUSED[type(bn)].from_batchnorm(bn)
                 module._modules[b] = nn.Identity()
     return module
