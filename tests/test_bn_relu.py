@@ -1,5 +1,6 @@
 """Fused BatchNorm+ReLU against stock relu(batch_norm(x)) and the reference, on every backend."""
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -855,18 +856,20 @@ def test_backward_mask_agrees_with_forward_output(device, backend, dtype):
 def test_cpu_results_do_not_depend_on_thread_count(cpu_backend_built, layout):
     """The CPU reductions sum fixed blocks in a fixed order, whatever the number of threads: 1, 2 and 3
     threads give bitwise-equal statistics, outputs and gradients (channels_last with few rows and wide
-    channels, where the work is split over channel tiles too; contiguous with whole channels and rows)."""
+    channels, where the work is split over channel tiles too; contiguous with whole channels and rows;
+    (N, C) inputs of few rows, whose elementwise passes split rows finer), in every kernel dtype."""
     before = torch.get_num_threads()
     results = []
+    shapes = [(8, 2056, 3, 3), (3, 40, 17, 19)] + ([(40, 2100), (24, 4096)] if layout == "contiguous" else [])
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             out = []
-            for shape in ((8, 2056, 3, 3), (3, 40, 17, 19)):
+            for shape, dtype in itertools.product(shapes, (torch.float32, torch.float16, torch.bfloat16)):
                 g = torch.Generator().manual_seed(5)
-                x = _make_input(shape, layout, torch.float32, "cpu", seed=6) * 3 + 1
-                r = _make_input(shape, layout, torch.float32, "cpu", seed=7)
-                dy = _make_input(shape, layout, torch.float32, "cpu", seed=8)
+                x = (_make_input(shape, layout, torch.float32, "cpu", seed=6) * 3 + 1).to(dtype)
+                r = _make_input(shape, layout, dtype, "cpu", seed=7)
+                dy = _make_input(shape, layout, dtype, "cpu", seed=8)
                 w, b = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
                 y, m, i, v = torch.ops.torchfast.bn_relu_fwd(x, w, b, None, None, True, 1e-5)
                 out += [y, m, i, v, *torch.ops.torchfast.bn_relu_bwd(dy, x, w, b, m, i, True)]

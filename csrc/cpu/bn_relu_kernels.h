@@ -1079,10 +1079,20 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
     });
   } else {  // in acc_t (32 terms; a shift needs no more), vectorised across the row
     std::vector<acc_t> k(C, acc_t(0));
+    // float16/bfloat16 rows converted with the vector conversions first (float16's inline conversion
+    // does not vectorise: on (N, C) inputs of 32-64 rows the shift converted most of the tensor one
+    // element at a time, half of a 32x2048 float16 forward); the same values, added in the same order.
+    std::vector<float> conv(kReduced<scalar_t> ? C : 0);
     for (int64_t r = 0; r < count; ++r) {
       const scalar_t* row = x + r * C;
+      if constexpr (kReduced<scalar_t>) {
+        f16c::to_float(row, conv.data(), C);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) k[c] += to_acc<acc_t>(row[c]);
+        for (int64_t c = 0; c < C; ++c) k[c] += conv[c];
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) k[c] += to_acc<acc_t>(row[c]);
+      }
     }
     for (int64_t c = 0; c < C; ++c) K[c] = static_cast<double>(k[c]);
   }
@@ -1210,7 +1220,7 @@ void backward_by_channel(const scalar_t* x, const scalar_t* dy, const MaskSource
 // Two-pass versions, parallel over rows: contiguous with few channels, and channels_last.
 
 // The channels_last reductions' work units: blocks of kRowsPerBlock rows times tiles of kChanTile
-// channels (whole rows for float16/bfloat16, whose rows are converted a block at a time). Each unit
+// channels (whole rows where float16/bfloat16 rows are converted a block at a time: the base set). Each unit
 // writes its block's partial sums for its channels; reduce() adds the blocks in order, so the result
 // does not depend on the thread count. Splitting channels too keeps both threads busy on layers with
 // few rows (8x2048x7x7 has 392 rows: 7 blocks, 56 units).
@@ -1237,6 +1247,17 @@ struct ClUnits {
     });
   }
 };
+
+// Rows per chunk of the channels_last elementwise passes: kRowsPerBlock, fewer when that would leave
+// a thread idle ((N, C) inputs of 32-64 rows: one block ran on one thread, 0.8-0.9x stock on two),
+// but at least ~16K elements a chunk (a smaller one costs more to hand to a thread than to run). The
+// passes are elementwise: any split computes the same values.
+inline int64_t cl_row_grain(int64_t R, int64_t C) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (R + threads - 1) / threads;
+  const int64_t min_rows = (16384 + C - 1) / std::max<int64_t>(C, 1);
+  return std::max<int64_t>(1, std::min(kRowsPerBlock, std::max(per_thread, min_rows)));
+}
 
 // Contiguous rows r = n * C + c are walked with the channel counted along (a division per row cost
 // ~2 % of a small layer's pass), and each row's two sums kept in RowPartials, then folded per channel
@@ -1272,7 +1293,7 @@ void batch_stats(const scalar_t* x, const Geometry& g, double eps, acc_t* mean, 
     const int64_t R = N * S;
     std::vector<acc_t> Kc(C);
     for (int64_t c = 0; c < C; ++c) Kc[c] = to_acc<acc_t>(K[c]);
-    const ClUnits u(R, C, kReduced<scalar_t>);
+    const ClUnits u(R, C, kBuffered<scalar_t>);
     std::vector<double> p1(u.nblk * C), p2(u.nblk * C);
     at::parallel_for(0, u.count(), 1, [&](int64_t ub, int64_t ue) {
       std::vector<acc_t> a1(u.tile), a2(u.tile);
@@ -1329,7 +1350,7 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
     if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef TORCHFAST_BN_AVX2
       if (cl_streamable8(y, C) && stream_output(float_bytes(g))) {
-        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+        at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
           for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
             normalize_cl_row_stream8(x + o, res ? res + o : nullptr, y + o, n, mean + c0, scale + c0, shift + c0);
           });
@@ -1339,7 +1360,7 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
       }
 #endif
       if (cl_streamable(y, C) && stream_output(float_bytes(g))) {
-        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+        at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
           for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
             normalize_cl_row_stream(x + o, res ? res + o : nullptr, y + o, n, mean + c0, scale + c0, shift + c0);
           });
@@ -1349,7 +1370,7 @@ void normalize_relu(const scalar_t* x, const scalar_t* res, scalar_t* y, const G
       }
     }
 #endif
-    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       std::vector<float> fx(nbuf), fy(nbuf), fr(res ? nbuf : 0);
       for (int64_t g0 = b; g0 < e; g0 += kRowsPerBlock) {  // groups of rows, converted at once
@@ -1401,7 +1422,7 @@ void backward_sums(const scalar_t* x, const scalar_t* dy, const MaskSource<scala
     part.fold(N, C, sum_dy, sum_dy_xmu);
   } else {
     const int64_t R = N * S;
-    const ClUnits u(R, C, kReduced<scalar_t>);
+    const ClUnits u(R, C, kBuffered<scalar_t>);
     std::vector<double> p1(u.nblk * C), p2(u.nblk * C);
     at::parallel_for(0, u.count(), 1, [&](int64_t ub, int64_t ue) {
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
@@ -1481,7 +1502,7 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
     if constexpr (std::is_same_v<scalar_t, float>) {
 #ifdef TORCHFAST_BN_AVX2
       if (cl_streamable8(dx, C) && stream_output(float_bytes(g))) {
-        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+        at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
           for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
             backward_cl_row_stream8(x + o, dy + o, m ? m + o : nullptr, dx + o, n, mmu + c0, msc + c0, msh + c0, mthr,
                                     mean + c0, k0 + c0, k1 + c0, k2 + c0);
@@ -1492,7 +1513,7 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
       }
 #endif
       if (cl_streamable(dx, C) && mthr == 0.0f && stream_output(float_bytes(g))) {  // the SSE rows mask at 0
-        at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+        at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
           for_cl_tiles(b, e, C, [&](int64_t o, int64_t c0, int64_t n) {
             backward_cl_row_stream(x + o, dy + o, m ? m + o : nullptr, dx + o, n, mmu + c0, msc + c0, msh + c0,
                                    mean + c0, k0 + c0, k1 + c0, k2 + c0);
@@ -1503,7 +1524,7 @@ void backward_elementwise(const scalar_t* x, const scalar_t* dy, const scalar_t*
       }
     }
 #endif
-    at::parallel_for(0, N * S, kRowsPerBlock, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * S, cl_row_grain(N * S, C), [&](int64_t b, int64_t e) {
       const size_t nbuf = half_buffer<scalar_t>(kRowsPerBlock * C);
       const bool own_mask = m != nullptr && m != x;
       std::vector<float> fx(nbuf), fg(nbuf), fd(nbuf), fm(own_mask ? nbuf : 0);
