@@ -49,7 +49,7 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_DICTS = _modules.HOOK_DICTS
 
 
 class FuseReport:
@@ -102,8 +102,7 @@ def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False
 # ------------------------------------------------------------------------------------------------
 # Tracing
 
-def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, name, None) for name in _HOOK_DICTS)
+_has_hooks = _modules.has_hooks
 
 
 class _Tracer(fx.Tracer):

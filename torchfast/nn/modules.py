@@ -203,8 +203,12 @@ class BatchNormReLU3d(_BatchNormReLUMixin, nn.BatchNorm3d):
 _FUSED = {nn.BatchNorm1d: BatchNormReLU1d, nn.BatchNorm2d: BatchNormReLU2d, nn.BatchNorm3d: BatchNormReLU3d}
 
 
-def _module_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether module `m` has forward, forward-pre or backward hooks of its own (also the fuse pass's test)."""
+    return any(getattr(m, name, None) for name in HOOK_DICTS)
 
 
 def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
@@ -222,7 +226,7 @@ def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
         for a, b in zip(names, names[1:]):
             bn, act = module._modules[a], module._modules[b]
             # exactly nn.ReLU (a subclass may compute something else), without hooks (they would be lost)
-            if type(bn) in _FUSED and type(act) is nn.ReLU and not _module_hooks(act):
+            if type(bn) in _FUSED and type(act) is nn.ReLU and not has_hooks(act):
                 module._modules[a] = _FUSED[type(bn)].from_batchnorm(bn)
                 module._modules[b] = nn.Identity()
     return module
