@@ -1,5 +1,6 @@
 """Fused clipping against torch.nn.utils on every backend."""
 import math
+import types
 import warnings
 
 import pytest
@@ -252,6 +253,54 @@ def test_sparse_gradients_as_stock(device, backend):
         torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense())
 
 
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+@pytest.mark.parametrize("order", ["fx", "xf", "fdx"])
+def test_expanded_gradient_refused_before_any_write(device, backend, order):
+    """A gradient whose elements share memory (expanded) cannot be scaled in place: every function
+    raises stock's error before anything is written (stock scales the gradients before it first, and
+    the fused clip then scaled them a second time on its retry), and leaves the norm computable."""
+    if "d" in order:
+        skip_unsupported(backend, "clip_grad", device, torch.float64)
+    def params():
+        ps = []
+        for kind in order:
+            p = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64 if kind == "d" else torch.float32, device=device))
+            p.grad = (torch.full((3,), 5.0, device=device).expand(2, 3) if kind == "x"
+                      else torch.full((2, 3), 5.0, dtype=p.dtype, device=device))
+            ps.append(p)
+        return ps
+
+    with torchfast.use_backend(backend):
+        for call in (lambda ps: torchfast.clip_grad_norm_(ps, 1.0),
+                     lambda ps: torchfast.clip_grads_with_norm_(ps, 1.0, torch.tensor(10.0, device=device))):
+            ps = params()
+            with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+                call(ps)
+            assert all(torch.all(p.grad == 5.0) for p in ps)
+        ps = params()
+        norm = torchfast.get_total_norm([p.grad for p in ps])
+    assert norm.item() == pytest.approx(5.0 * math.sqrt(6 * len(order)), rel=1e-6)
+
+
+@pytest.mark.parametrize("total_norm", [10.0, 10, "10", None])
+def test_clip_grads_with_norm_refuses_a_non_tensor_norm_as_stock(total_norm):
+    """total_norm must be a tensor: a number or string gets stock's exception and message, and no
+    gradient is touched (it was converted with float() and applied)."""
+    def outcome(fn):
+        p = nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), 5.0)
+        try:
+            fn([p], 1.0, total_norm)
+        except Exception as e:  # noqa: BLE001
+            assert torch.all(p.grad == 5.0)
+            return type(e), str(e)
+        return p.grad
+
+    want = outcome(tnu.clip_grads_with_norm_)
+    assert want[0] is TypeError
+    assert outcome(torchfast.clip_grads_with_norm_) == want
+
+
 def test_clip_grad_value_matches_stock():
     ps = _params(torch.float32, scale=2.0) + _params(torch.bfloat16, seed=3)
     ref = _clone(ps)
@@ -264,8 +313,33 @@ def test_clip_grad_value_matches_stock():
 def test_bad_inputs():
     with pytest.raises(TypeError, match="expected a Tensor"):
         torchfast.get_total_norm([torch.ones(2), "x"])
-    with pytest.raises(TypeError, match="expected a floating-point tensor"):
+    with pytest.raises(RuntimeError, match="Expected a floating point or complex tensor"):  # stock's error
         torchfast.get_total_norm([torch.ones(2, dtype=torch.int32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("mixed", [False, True], ids=["alone", "after-float"])
+def test_integer_gradients_get_stock_errors(dtype, mixed):
+    """Integer and bool gradients get stock's exception (type and message) from every function, and the
+    float gradients listed before them are left as they were."""
+    def outcome(fn):
+        # (a Parameter refuses a gradient of another dtype; the functions read .grad of anything)
+        ps = [types.SimpleNamespace(grad=torch.full((3,), 5.0).to(dt))
+              for dt in ([torch.float32] if mixed else []) + [dtype]]
+        try:
+            fn(ps)
+        except Exception as e:  # noqa: BLE001
+            assert all(torch.equal(p.grad, torch.full((3,), 5.0).to(p.grad.dtype)) for p in ps)
+            return type(e), str(e)
+        return "accepted"
+
+    for name, args in (("clip_grad_norm_", (1.0,)), ("clip_grads_with_norm_", (1.0, torch.tensor(50.0))),
+                       ("clip_grad_value_", (1.0,))):
+        want = outcome(lambda ps: getattr(tnu, name)(ps, *args))
+        assert want[0] is RuntimeError
+        assert outcome(lambda ps: getattr(torchfast, name)(ps, *args)) == want, name
+    want = outcome(lambda ps: tnu.get_total_norm([p.grad for p in ps]))
+    assert outcome(lambda ps: torchfast.get_total_norm([p.grad for p in ps])) == want
 
 
 def test_thread_count_invariance(cpu_backend_built):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from torchfast import _backends
 from torchfast._ops import impl
+from torchfast.reference.clip_grad import check_writable
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm"]
 
@@ -41,10 +42,12 @@ def _check_dense(tensors, fname: str, what: str):
                             % (fname, what, i, t.dtype))
 
 
-def _any_sparse(tensors) -> bool:
-    """Whether a list holds a sparse tensor (torch.nn.utils handles those; the kernels take strided
-    tensors only)."""
-    return any(getattr(t, "layout", torch.strided) != torch.strided for t in tensors)
+def _stock_only(tensors) -> bool:
+    """Whether a list holds what only torch.nn.utils takes: a sparse tensor (the kernels take strided
+    ones), or an integer or bool one (stock's own error, from the op it fails in). Looked for only
+    once the kernels have refused a list."""
+    return any(isinstance(t, Tensor) and (t.layout != torch.strided or not (t.is_floating_point() or t.is_complex()))
+               for t in tensors)
 
 
 def _group(tensors, fname: str, what: str):
@@ -121,6 +124,13 @@ def _check_nonfinite(total_norm, norm_type):
 
 
 def _clip(groups, max_norm: float, total_norm: Tensor, fname: str):
+    if len(groups) > 1:  # what a later group refuses is refused before any group is scaled
+        for (device, dtype), group in groups:
+            if not (dtype.is_floating_point or dtype.is_complex):
+                raise TypeError("torchfast.%s: gradients of dtype %s" % (fname, dtype))  # (handed to stock)
+            if any(t.layout != torch.strided for t in group):
+                raise RuntimeError("torchfast.%s: sparse gradients" % fname)  # (handed to stock)
+            check_writable(group)
     for (device, dtype), group in groups:
         backend = _backend_for(device, dtype, 2.0, group, fname, "gradient")
         try:
@@ -282,8 +292,8 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
         with torch.no_grad():
             total_norm = _total_norm(_group(tensors, "get_total_norm", "tensor"), norm_type, tensors[0].device,
                                      "get_total_norm")
-    except Exception:  # a sparse tensor: torch.nn.utils computes it (looked for only when the kernels refuse)
-        if process_group is None and _any_sparse(tensors):
+    except Exception:  # a sparse or integer tensor: torch.nn.utils computes it (or raises its error)
+        if process_group is None and _stock_only(tensors):
             return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
         raise
     if error_if_nonfinite:
@@ -299,15 +309,18 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm, foreach=None)
     max_norm = float(max_norm)
     if len(grads) == 0:
         return
-    if _any_sparse(grads):  # looked for first: the groups are scaled one by one
+    if not isinstance(total_norm, Tensor):  # stock's error (a number or string has no clamp); or its result
         return torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
-    if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm))
     if _sharded(grads):  # sharded gradients are scaled shard by shard (the coefficient is the same everywhere)
         grads = [_local(g) for g in grads]
     total_norm = _local(total_norm)
-    with torch.no_grad():
-        _clip(_group(grads, "clip_grads_with_norm_", "gradient"), max_norm, total_norm, "clip_grads_with_norm_")
+    try:
+        with torch.no_grad():
+            _clip(_group(grads, "clip_grads_with_norm_", "gradient"), max_norm, total_norm, "clip_grads_with_norm_")
+    except Exception:  # refused before any write (_clip): a sparse or integer gradient is stock's to take
+        if _stock_only(grads):
+            return torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+        raise
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -344,7 +357,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             impl(_backends.choose("clip_grad", grads[0].device, grads[0].dtype)).multi_tensor_clip_(
                 grads, total_norm, float(max_norm))
             return total_norm
-        if _any_sparse(grads):  # (looked for only once the compiled kernels have refused the list)
+        if _stock_only(grads):  # (looked for only once the compiled kernels have refused the list)
             return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
         groups = _group(grads, "clip_grad_norm_", "gradient")  # grouped once for both passes
         total_norm = _total_norm(groups, norm_type, grads[0].device, "clip_grad_norm_")

@@ -6,6 +6,7 @@
 // chunk order, so the norm is bitwise identical for any torch.get_num_threads().
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -124,6 +125,9 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
     std::vector<at::Tensor> strided;
     std::vector<at::Tensor> dense;
     for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
+    // An expanded (stride-0) tensor cannot be scaled in place: refuse it with stock's error before
+    // anything is written, not after the dense tensors were scaled.
+    for (const auto& t : strided) at::assert_no_internal_overlap(t);
     const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
     const Loops<scalar_t> k = loops<scalar_t>();
     // Each thread walks its range forwards. Backwards (starting on the chunks the norm pass read last,

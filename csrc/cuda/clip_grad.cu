@@ -10,6 +10,7 @@
 // Graph-capturable: the chunk tables are kernel parameters and the workspace comes from the
 // caching allocator.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -215,6 +216,8 @@ void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm
   TF_DEVICE_GUARD(guard, tensors[0].device());
   std::vector<at::Tensor> dense, strided;
   for (const auto& t : tensors) (t.is_non_overlapping_and_dense() ? dense : strided).push_back(t);
+  // An expanded (stride-0) tensor cannot be scaled in place: refused before anything is written.
+  for (const auto& t : strided) at::assert_no_internal_overlap(t);
   const auto dtype = tensors[0].scalar_type();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor total = total_norm.reshape({}).to(acc_type);  // device-side cast, no sync

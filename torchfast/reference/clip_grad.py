@@ -16,7 +16,17 @@ def multi_tensor_norm(tensors, norm_type: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
+def check_writable(tensors) -> None:
+    """Refuse, with stock's error and before anything is written, a tensor whose elements share memory
+    (an expanded gradient): in-place scaling cannot write it."""
+    for t in tensors:
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                               "single memory location. Please clone() the tensor before performing the operation.")
+
+
 def multi_tensor_clip_(tensors, total_norm: torch.Tensor, max_norm: float) -> None:
+    check_writable(tensors)
     acc = acc_dtype(tensors[0].dtype)
     coef = torch.clamp(max_norm / (total_norm.to(acc) + 1e-6), max=1.0)
     with torch.no_grad():

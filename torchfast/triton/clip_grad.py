@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchfast.reference.clip_grad import acc_dtype
+from torchfast.reference.clip_grad import acc_dtype, check_writable
 from torchfast.triton import INTERPRET, device_chunk_table, device_guard
 
 CHUNK = 1 << 16
@@ -186,6 +186,7 @@ def _clip_launch(tensors, total_norm: torch.Tensor, max_norm: float) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     dense = [t for t in tensors if t.is_contiguous() and _addressable(t)]
     other = [t for t in tensors if not (t.is_contiguous() and _addressable(t))]
+    check_writable(other)
     total = total_norm.reshape(()).to(device=device, dtype=torch.float32)
     with device_guard(device):
         for table, base, aligned in _tables(dense, device):
