@@ -13,6 +13,7 @@
 // defines with differentiable torch ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -384,6 +385,12 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
     else if (v.isTensorList())
       for (const at::Tensor& t : v.toTensorVector()) written.push_back(t);
   }
+  // Refused before anything is written (bump_version below would raise only after the kernel ran).
+  for (const at::Tensor& t : written)
+    TORCH_CHECK(!t.defined() || !t.is_inference() || c10::InferenceMode::is_enabled(),
+                "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to "
+                "get a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for "
+                "more details.");
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   for (const at::Tensor& t : written)
     if (t.defined()) torch::autograd::impl::bump_version(t);

@@ -1,5 +1,6 @@
 """Batched Philox init: the stream's definition, distributions, formulas, reproducibility."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -64,6 +65,168 @@ def test_arguments_refused_as_stock(dtype, case):
     assert outcome(getattr(tfi, name)) == want
     with tfi.fast_init(seed=0):
         assert outcome(getattr(nn.init, name)) == want
+
+
+_ALL_FILLS = [("uniform_", (-0.5, 2.0)), ("normal_", (1.0, 2.0)), ("trunc_normal_", (0.0, 1.0, -1.0, 0.5)),
+              ("trunc_normal_", (0.0, 1.0, 0.5, 1.0)), ("xavier_uniform_", ()), ("xavier_normal_", ()),
+              ("kaiming_uniform_", ()), ("kaiming_normal_", ()), ("orthogonal_", ()), ("sparse_", (0.5,)),
+              ("constant_", (3,)), ("ones_", ()), ("zeros_", ())]
+
+
+def _outcome(fn, t, args):
+    """(exception type, message) or, when accepted, the tensor's dtype."""
+    try:
+        fn(t, *args)
+    except Exception as e:  # noqa: BLE001
+        return type(e), str(e)
+    return t.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64,
+                                   torch.complex128], ids=str)
+@pytest.mark.parametrize("name,args", _ALL_FILLS, ids=[n for n, _ in _ALL_FILLS])
+def test_other_dtypes_as_stock(dtype, name, args):
+    """Integer, bool and complex tensors get stock's result or stock's exception (type and message):
+    integer random fills raise NotImplementedError (an empty one may pass, as stock's normal_ does),
+    complex trunc_normal_ and orthogonal_ raise, every other complex fill is accepted."""
+    for shape in ((6, 5), (0, 5)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-element and 2-std warnings: the same for both
+            want = _outcome(getattr(nn.init, name), torch.zeros(shape, dtype=dtype), args)
+            assert _outcome(getattr(tfi, name), torch.zeros(shape, dtype=dtype), args) == want, shape
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.complex32], ids=str)
+def test_complex_fills_follow_stock_distributions(dtype):
+    """Complex tensors are filled through their real view with torchfast's stream, as stock fills them:
+    U(a, b) and N(mean, std^2 / 2) for each of the real and imaginary parts; seeded, reproducible."""
+    n = 100_000
+    t = tfi.uniform_(torch.empty(n, dtype=dtype), -1.0, 3.0, seed=5)
+    parts = torch.view_as_real(t).double()
+    assert parts.min() >= -1.0 and parts.max() < 3.0
+    assert abs(parts.mean() - 1.0) < 0.03 and abs(parts.std() - 4 / math.sqrt(12)) < 0.03
+    assert torch.equal(torch.view_as_real(t), torch.view_as_real(tfi.uniform_(torch.empty(n, dtype=dtype), -1.0, 3.0,
+                                                                               seed=5)))
+    t = tfi.normal_(torch.empty(n, dtype=dtype), 5.0, 2.0, seed=6)
+    for part in (t.real.double(), t.imag.double()):
+        assert abs(part.mean() - 5.0) < 0.03 and abs(part.std() - math.sqrt(2.0)) < 0.03
+    assert torch.corrcoef(torch.stack([t.real.double(), t.imag.double()]))[0, 1].abs() < 0.02
+    w = tfi.kaiming_normal_(torch.empty(400, 300, dtype=dtype), seed=7)
+    want = math.sqrt(2.0 / 300)  # stock: the complex N(0, std^2) of kaiming_normal_
+    assert abs(w.abs().pow(2).mean().sqrt().item() - want) < 0.02 * want
+    if dtype != torch.complex32:
+        s = tfi.sparse_(torch.empty(40, 30, dtype=dtype), 0.25, seed=8)
+        assert ((s == 0).sum(0) == 10).all()
+
+
+def test_constants_fill_expanded_tensors_as_stock():
+    """zeros_/ones_/constant_ write an expanded (stride-0) tensor as stock's fill_ does; random fills
+    refuse it with stock's error."""
+    for name, args in (("zeros_", ()), ("ones_", ()), ("constant_", (2.5,))):
+        base = torch.full((3,), 7.0)
+        out = getattr(tfi, name)(base.expand(4, 3), *args)
+        assert out.stride() == (0, 1) and torch.equal(base, getattr(nn.init, name)(torch.empty(3), *args))
+    for name, args in (("uniform_", ()), ("normal_", ()), ("xavier_uniform_", ())):
+        want = _outcome(getattr(nn.init, name), torch.zeros(3).expand(4, 3), args)
+        assert want[0] is RuntimeError
+        assert _outcome(getattr(tfi, name), torch.zeros(3).expand(4, 3), args) == want
+
+
+@pytest.mark.parametrize("name,args", _ALL_FILLS, ids=[n for n, _ in _ALL_FILLS])
+def test_inference_tensors_as_stock(name, args):
+    """An inference tensor is refused outside inference_mode with stock's error, before anything is
+    written (stock's random fills have written it by then), and filled inside it."""
+    with torch.inference_mode():
+        t = torch.full((6, 5), 7.0)
+        stock_t = torch.full((6, 5), 7.0)
+    want = _outcome(getattr(nn.init, name), stock_t, args)
+    assert want[0] is RuntimeError and "inference tensor" in want[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _outcome(getattr(tfi, name), t, args) == want
+        assert torch.equal(t, torch.full((6, 5), 7.0))
+        with torch.inference_mode():
+            getattr(tfi, name)(t, *args)
+    assert not torch.equal(t, torch.full((6, 5), 7.0))
+
+
+class _Logged(torch.Tensor):
+    """A __torch_function__ subclass that records what it is asked to do."""
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("name,args", _ALL_FILLS, ids=[n for n, _ in _ALL_FILLS])
+def test_torch_function_subclasses_see_stock_calls(name, args):
+    """A tensor subclass with its own __torch_function__ is handed to torch.nn.init's function, so it
+    sees the calls stock makes (uniform_/normal_/constant_/kaiming_uniform_ themselves, or the Tensor
+    methods the others call), and gets a tensor of its class back; seed= still makes it reproducible."""
+    def run(fn, **kw):
+        _Logged.seen = []
+        t = torch.zeros(6, 5).as_subclass(_Logged)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(t, *args, **kw)
+        return out, list(_Logged.seen)
+
+    random = name not in ("constant_", "ones_", "zeros_")
+    kw = (lambda: dict(generator=torch.Generator().manual_seed(9))) if random else dict  # (trunc_normal_ rejects)
+    want_out, want_seen = run(getattr(nn.init, name), **kw())
+    out, seen = run(getattr(tfi, name), **kw())
+    assert seen == want_seen and type(out) is _Logged
+    if name != "sparse_":  # (stock's sparse_ picks its zeroed rows with the global generator)
+        assert torch.equal(out.as_subclass(torch.Tensor), want_out.as_subclass(torch.Tensor))
+    if random and name != "sparse_":  # (stock's sparse_ picks its zeroed rows with the global generator)
+        a, _ = run(getattr(tfi, name), seed=11)
+        b, _ = run(getattr(tfi, name), seed=11)
+        assert torch.equal(a, b)
+    # Parameters and plain tensors never take that path (they are filled by torchfast's stream)
+    p = nn.Parameter(torch.zeros(6, 5))
+    if random:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            getattr(tfi, name)(p, *args, seed=3)
+            q = getattr(tfi, name)(torch.zeros(6, 5), *args, seed=3)
+        assert torch.equal(p.detach(), q)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("a,b", [(0.0, 1.0), (-1.0, 1.0), (-5.0, 0.0), (-0.3, 0.3), (1000.0, 1001.0), (-2.0, -1.0)])
+def test_half_uniform_never_reaches_b(device, backend, dtype, a, b):
+    """uniform_ on float16/bfloat16 stays below b, as stock's does (float32 values within half a step of
+    b used to round up to it), and the step just below b keeps its full share of the values."""
+    skip_unsupported(backend, "init", device, dtype)
+    n = 1 << 20 if backend != "triton" else 1 << 14  # (the Triton interpreter is slow)
+    with torchfast.use_backend(backend):
+        t = tfi.uniform_(torch.empty(n, dtype=dtype, device=device), a, b, seed=21)
+    t = t.double().cpu()
+    assert t.max() < b and t.min() >= torch.tensor(a, dtype=dtype).double()
+    values, counts = t.unique(return_counts=True)
+    step = (values[-1] - values[-2]).item() if values.numel() > 2 else 0.0
+    if values.numel() > 2 and step * n / (b - a) > 400:  # the top step holds as many values as the one below
+        assert 0.8 < counts[-1] / counts[-2] < 1.25, (counts[-1].item(), counts[-2].item())
+    assert torch.equal(t, tfi.uniform_(torch.empty(n, dtype=dtype, device=device), a, b, seed=21).double().cpu())
+
+
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_trunc_normal_negative_std_as_stock(device, backend, dtype):
+    """trunc_normal_ with a negative std draws N(mean, std^2) truncated to [a, b], as stock's rejection
+    sampler does (the same values as |std|), on every backend."""
+    skip_unsupported(backend, "init", device, dtype)
+    n = 50_000 if backend != "triton" else 1024  # (the Triton interpreter is slow)
+    with torchfast.use_backend(backend):
+        neg = tfi.trunc_normal_(torch.empty(n, dtype=dtype, device=device), 0.5, -1.0, -1.0, 2.0, seed=4)
+        pos = tfi.trunc_normal_(torch.empty(n, dtype=dtype, device=device), 0.5, 1.0, -1.0, 2.0, seed=4)
+    assert torch.equal(neg, pos)
+    assert neg.min() >= -1.0 and neg.max() <= 2.0
+    stock = nn.init.trunc_normal_(torch.empty(n, dtype=torch.float64), 0.5, -1.0, -1.0, 2.0)
+    assert abs(neg.double().mean().item() - stock.mean().item()) < 4 * 0.75 / math.sqrt(n)  # (4 sd)
 
 
 def _trunc_normal_mean(mean, std, a, b):
@@ -351,7 +514,7 @@ def test_gradients_untouched_and_leaf_params():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(NotImplementedError, match="not implemented for 'Int'"):  # stock's error
         tfi.uniform_(torch.empty(3, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
         tfi.uniform_(torch.empty(3), seed=-1)
@@ -436,9 +599,10 @@ def test_more_than_2_31_elements(cpu_backend_built):
     with torchfast.use_backend("cpu"):
         tfi.uniform_(t, -1.0, 1.0, seed=42)
     tail_start = n - 1036  # a multiple of 4
-    ref = philox.values(42, 0, tail_start, n - tail_start, philox.UNIFORM, (-1.0, 1.0), "cpu").to(torch.float16)
+    params = tfi._kernel_params((philox.UNIFORM, (-1.0, 1.0)), torch.float16)  # (the top below 1.0: see there)
+    ref = philox.values(42, 0, tail_start, n - tail_start, philox.UNIFORM, params, "cpu").to(torch.float16)
     assert torch.equal(t[tail_start:], ref)
-    ref_head = philox.values(42, 0, 0, 64, philox.UNIFORM, (-1.0, 1.0), "cpu").to(torch.float16)
+    ref_head = philox.values(42, 0, 0, 64, philox.UNIFORM, params, "cpu").to(torch.float16)
     assert torch.equal(t[:64], ref_head)
     del t
 

@@ -66,11 +66,61 @@ def _as_list(tensor, fname):
     return single, tensors
 
 
-def _check_float(tensors, fname):
-    for i, t in enumerate(tensors):
-        if not t.is_floating_point():
-            raise TypeError("torchfast.init.%s: tensor %d has dtype %s; random init needs a floating-point tensor"
-                            % (fname, i, t.dtype))
+# torch.nn.init's own functions as imported (fast_init puts torchfast's in their place while it runs).
+_STOCK = {name: getattr(nn.init, name) for name in (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_", "xavier_normal_",
+    "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")}
+_TENSOR_TF = Tensor.__torch_function__.__func__
+
+
+def _overrides_torch_function(t) -> bool:
+    """Whether t's class has a __torch_function__ of its own (not Tensor's, nor the disabled one of
+    Parameter, DTensor and the like). Active torch function modes (torch.device contexts) don't count."""
+    cls = type(t)
+    if cls is Tensor or cls is nn.Parameter:
+        return False
+    f = getattr(cls, "__torch_function__", None)
+    f = getattr(f, "__func__", f)
+    return f is not _TENSOR_TF and f is not torch._C._disabled_torch_function_impl
+
+
+def _stock_fills(t, random: bool, complex_ok: bool = True) -> bool:
+    """Whether t goes to torch.nn.init's own function: a __torch_function__ subclass (which then sees the
+    calls stock makes, as it expects), or, for a random fill, a dtype torchfast's stream does not fill
+    (integers and bool: stock's error; complex where stock's function refuses it, or a conjugate view)."""
+    if _overrides_torch_function(t):
+        return True
+    if not random or t.is_floating_point():
+        return False
+    return not (complex_ok and t.is_complex() and not t.is_conj())
+
+
+def _to_stock(tensors, fname, random, seed, generator, stock_args, complex_ok=True):
+    """Hand what _stock_fills picks to torch.nn.init's own function (with `stock_args`, and for a random
+    fill `generator`, or one seeded from `seed`); return the rest, for torchfast to fill."""
+    rest, seeded = [], {}  # one seeded generator per device for the whole list
+    for t in tensors:
+        if not _stock_fills(t, random, complex_ok):
+            rest.append(t)
+        elif not random:
+            _STOCK[fname](t, *stock_args)
+        else:
+            gen = generator
+            if seed is not None:
+                if t.device not in seeded:
+                    seeded[t.device] = torch.Generator(t.device).manual_seed(_draw_seed(seed, generator))
+                gen = seeded[t.device]
+            _STOCK[fname](t, *stock_args, generator=gen)
+    return rest
+
+
+def _complex_target(t, spec):
+    """The real view a complex tensor is filled through, and its spec: stock draws real and imaginary
+    parts each from U(a, b), or each from N(mean, std^2 / 2)."""
+    if spec[0] == NORMAL:
+        p = spec[1]
+        spec = (NORMAL, _params(p[0], p[1] / math.sqrt(2.0)))
+    return torch.view_as_real(t), spec
 
 
 def _f32_resolves(spec) -> bool:
@@ -92,8 +142,8 @@ def _fill(tensors, specs, seed):
     for k, (t, spec) in enumerate(zip(tensors, specs)):
         if t.numel() == 0:
             continue
-        if spec[0] == CONSTANT and not t.is_floating_point():
-            with torch.no_grad():
+        if spec[0] == CONSTANT and not (t.is_floating_point() and t.is_contiguous()):
+            with torch.no_grad():  # (an expanded tensor too: stock fills it, a buffer copy could not)
                 t.fill_(spec[1][0])
             continue
         dtype = t.dtype
@@ -117,7 +167,8 @@ def _fill(tensors, specs, seed):
                     targets.append(buf)
                     copies.append((t, buf))
             f64 = dtype == torch.float64
-            params = [float(p) for k in ks for p in (_params_f64(*specs[k][:2]) if f64 else specs[k][1] + (0.0, 0.0))]
+            params = [float(p) for k in ks
+                      for p in (_params_f64(*specs[k][:2]) if f64 else _kernel_params(specs[k], dtype) + (0.0, 0.0))]
             impl(backend).philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
             for t, buf in copies:
                 t.copy_(buf)
@@ -127,6 +178,33 @@ def _fill(tensors, specs, seed):
                 for k in ks:
                     if len(specs[k]) == 3:
                         tensors[k].clamp_(*specs[k][2])
+
+
+def _adjacent(x: float, dtype, up: bool) -> float:
+    """The float16/bfloat16 number next to x (a number of that dtype), towards +inf or -inf."""
+    if x == 0:
+        bits = 1 if up else -32767  # the smallest subnormals, 0x0001 and 0x8001
+    else:
+        bits = int(torch.tensor([x], dtype=dtype).view(torch.int16).item())
+        bits += 1 if (x > 0) == up else -1
+    return float(torch.tensor([bits], dtype=torch.int16).view(dtype).item())
+
+
+def _kernel_params(spec, dtype):
+    """The float32 stream's six parameters for a tensor of `dtype`. U(a, b) on float16/bfloat16: values
+    are drawn in float32 and rounded, and one within half a step of b would round up to b, which stock's
+    uniform_ never gives; the top is lowered to the midpoint below b (less float32 rounding slack), so
+    every value rounds into [a, b) and every step but the lowest keeps its full share."""
+    p = spec[1]
+    if spec[0] != UNIFORM or dtype not in (torch.float16, torch.bfloat16) or not p[0] < p[1]:
+        return p
+    a, b = p[0], p[1]
+    b_rounded = float(torch.tensor([b], dtype=torch.float64).to(dtype).item())
+    top = b_rounded if b_rounded < b else _adjacent(b_rounded, dtype, up=False)
+    mid = (top + _adjacent(top, dtype, up=True)) / 2
+    slack = 8 * 2.0 ** (math.frexp(max(abs(a), abs(mid)))[1] - 24)  # 8 float32 ulp of the largest magnitude
+    hi = mid - slack
+    return (a, hi) + tuple(p[2:]) if hi > a else p
 
 
 def _params(*values):
@@ -152,6 +230,7 @@ def _trunc_normal_spec(mean, std, a, b):
     if (mean < a - 2 * std) or (mean > b + 2 * std):
         warnings.warn("mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
                       "The distribution of values may be incorrect.", stacklevel=3)
+    std = abs(std)  # (stock's rejection sampler draws N(mean, std^2) for a negative std too)
     if std > 0 and (a - mean) / std <= -6.0 and (b - mean) / std >= 6.0:
         # Bounds beyond 6 standard deviations (e.g. std=0.02 with the default a=-2, b=2) truncate
         # nothing the float32 stream can produce: the normal path never leaves +-5.77 std, and is
@@ -211,20 +290,22 @@ def _check_spec(spec, dtype):
         raise RuntimeError("uniform_ expects to return a [from, to) range, but found from=%g > to=%g" % (p[2], p[3]))
 
 
-def _apply(tensor, fname, spec_of, seed, generator, random=True):
+def _apply(tensor, fname, spec_of, seed, generator, random=True, stock_args=(), complex_ok=True):
     """Shared driver: spec_of(t) gives each tensor's spec (or None to skip it). Inside fast_init the
-    fills are recorded, to run batched later."""
+    fills are recorded, to run batched later. What _stock_fills picks goes to torch.nn.init's own
+    function (with `stock_args`, and a generator seeded from `seed` when one is given)."""
     single, tensors = _as_list(tensor, fname)
-    if random:
-        _check_float(tensors, fname)
     kept, specs = [], []
-    for t in tensors:
+    for t in _to_stock(tensors, fname, random, seed, generator, stock_args, complex_ok):
         spec = spec_of(t)
-        if spec is not None:
-            if random:
-                _check_spec(spec, t.dtype)
-            kept.append(t)
-            specs.append(spec)
+        if spec is None:
+            continue
+        if random:
+            _check_spec(spec, t.dtype.to_real())
+            if t.is_complex():
+                t, spec = _complex_target(t, spec)
+        kept.append(t)
+        specs.append(spec)
     if kept:
         recorder = _active_recorder()
         if recorder is not None and seed is None and generator is None:
@@ -236,12 +317,12 @@ def _apply(tensor, fname, spec_of, seed, generator, random=True):
 
 def uniform_(tensor, a: float = 0.0, b: float = 1.0, generator=None, *, seed=None):
     """Fill with values from U(a, b) (``torch.nn.init.uniform_``)."""
-    return _apply(tensor, "uniform_", lambda t: _uniform_spec(a, b), seed, generator)
+    return _apply(tensor, "uniform_", lambda t: _uniform_spec(a, b), seed, generator, stock_args=(a, b))
 
 
 def normal_(tensor, mean: float = 0.0, std: float = 1.0, generator=None, *, seed=None):
     """Fill with values from N(mean, std^2) (``torch.nn.init.normal_``)."""
-    return _apply(tensor, "normal_", lambda t: _normal_spec(mean, std), seed, generator)
+    return _apply(tensor, "normal_", lambda t: _normal_spec(mean, std), seed, generator, stock_args=(mean, std))
 
 
 def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0, generator=None,
@@ -249,22 +330,23 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
     """Fill with a normal N(mean, std^2) truncated to [a, b] (``torch.nn.init.trunc_normal_``), by the
     inverse-CDF method: no rejection loop, no host synchronisation."""
     spec = _trunc_normal_spec(mean, std, a, b)
-    return _apply(tensor, "trunc_normal_", lambda t: spec, seed, generator)
+    return _apply(tensor, "trunc_normal_", lambda t: spec, seed, generator, stock_args=(mean, std, a, b),
+                  complex_ok=False)  # (stock refuses complex tensors)
 
 
 def constant_(tensor, val: float):
     """Fill with `val` (``torch.nn.init.constant_``)."""
-    return _apply(tensor, "constant_", lambda t: (CONSTANT, _params(val)), None, None, random=False)
+    return _apply(tensor, "constant_", lambda t: (CONSTANT, _params(val)), None, None, random=False, stock_args=(val,))
 
 
 def ones_(tensor):
     """Fill with ones (``torch.nn.init.ones_``)."""
-    return constant_(tensor, 1.0)
+    return _apply(tensor, "ones_", lambda t: (CONSTANT, _params(1.0)), None, None, random=False)
 
 
 def zeros_(tensor):
     """Fill with zeros (``torch.nn.init.zeros_``)."""
-    return constant_(tensor, 0.0)
+    return _apply(tensor, "zeros_", lambda t: (CONSTANT, _params(0.0)), None, None, random=False)
 
 
 def _nonempty(t) -> bool:
@@ -281,7 +363,7 @@ def xavier_uniform_(tensor, gain: float = 1.0, generator=None, *, seed=None):
         std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
         bound = math.sqrt(3.0) * std
         return _uniform_spec(-bound, bound)
-    return _apply(tensor, "xavier_uniform_", spec, seed, generator)
+    return _apply(tensor, "xavier_uniform_", spec, seed, generator, stock_args=(gain,))
 
 
 def xavier_normal_(tensor, gain: float = 1.0, generator=None, *, seed=None):
@@ -289,7 +371,7 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None, *, seed=None):
     def spec(t):
         fan_in, fan_out = _calculate_fan_in_and_fan_out(t)
         return _normal_spec(0.0, gain * math.sqrt(2.0 / float(fan_in + fan_out)))
-    return _apply(tensor, "xavier_normal_", spec, seed, generator)
+    return _apply(tensor, "xavier_normal_", spec, seed, generator, stock_args=(gain,))
 
 
 def kaiming_uniform_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", generator=None,
@@ -302,7 +384,7 @@ def kaiming_uniform_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: s
         std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
         bound = math.sqrt(3.0) * std
         return _uniform_spec(-bound, bound)
-    return _apply(tensor, "kaiming_uniform_", spec, seed, generator)
+    return _apply(tensor, "kaiming_uniform_", spec, seed, generator, stock_args=(a, mode, nonlinearity))
 
 
 def kaiming_normal_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", generator=None,
@@ -313,7 +395,7 @@ def kaiming_normal_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: st
             return None
         fan = _calculate_correct_fan(t, mode)
         return _normal_spec(0.0, calculate_gain(nonlinearity, a) / math.sqrt(fan))
-    return _apply(tensor, "kaiming_normal_", spec, seed, generator)
+    return _apply(tensor, "kaiming_normal_", spec, seed, generator, stock_args=(a, mode, nonlinearity))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,16 +572,25 @@ def dirac_(tensor, groups: int = 1):
     return tensor if single else tensors
 
 
+_INFERENCE_UPDATE = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to "
+                     "get a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 "
+                     "for more details.")
+
+
 def orthogonal_(tensor, gain: float = 1.0, generator=None, *, seed=None):
     """A (semi-)orthogonal matrix, as ``torch.nn.init.orthogonal_``: torch's algorithm (QR of a
     standard normal matrix, signs fixed by R's diagonal, scaled by `gain`), with the normal matrices
     of the whole list drawn in one seeded Philox call."""
     single, tensors = _as_list(tensor, "orthogonal_")
-    _check_float(tensors, "orthogonal_")
-    for t in tensors:
+    # (complex tensors too: stock's QR sign fix refuses them)
+    mine = _to_stock(tensors, "orthogonal_", True, seed, generator, (gain,), complex_ok=False)
+    for t in mine:
         if t.ndimension() < 2:
             raise ValueError("Only tensors with 2 or more dimensions are supported")
-    work = [t for t in tensors if t.numel() > 0]
+    work = [t for t in mine if t.numel() > 0]
+    for t in work:  # (refused before anything is written, as the fills refuse it)
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(_INFERENCE_UPDATE)
     flats = []
     for t in work:
         rows = t.size(0)
@@ -526,17 +617,18 @@ def sparse_(tensor, sparsity, std: float = 0.01, generator=None, *, seed=None):
     ``torch.nn.init.sparse_``; normal values in one batched call, zeroed rows chosen per column
     by a torch.Generator seeded from the same seed."""
     single, tensors = _as_list(tensor, "sparse_")
-    _check_float(tensors, "sparse_")
     spec = _normal_spec(0.0, std)
-    for t in tensors:
+    mine = _to_stock(tensors, "sparse_", True, seed, generator, (sparsity, std))
+    for t in mine:
         if t.ndimension() != 2:
             raise ValueError("Only tensors with 2 dimensions are supported")
-        _check_spec(spec, t.dtype)
+        _check_spec(spec, t.dtype.to_real())
     seed = _draw_seed(seed, generator)
-    _fill(tensors, [spec] * len(tensors), seed)
+    targets = [_complex_target(t, spec) if t.is_complex() else (t, spec) for t in mine]
+    _fill([t for t, _ in targets], [sp for _, sp in targets], seed)
     picker = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in tensors:
+        for t in mine:
             rows, cols = t.shape
             num_zeros = int(math.ceil(sparsity * rows))
             for col_idx in range(cols):
