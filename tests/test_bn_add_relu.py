@@ -1,6 +1,7 @@
 """Fused BatchNorm + residual add + ReLU against stock relu(batch_norm(x) + r) and the reference, on
 every backend."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -249,3 +250,65 @@ def test_torch_compile_module():
     torch.testing.assert_close(xc.grad, xs.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rc.grad, rs.grad)
     torch.testing.assert_close(layer.running_var, stock.running_var)
+
+
+def _script(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        return torch.jit.script(module)
+
+
+def _save_load(scripted, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
+        torch.jit.save(scripted, path)
+        return torch.jit.load(path)
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.float64], ids=["fused", "promoting-residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_script_matches_eager(training, residual_dtype):
+    """torch.jit.script of BatchNormAddReLU2d (was: a TorchScript error) computes what the eager layer
+    computes, bit for bit: the fused op for a residual it takes, stock's composition for one it does not
+    (another dtype, which promotes), as eager; gradients of input, residual and parameters, running
+    statistics; the layer's own Parameters and buffers, stock's state_dict keys."""
+    torch.manual_seed(0)
+    layer = BatchNormAddReLU2d(3)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_(0, 0.3)
+        layer.running_mean.normal_(0, 0.3)
+        layer.running_var.uniform_(0.5, 1.5)
+    layer.train(training)
+    eager = copy.deepcopy(layer)
+    scripted = _script(layer)
+    assert list(scripted.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
+    from torchfast import _backends
+    if _backends.why_not("cpu", "bn_add_relu", "cpu", torch.float32) is None:
+        assert "torchfast::bn_add_relu" in str(scripted.inlined_graph)
+    for _ in range(3):
+        x, r, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5, dtype=residual_dtype), torch.randn(4, 3, 5, 5)
+        xs, rs, xe, re = (t.clone().requires_grad_() for t in (x, r, x, r))
+        ys, ye = scripted(xs, rs), eager(xe, re)
+        assert ys.dtype == ye.dtype and torch.equal(ys, ye)
+        ys.backward(g.to(ys.dtype))
+        ye.backward(g.to(ye.dtype))
+        assert torch.equal(xs.grad, xe.grad) and torch.equal(rs.grad, re.grad)
+    for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, t), u in zip(layer.named_buffers(), eager.buffers()):
+        assert torch.equal(t, u), name
+
+
+def test_jit_script_save_load_round_trip(tmp_path):
+    layer = BatchNormAddReLU2d(3)
+    eager = copy.deepcopy(layer)
+    path = str(tmp_path / "bn_add_relu.pt")
+    loaded = _save_load(_script(layer), path)
+    for training in (True, False):
+        loaded.train(training)
+        eager.train(training)
+        x, r = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+        assert torch.equal(loaded(x, r), eager(x, r))
+    for name, t in eager.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name

@@ -1,6 +1,8 @@
 """Fused BatchNorm+ReLU against stock relu(batch_norm(x)) and the reference, on every backend."""
 import copy
+import io
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfast
-from torchfast.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
+from torchfast.nn import BatchNormAddReLU2d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
 
 from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda, skip_unsupported
@@ -266,6 +268,28 @@ def test_saves_only_input_and_channel_stats(device, backend):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_float_inputs_get_stock_errors(dtype, training):
+    """An integer, bool or complex input gets stock's exception (type and message), from the layers and
+    the functionals alike (it was a TypeError of torchfast's own)."""
+    def outcome(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return type(e), str(e)
+        return "accepted"
+
+    x = torch.ones(4, 3, 2, 2, dtype=dtype)
+    stock = nn.BatchNorm2d(3).train(training)
+    want = outcome(lambda: F.relu(stock(x)))
+    assert want[0] is NotImplementedError
+    assert outcome(lambda: BatchNormReLU2d(3).train(training)(x)) == want
+    assert outcome(lambda: BatchNormAddReLU2d(3).train(training)(x, x)) == want
+    assert outcome(lambda: batch_norm_relu(x, stock.running_mean, stock.running_var, training=training)) == want
+    assert outcome(lambda: batch_norm_add_relu(x, x, stock.running_mean, stock.running_var, training=training)) == want
+
+
 @pytest.mark.parametrize("device,backend", backend_params("bn_relu"))
 def test_errors(device, backend):
     torchfast.set_backend(backend)
@@ -276,7 +300,7 @@ def test_errors(device, backend):
         BatchNormReLU1d(3).to(device)(torch.randn(1, 3, device=device))
     with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
         layer(torch.randn(2, 4, 3, 3, device=device))
-    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+    with pytest.raises(NotImplementedError, match="not implemented for 'Long'"):  # stock's error
         batch_norm_relu(torch.ones(2, 3, 2, 2, dtype=torch.int64, device=device), None, None, training=True)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         batch_norm_relu(torch.randn(5, device=device), None, None, training=True)
@@ -762,10 +786,12 @@ def test_empty_batch_gradients_are_stock(device, backend):
 
 def test_conversion_keeps_objects_flags_and_hooks():
     """from_batchnorm / convert_batchnorm_relu share the Parameters and buffers, keep requires_grad,
-    training mode and hooks: an optimizer built before the conversion keeps updating the layer."""
+    training mode and the hooks that see what they saw before (forward pre-hooks: the input): an
+    optimizer built before the conversion keeps updating the layer. (A BatchNorm with hooks on its
+    output is not converted: test_convert_leaves_batchnorms_with_output_hooks.)"""
     bn = nn.BatchNorm2d(4)
     calls = []
-    bn.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    bn.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape))
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.ReLU())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     frozen = nn.BatchNorm2d(4).eval()
@@ -955,6 +981,66 @@ def test_convert_leaves_relu_subclasses_and_hooked_relus():
     assert seen == [1]
 
 
+def _forward_hook(seen):
+    return lambda m, args, out: seen.append(out.detach().clone())
+
+
+_OUTPUT_HOOKS = {
+    "forward hook": lambda bn, seen: bn.register_forward_hook(_forward_hook(seen)),
+    "forward hook with kwargs": lambda bn, seen: bn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(out.detach().clone()), with_kwargs=True),
+    "full backward hook": lambda bn, seen: bn.register_full_backward_hook(
+        lambda m, gin, gout: seen.append(gout[0].detach().clone())),
+    "backward pre-hook": lambda bn, seen: bn.register_full_backward_pre_hook(
+        lambda m, gout: seen.append(gout[0].detach().clone())),
+}
+
+
+@pytest.mark.parametrize("hook", list(_OUTPUT_HOOKS))
+def test_convert_leaves_batchnorms_with_output_hooks(hook):
+    """A hook that sees a BatchNorm's output or its gradient must see stock's, before the ReLU (a fused
+    layer's output is after it: such a hook saw max(0, .) and a gradient masked by the ReLU), so
+    convert_batchnorm_relu leaves that pair stock, as it leaves a hooked ReLU; the other pairs are still
+    converted, and every hook sees what it sees in the stock model. from_batchnorm refuses such a
+    BatchNorm, saying why and what to do."""
+    from torchfast.nn import convert_batchnorm_relu
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3),
+                          nn.ReLU())
+    stock = copy.deepcopy(model)
+    seen, seen_stock = [], []
+    _OUTPUT_HOOKS[hook](model[1], seen)
+    _OUTPUT_HOOKS[hook](stock[1], seen_stock)
+    convert_batchnorm_relu(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.ReLU
+    assert isinstance(model[4], BatchNormReLU2d) and type(model[5]) is nn.Identity
+    x = torch.randn(2, 3, 4, 4)
+    g = torch.randn(2, 3, 4, 4)
+    model(x).backward(g)
+    stock(x).backward(g)
+    assert len(seen) == len(seen_stock) == 1
+    torch.testing.assert_close(seen[0], seen_stock[0])
+    assert (seen[0] < 0).any()  # before the ReLU (the output) or before its mask (the gradient)
+    with pytest.raises(ValueError, match="hook.*(remove|convert)"):
+        BatchNormReLU2d.from_batchnorm(stock[1])
+
+
+def test_conversion_carries_pre_and_state_dict_hooks():
+    """Hooks that do not see the output are carried over: a forward pre-hook (it may replace the input,
+    which the fused layer then normalises) and state_dict hooks."""
+    from torchfast.nn import convert_batchnorm_relu
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    stock = copy.deepcopy(model)
+    for m in (model, stock):
+        m[0].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+        m[0]._register_state_dict_hook(lambda mod, sd, prefix, local: sd.__setitem__(prefix + "extra", torch.ones(1)))
+    convert_batchnorm_relu(model)
+    assert isinstance(model[0], BatchNormReLU2d)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(model(x), stock(x))
+    assert "0.extra" in model.state_dict()
+
+
 def test_convert_sync_batchnorm_keeps_the_relu():
     """torch.nn.SyncBatchNorm.convert_sync_batchnorm on a model with fused layers gives the fused sync
     layers (was: a plain SyncBatchNorm, the ReLU silently dropped), sharing the Parameters and buffers;
@@ -1135,3 +1221,157 @@ def test_half_parameter_gradients_are_rounded_as_to(cpu_backend_built, dtype):
         assert torch.equal(w.grad, gw.to(pdt)) and torch.equal(b.grad, gb.to(pdt))
         if pdt != torch.float32:  # a test that could not fail if the sums came out representable
             assert not torch.equal(gw, gw.to(pdt).float())
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript (torch.jit.script / trace / save / load)
+
+def _script(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        return torch.jit.script(module)
+
+
+def _save_load(scripted, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
+        torch.jit.save(scripted, path)
+        return torch.jit.load(path)
+
+
+def _randomized(layer, seed=3):
+    """`layer` with weight, bias and running statistics away from their initial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(layer, name)
+            if t is not None:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name in ("weight", "running_var")
+                        else torch.randn(t.shape, generator=g) * 0.3)
+    return layer
+
+
+def _same_state_and_grads(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, t), u in zip(a.named_buffers(), b.buffers()):
+        assert torch.equal(t, u), name
+
+
+def _cpu_kernels_built():
+    from torchfast import _backends
+    return _backends.why_not("cpu", "bn_relu", "cpu", torch.float32) is None
+
+
+_SCRIPT_CASES = [
+    pytest.param(2, (4, 3, 5, 5), {}, torch.float32, id="2d"),
+    pytest.param(2, (4, 3, 5, 5), {"momentum": None}, torch.float32, id="2d-cumulative-average"),
+    pytest.param(2, (4, 3, 5, 5), {"track_running_stats": False}, torch.float32, id="2d-no-running-stats"),
+    pytest.param(2, (4, 3, 5, 5), {}, torch.bfloat16, id="2d-bfloat16-input-float32-params"),
+    pytest.param(1, (8, 3), {}, torch.float32, id="1d-NC"),
+    pytest.param(1, (4, 3, 7), {"affine": False}, torch.float64, id="1d-NCL-no-affine-float64"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind,shape,kw,dtype", _SCRIPT_CASES)
+def test_jit_script_matches_eager(kind, shape, kw, dtype, training):
+    """torch.jit.script of a fused layer (was: a TorchScript error; stock BatchNorm scripts) computes
+    what the eager layer computes, bit for bit, through the same fused op: outputs, input and parameter
+    gradients, running statistics and num_batches_tracked over several steps (momentum=None's cumulative
+    average, track_running_stats=False, mixed precision). It updates the layer's own Parameters'
+    gradients and buffers, and its state_dict keys are stock's."""
+    torch.manual_seed(0)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32  # (float32 with a half input)
+    layer = _randomized(FUSED[kind](shape[1], dtype=pdtype, **kw)).train(training)
+    eager = copy.deepcopy(layer)
+    scripted = _script(layer)
+    assert list(scripted.state_dict()) == list(STOCK[kind](shape[1], **kw).state_dict())
+    if _cpu_kernels_built():
+        assert "torchfast::bn_relu" in str(scripted.inlined_graph)  # the fused op, not stock's composition
+    for _ in range(3):
+        x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+        xs, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, ye = scripted(xs), eager(xe)
+        assert torch.equal(ys, ye)
+        g = torch.randn(shape, dtype=dtype)
+        ys.backward(g)
+        ye.backward(g)
+        assert torch.equal(xs.grad, xe.grad)
+    _same_state_and_grads(layer, eager)
+    if training and layer.track_running_stats:
+        assert int(layer.num_batches_tracked) == 3
+
+
+def test_jit_script_save_load_round_trip(tmp_path):
+    """A scripted fused layer saves and loads (torch.jit.save / load, torchfast imported) and the loaded
+    module keeps computing what the eager layer computes in train and eval mode, with stock's keys."""
+    layer = _randomized(BatchNormReLU2d(3))
+    eager = copy.deepcopy(layer)
+    path = str(tmp_path / "bn_relu.pt")
+    loaded = _save_load(_script(layer), path)
+    assert list(loaded.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
+    for training in (True, False, True):
+        loaded.train(training)
+        eager.train(training)
+        x = torch.randn(4, 3, 5, 5)
+        assert torch.equal(loaded(x), eager(x))
+    for name, t in eager.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_jit_script_of_a_model_holding_fused_layers():
+    """Scripting a model that holds fused layers scripts them too; the eager model goes on computing
+    as before: TorchScript's __prepare_scriptable__ protocol puts, in the eager model, the module
+    prepared for scripting in the layer's place, which is the same layer (its Parameters, buffers,
+    hooks and mode; a change to either is seen by both), and pickles and copies as the layer's class."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _randomized(BatchNormReLU2d(4)), nn.Conv2d(4, 2, 1),
+                          _randomized(BatchNormReLU2d(2), seed=4))
+    layer = model[1]
+    eager = copy.deepcopy(model)
+    scripted = _script(model)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(scripted(x), eager(x))
+    assert torch.equal(model(x), eager(x))
+    assert type(model[1]).__name__ == "BatchNormReLU2d" and isinstance(model[1], BatchNormReLU2d)
+    assert model[1].weight is layer.weight and model[1].running_mean is layer.running_mean
+    layer.eval()
+    assert not model[1].training
+    model.eval()
+    assert not layer.training and torch.equal(model(x), eager.eval()(x))
+    assert type(copy.deepcopy(model)[1]) is BatchNormReLU2d
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    reloaded = torch.load(buf, weights_only=False)
+    assert type(reloaded[1]) is BatchNormReLU2d and torch.equal(reloaded(x), eager(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_matches_eager(training):
+    """torch.jit.trace of a fused layer records the fused op and computes what the eager layer does."""
+    layer = _randomized(BatchNormReLU2d(3)).train(training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(layer), torch.randn(4, 3, 5, 5))
+    traced.load_state_dict(layer.state_dict())
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5)
+        assert torch.equal(traced(x), layer(x))
+    for name, t in layer.state_dict().items():
+        assert torch.equal(traced.state_dict()[name], t), name
+
+
+def test_jit_script_sync_layer():
+    """A scripted SyncBatchNormReLU (stock SyncBatchNorm does not script at all) computes the eager
+    layer's result where no synchronisation is involved (eval); in training, which TorchScript cannot
+    synchronise (no torch.distributed in TorchScript), it refuses instead of computing local statistics."""
+    from torchfast.nn import SyncBatchNormReLU
+    layer = _randomized(SyncBatchNormReLU(3)).eval()
+    scripted = _script(layer)
+    x = torch.randn(4, 3, 5, 5)
+    assert torch.equal(scripted(x), layer(x))
+    scripted.train()
+    with pytest.raises(torch.jit.Error, match="synchronise"):
+        scripted(x)

@@ -612,3 +612,165 @@ def test_other_architectures_keep_their_outputs(name):
         torch.manual_seed(1)
         want = stock(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript
+
+def _script(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        return torch.jit.script(module)
+
+
+def _save_load(scripted, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
+        torch.jit.save(scripted, path)
+        return torch.jit.load(path)
+
+
+class ResBlocks(nn.Module):
+    """conv-bn-relu, a residual block (bn-add-relu), a BatchNorm1d -> ReLU head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None)
+        self.fc, self.bn3 = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(y)) + x)
+        return torch.relu(self.bn3(self.fc(x.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_script_of_a_fused_model(training, tmp_path):
+    """torch.jit.script of a fused model (was: an error, its forward being a FusedForward instance)
+    scripts the fused graph: the fused ops, not stock's composition, computing what the eager fused model
+    computes, bit for bit (outputs, gradients, running statistics, over steps), on the model's own
+    Parameters and buffers, with its state_dict keys. The eager model is left as it was (same forward,
+    same submodules), and the scripted model saves and loads."""
+    torch.manual_seed(0)
+    model, report = fuse(ResBlocks(), return_report=True)
+    assert len(report.pairs) == 3 and report.triples == ["bn2"]
+    model.train(training)
+    eager = copy.deepcopy(model)
+    children = dict(model.named_modules())
+    scripted = _script(model)
+    assert isinstance(model.forward, torchfast.nn.FusedForward)
+    assert dict(model.named_modules()) == children
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    graph = str(scripted.inlined_graph)
+    assert graph.count("torchfast::bn_relu(") == 3 and graph.count("torchfast::bn_add_relu(") == 1
+    for _ in range(3):
+        x = torch.randn(4, 3, 6, 6)
+        xs, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, ye = scripted(xs), eager(xe)
+        assert torch.equal(ys, ye)
+        ys.sum().backward()
+        ye.sum().backward()
+        assert torch.equal(xs.grad, xe.grad)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, t), u in zip(model.named_buffers(), eager.buffers()):
+        assert torch.equal(t, u), name
+    path = str(tmp_path / "fused.pt")
+    loaded = _save_load(scripted, path)
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.equal(loaded(x), eager(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(eager).eval(), x)
+    torch.testing.assert_close(traced(x), eager.eval()(x))
+
+
+def test_jit_script_of_fused_resnet18():
+    """A fused torchvision resnet18 scripts with every fused call in the scripted graph, and computes what
+    the eager fused model computes, bit for bit, through train and eval steps (gradients, running
+    statistics)."""
+    model = fuse(_build("resnet18"))
+    eager = copy.deepcopy(model)
+    scripted = _script(model)
+    graph = str(scripted.inlined_graph)
+    assert graph.count("torchfast::bn_relu(") == 9 and graph.count("torchfast::bn_add_relu(") == 8
+    x = torch.randn(2, 3, 32, 32)
+    for training in (True, False, True):
+        scripted.train(training)
+        eager.train(training)
+        ys, ye = scripted(x), eager(x)
+        assert torch.equal(ys, ye)
+        ys.sum().backward()
+        ye.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, t), u in zip(model.named_buffers(), eager.buffers()):
+        assert torch.equal(t, u), name
+
+
+def _python_only(x):
+    try:  # no TorchScript
+        return x * 13
+    finally:
+        pass
+
+
+torch.fx.wrap("_python_only")
+
+
+class ScriptsOnlyItsOwnForward(nn.Module):
+    """The fused graph (the eager branch, traced) calls a Python-only function; the scripted branch
+    of the class's forward does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return F.relu(self.bn(x)) * 13
+        return _python_only(F.relu(self.bn(x)))
+
+
+def test_jit_script_falls_back_to_the_class_forward():
+    """A fused graph TorchScript cannot compile is scripted as the class's own forward (stock), with a
+    warning that says so; a fused model changed since fuse (its eager calls run the class's forward) is
+    scripted as the class's own forward too."""
+    model = fuse(ScriptsOnlyItsOwnForward())
+    assert isinstance(model.forward, torchfast.nn.FusedForward)
+    with pytest.warns(UserWarning, match="scripting its own forward"):
+        scripted = _script(model)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(scripted(x), F.relu(copy.deepcopy(model.bn)(x)) * 13)
+    later = fuse(Later())
+    later.act = nn.ReLU()  # replaced since fuse: eager runs Later.forward
+    scripted = _script(later)
+    assert "torchfast::bn_relu" not in str(scripted.inlined_graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(scripted(x), later(x))
+
+
+_HOOKS = {
+    "forward pre-hook": lambda bn: bn.register_forward_pre_hook(lambda m, args: None),
+    "forward hook": lambda bn: bn.register_forward_hook(lambda m, args, out: None),
+    "full backward hook": lambda bn: bn.register_full_backward_hook(lambda m, gin, gout: None),
+    "backward pre-hook": lambda bn: bn.register_full_backward_pre_hook(lambda m, gout: None),
+}
+
+
+@pytest.mark.parametrize("hook", list(_HOOKS))
+def test_hooked_batchnorms_in_fuse_and_convert(hook):
+    """The two passes agree on what a hook allows: neither fuses a BatchNorm whose hook sees its output or
+    output gradient (fused, that would be after the ReLU); a forward pre-hook (the input only) is kept
+    by convert_batchnorm_relu, whose fused layer is still called as a module, and makes fuse leave the
+    BatchNorm (its fused call is no module call, so the hook would not run)."""
+    seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    _HOOKS[hook](seq[1])
+    converted = torchfast.nn.convert_batchnorm_relu(copy.deepcopy(seq))
+    assert isinstance(converted[1], torchfast.nn.BatchNormReLU2d) == (hook == "forward pre-hook")
+    _, report = fuse(copy.deepcopy(seq), return_report=True)
+    assert not report.pairs and "hooks" in dict(report.left)["1"]

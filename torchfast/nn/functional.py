@@ -39,6 +39,8 @@ def _check_bn_args(op: str, input, running_mean, running_var, weight, bias, trai
         raise ValueError("%s: input must have shape (N, C, *) with at least 2 dimensions, "
                          "got shape %s" % (op, tuple(input.shape),))
     if not input.is_floating_point():
+        # stock's error, in stock's order (F.batch_norm's own checks, then its kernel's NotImplementedError)
+        F.batch_norm(input, running_mean, running_var, weight, bias, training)
         raise TypeError("%s: input must be a floating-point tensor (float16, bfloat16, float32 "
                         "or float64), got %s" % (op, input.dtype,))
     if torch.is_grad_enabled():  # stock's autograd kernel refuses these (before the shape checks)

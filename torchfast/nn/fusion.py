@@ -13,7 +13,8 @@ module itself (an instance attribute), so:
 * the BatchNorm modules are still stock ``nn.BatchNorm*d``; calling one of them (or a block) on its
   own runs stock code, only the traced forward calls the fused ops;
 * ``train()``/``eval()``, ``.to()``, channels_last, ``copy.deepcopy``, ``torch.save`` of the module,
-  DDP and ``torch.compile`` work on the fused model;
+  DDP and ``torch.compile`` work on the fused model; so do ``torch.jit.trace`` and ``torch.jit.script``,
+  which compiles the fused graph (see :meth:`FusedForward.prepare_scriptable`);
 * a module the rewritten code inlined or removed that is replaced or given hooks after ``fuse`` is
   followed: the call runs the class's own forward (see :class:`FusedForward`).
 
@@ -24,7 +25,9 @@ or ReLU module with hooks, a forward whose traced graph depends on ``self.traini
 compared), an in-place add that would mutate the residual, an add with ``alpha``.
 """
 import copy
+import copyreg
 import inspect
+import itertools
 import linecache
 import operator
 import types
@@ -318,7 +321,8 @@ def _rewrite(graph: fx.Graph, root: nn.Module, prefix: str, report: FuseReport, 
 class FusedForward:
     """A module's forward rewritten by :func:`fuse`: the code fx generated for the rewritten graph,
     run with the module itself as ``self`` (so every attribute it reads is the module's live one).
-    Set as the module's ``forward`` instance attribute; survives ``copy.deepcopy`` and pickling.
+    Set as the module's ``forward`` instance attribute, with :meth:`prepare_scriptable` as its
+    ``__prepare_scriptable__`` (``torch.jit.script``); survives ``copy.deepcopy`` and pickling.
 
     The generated code stands for the submodules it inlined (Sequentials, blocks) and the calls it
     removed (BatchNorms, ReLU and Identity modules) as they were at fuse time. Each call first checks
@@ -335,11 +339,7 @@ class FusedForward:
         self.watch = watch
         self.checks = None  # _changed's flat view of watch (with the hook dicts), built at the first call
         self.warned = False
-        key = "<torchfast.nn.fuse %s %x>" % (type(owner).__name__, id(self))
-        linecache.cache[key] = (len(src), None, src.splitlines(True), key)  # readable tracebacks
-        namespace = dict(globals_)
-        exec(compile(src, key, "exec"), namespace)
-        self.fn = namespace["forward"]
+        self.fn = _compile_forward(src, globals_, "<torchfast.nn.fuse %s %x>" % (type(owner).__name__, id(self)))
 
     def _changed(self):
         """The first watched module replaced, removed or given hooks since fuse (its qualified name),
@@ -368,6 +368,51 @@ class FusedForward:
                           % (type(self.owner).__name__, changed), stacklevel=2)
         return type(self.owner).forward(self.owner, *args, **kwargs)
 
+    def prepare_scriptable(self):
+        """What ``torch.jit.script`` compiles for the owner: :func:`fuse` sets this as the owner's
+        ``__prepare_scriptable__``, which TorchScript calls first (it cannot compile an instance
+        ``forward``). Returns a shallow copy of the owner (its Parameters, buffers, submodules and
+        attributes, in dicts of its own, so that scripting leaves the model as it was) whose class is
+        the owner's with the fused graph as forward, the fused calls in TorchScript's form
+        (``modules._script_bn_relu``: the fused ops on each BatchNorm's own state). Where that graph does
+        not compile (a call TorchScript does not take; a warning says so), or the owner changed since
+        ``fuse`` (its eager calls run the class's forward), the copy is of the owner's class, and
+        TorchScript compiles the class's own forward, as it would unfused.
+
+        TorchScript puts what this returns in the owner's place in a parent it scripts (a fused
+        submodule of a model scripted as a whole), the eager parent included; there the copy goes on
+        computing the same results, pickles and copies as the owner's class, unfused."""
+        owner = self.owner
+        if owner.__dict__.get("forward") is not self:  # forward replaced since: TorchScript sees what it is
+            return owner
+        if self._changed() is None:
+            try:
+                view = _script_view(owner, self._scriptable_forward())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # compiled here to know that it compiles; the caller's torch.jit.script reuses the type
+                    torch.jit.script(view)
+                return view
+            except Exception as e:  # noqa: BLE001 (whatever TorchScript refuses: the class's own forward)
+                warnings.warn("torchfast.nn.fuse: the fused forward of %s does not script (%s: %s); scripting "
+                              "its own forward instead (unfused)" % (type(owner).__name__, type(e).__name__,
+                                                                     (str(e).strip().splitlines() or [""])[0][:200]),
+                              stacklevel=2)
+        return _script_view(owner, None)
+
+    def _scriptable_forward(self):
+        """The fused graph again (the owner's forward traced and rewritten, as at fuse time: _changed says
+        nothing it stands for changed), with each fused call in TorchScript's form; compiled."""
+        owner = self.owner
+        graph, _ = _trace(owner)
+        removed = set()
+        _drop_identities(graph, owner, removed)
+        _rewrite(graph, owner, "", FuseReport(), removed)
+        _scriptable_calls(graph, owner)
+        code = graph.python_code(root_module="self")
+        return _compile_forward(code.src, code.globals, "<torchfast.nn.fuse scriptable %s %d>"
+                                % (type(owner).__name__, next(_SCRIPTABLE_KEYS)))
+
     @property
     def __code__(self):
         """The generated function's code object (torch.export reads a forward's ``__code__``)."""
@@ -391,6 +436,66 @@ class FusedForward:
         globals_ = {k: _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v
                     for k, v in self.globals.items()}
         return _rebuild_forward, (self.owner, self.src, globals_, self.watch)
+
+
+_SCRIPTABLE_KEYS = itertools.count()
+
+
+def _compile_forward(src: str, globals_: dict, key: str):
+    """The function `src` defines (fx's generated ``forward``), its source registered under `key` in
+    linecache: readable tracebacks, and TorchScript reads a function's source from there."""
+    linecache.cache[key] = (len(src), None, src.splitlines(True), key)
+    namespace = dict(globals_)
+    exec(compile(src, key, "exec"), namespace)
+    return namespace["forward"]
+
+
+# What the TorchScript form of a fused call reads from the BatchNorm module (modules._script_bn_relu):
+# TorchScript passes no module to a function, so the graph reads them as attributes.
+_SCRIPT_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "training", "momentum",
+                 "eps", "track_running_stats")
+
+
+def _scriptable_calls(graph: fx.Graph, root: nn.Module):
+    """Replace each fused call (bn_relu_module / bn_add_relu_module(bn, x[, residual])) by the
+    BatchNorm's input check and modules._script_bn_relu / _script_bn_add_relu on its state."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (_modules.bn_relu_module, _modules.bn_add_relu_module):
+            continue
+        bn_ref, inputs = node.args[0], node.args[1:]  # (x,) or (x, residual)
+        sync = isinstance(root.get_submodule(bn_ref.target), nn.SyncBatchNorm)
+        fn = _modules._script_bn_relu if node.target is _modules.bn_relu_module else _modules._script_bn_add_relu
+        with graph.inserting_before(node):
+            graph.call_method("_check_input_dim", (bn_ref, inputs[0]))
+            state = [graph.call_function(getattr, (bn_ref, name)) for name in _SCRIPT_STATE]
+            fused = graph.call_function(fn, (*inputs, *state, sync, _modules._FUSED_CPU, _modules._FUSED_CUDA))
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+    graph.lint()
+
+
+class _ScriptView:
+    """Base of the class a fused module is scripted as (FusedForward.prepare_scriptable): its own class
+    with the scriptable fused graph as forward. Pickled and copied as its own class."""
+
+    def __reduce_ex__(self, protocol):
+        # copyreg's reconstructor: pickle refuses a __newobj__ of another class than the object's
+        return copyreg._reconstructor, (type(self).__bases__[1], object, None), self.__dict__
+
+
+def _script_view(owner: nn.Module, forward):
+    """A shallow copy of `owner` without its FusedForward: its dicts (Parameters, buffers, submodules,
+    hooks) copied, their entries shared; of a subclass of its class with `forward` as forward, or of its
+    class when `forward` is None."""
+    cls = type(owner)
+    if forward is not None:
+        cls = type(cls.__name__, (_ScriptView, cls), {"forward": forward, "__module__": cls.__module__,
+                                                       "__qualname__": cls.__qualname__})
+    view = object.__new__(cls)
+    object.__setattr__(view, "__dict__", {k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                                          for k, v in owner.__dict__.items()
+                                          if k not in ("forward", "__prepare_scriptable__")})
+    return view
 
 
 class _ModuleRef:
@@ -423,6 +528,8 @@ def _install(module: nn.Module, graph: fx.Graph, watched):
         parent = module.get_submodule(parent_path)
         watch.append((parent, name, parent._modules[name], path))
     module.forward = FusedForward(module, code.src, dict(code.globals), watch)
+    # torch.jit.script calls it first and compiles what it returns (TorchScript compiles no instance forward)
+    module.__prepare_scriptable__ = module.forward.prepare_scriptable
 
 
 def _fuse_module(module: nn.Module, prefix: str, report: FuseReport):

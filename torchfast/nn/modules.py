@@ -6,11 +6,21 @@ one fused op; ``BatchNormAddReLU2d(C)(x, residual)`` returns ``relu(bn(x) + resi
 BatchNorm checkpoint loads into either and back. ``bn_relu_module(bn, x)`` and
 ``bn_add_relu_module(bn, x, r)`` compute the same for any BatchNorm module ``bn`` (what
 ``torchfast.nn.fuse`` calls on the model's own modules).
+
+``torch.jit.script`` compiles a fused layer through ``__prepare_scriptable__`` (see
+``_FusedBatchNorm.__prepare_scriptable__``): the scripted layer calls the same fused op
+(``torch.ops.torchfast.bn_relu`` / ``bn_add_relu``), so a saved scripted model needs ``import torchfast``
+before ``torch.jit.load``, which otherwise does not know the op.
 """
+import copyreg
+from typing import List, Optional, Tuple
+
 import torch
 import torch.distributed as dist
-from torch import fx, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
+from torchfast import _backends, _ext
 from torchfast.nn import _sync
 from torchfast.nn.functional import _kernel_dtypes, _stock_semantics_needed, batch_norm_add_relu, batch_norm_relu
 
@@ -103,10 +113,125 @@ def bn_add_relu_module(bn, input, residual):
                                _state(bn, params, "bias"), training, momentum, bn.eps)
 
 
+# ------------------------------------------------------------------------------------------------
+# TorchScript: what a scripted fused layer (and a scripted fused model, torchfast.nn.fusion) runs. The
+# eager path's choices (torchfast.nn.functional) are Python that TorchScript does not compile, so they
+# are written again here in TorchScript's subset; the fused op is the eager layer's, so the results are.
+
+# Whether the compiled kernels serve each device: the eager default backend there (a forced backend,
+# TORCHFAST_BACKEND, is not consulted). Read when a module is scripted, as a constant of its code.
+_FUSED_CPU = _backends._HAS_CPU_KERNEL["bn_relu"] and _backends._HAS_CPU_KERNEL["bn_add_relu"]
+_FUSED_CUDA = _backends._HAS_CUDA_KERNEL["bn_relu"] and _backends._HAS_CUDA_KERNEL["bn_add_relu"]
+_is_scripting = torch.jit.is_scripting  # TorchScript's builtin: a compile-time True in compiled code
+
+if _ext._C is not None:
+    def _fused_bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], training: bool, momentum: float, eps: float) -> Tensor:
+        """The compiled whole-call op (forward and running-statistics update), the eager layer's."""
+        return torch.ops.torchfast.bn_relu(input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+    def _fused_bn_add_relu(input: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                           momentum: float, eps: float) -> Tensor:
+        return torch.ops.torchfast.bn_add_relu(input, residual, weight, bias, running_mean, running_var, training,
+                                               momentum, eps)
+else:
+    # Without torchfast._C no device is fused (_FUSED_CPU/_CUDA): never called. The ops' names must not
+    # appear in the compiled code, which would refer to ops that do not exist.
+    def _fused_bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], training: bool, momentum: float, eps: float) -> Tensor:
+        raise RuntimeError("torchfast._C is not built")
+
+    def _fused_bn_add_relu(input: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                           momentum: float, eps: float) -> Tensor:
+        raise RuntimeError("torchfast._C is not built")
+
+
+def _script_kernels_take(input: Tensor, residual: Optional[Tensor], params: List[Optional[Tensor]], training: bool,
+                         eps: float, fused_cpu: bool, fused_cuda: bool) -> bool:
+    """The eager choice of the compiled whole-call op (functional.batch_norm_relu): a device whose kernels
+    are built, an eps the op takes (_plain_scalars), a kernel dtype with the parameters' and running
+    statistics' dtypes of _kernel_dtypes, a residual of the input's shape, dtype and device."""
+    device = input.device.type
+    if not ((device == "cpu" and fused_cpu) or (device == "cuda" and fused_cuda)):
+        return False
+    if not (eps > 0.0 if training else eps >= 0.0):
+        return False
+    dt = input.dtype
+    reduced = dt == torch.float16 or dt == torch.bfloat16
+    if not (reduced or dt == torch.float32 or dt == torch.float64):
+        return False
+    if residual is not None and not (residual.shape == input.shape and residual.dtype == dt
+                                     and residual.device == input.device):
+        return False
+    same = True
+    mixed = True
+    for p in params:
+        if p is not None:
+            same = same and p.dtype == dt
+            mixed = mixed and p.dtype == torch.float32
+    return same or (mixed and reduced)
+
+
+def _script_bn_args(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    num_batches_tracked: Optional[Tensor], training: bool, momentum: Optional[float],
+                    track_running_stats: bool, sync: bool
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], bool, float]:
+    """_bn_call_args in TorchScript (stock ``_BatchNorm.forward``'s arguments to F.batch_norm, with its
+    num_batches_tracked update): (running_mean, running_var, training, momentum)."""
+    if sync and training:
+        raise RuntimeError("torchfast: a scripted SyncBatchNorm layer cannot synchronise statistics across "
+                           "processes (TorchScript has no torch.distributed; stock SyncBatchNorm does not script "
+                           "at all): script it in eval mode, or convert it to a BatchNorm layer first")
+    factor = 0.0
+    if momentum is not None:
+        factor = momentum
+    if training and track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    if training and not track_running_stats:  # batch statistics; running ones neither used nor updated
+        return None, None, True, factor
+    # eval: batch statistics only without running statistics, which are then both None
+    return running_mean, running_var, training or (running_mean is None and running_var is None), factor
+
+
+def _script_bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], training: bool,
+                    momentum: Optional[float], eps: float, track_running_stats: bool, sync: bool, fused_cpu: bool,
+                    fused_cuda: bool) -> Tensor:
+    """``relu(bn(input))`` in TorchScript for a BatchNorm's state: the fused op where the eager layer calls
+    it, stock's composition where it does (another dtype mix), so the result is the eager layer's."""
+    running_mean, running_var, training, factor = _script_bn_args(running_mean, running_var, num_batches_tracked,
+                                                                  training, momentum, track_running_stats, sync)
+    if _script_kernels_take(input, None, [weight, bias, running_mean, running_var], training, eps, fused_cpu,
+                            fused_cuda):
+        return _fused_bn_relu(input, weight, bias, running_mean, running_var, training,
+                              factor if training else 0.0, eps)
+    return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps))
+
+
+def _script_bn_add_relu(input: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        num_batches_tracked: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
+                        track_running_stats: bool, sync: bool, fused_cpu: bool, fused_cuda: bool) -> Tensor:
+    """``relu(bn(input) + residual)`` as _script_bn_relu; stock's composition also for a residual the op
+    does not take (one that broadcasts or promotes), as eager."""
+    running_mean, running_var, training, factor = _script_bn_args(running_mean, running_var, num_batches_tracked,
+                                                                  training, momentum, track_running_stats, sync)
+    if _script_kernels_take(input, residual, [weight, bias, running_mean, running_var], training, eps, fused_cpu,
+                            fused_cuda):
+        return _fused_bn_add_relu(input, residual, weight, bias, running_mean, running_var, training,
+                                  factor if training else 0.0, eps)
+    return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps) + residual)
+
+
 def _share_state(fused, bn):
     """Make `fused` use `bn`'s own Parameter and buffer objects, training flag and hooks, as
     torch.nn.SyncBatchNorm.convert_sync_batchnorm does: an optimizer built before the conversion
-    keeps updating the layer, and requires_grad stays as it was."""
+    keeps updating the layer, and requires_grad stays as it was. (The hooks are ones that see the same
+    values on the fused layer: from_batchnorm refuses a BatchNorm whose output hooks would not.)"""
     for name, p in bn._parameters.items():
         fused._parameters[name] = p
     for name, b in bn._buffers.items():
@@ -150,8 +275,15 @@ class _FusedBatchNorm:
     @classmethod
     def from_batchnorm(cls, bn):
         """The fused layer for `bn` (a BatchNorm{1,2,3}d, or timm's BatchNormAct2d with a ReLU), sharing
-        `bn`'s Parameters, buffers, training mode and hooks."""
-        _activation_of(bn)
+        `bn`'s Parameters, buffers, training mode and hooks. Refuses a plain BatchNorm with forward or
+        backward hooks: fused, they would see the output after the ReLU (or its gradient through the
+        ReLU's mask), where they see the BatchNorm's own; forward pre-hooks (the input) are carried."""
+        if (_activation_of(bn) is None and not isinstance(bn, _FusedBatchNorm)
+                and has_hooks(bn, output_only=True)):
+            raise ValueError("from_batchnorm: this %s has forward or backward hooks, which would see the output "
+                             "after the ReLU (or its gradient after the ReLU's mask) once fused; remove them "
+                             "first, or keep this BatchNorm and its ReLU stock (convert_batchnorm_relu and "
+                             "torchfast.nn.fuse leave such a BatchNorm unconverted)" % type(bn).__name__)
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         for key in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
@@ -159,6 +291,20 @@ class _FusedBatchNorm:
         if isinstance(fused, nn.SyncBatchNorm):
             fused.process_group = getattr(bn, "process_group", None)
         return _share_state(fused, bn)
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles for this layer (it calls this first): the layer itself, its
+        very ``__dict__`` (Parameters, buffers, hooks, mode), as its ``_Scriptable`` class, whose forward
+        TorchScript compiles; the eager forward stays free of any scripting test. TorchScript puts what
+        this returns in the layer's place in a parent it scripts, the eager parent included: there it is
+        the same layer in everything but identity, and it pickles and copies as the layer's class. A
+        subclass of a fused layer is scripted as its own class."""
+        twin = _SCRIPTABLE.get(type(self))
+        if twin is None:
+            return self
+        prepared = object.__new__(twin)
+        object.__setattr__(prepared, "__dict__", self.__dict__)
+        return prepared
 
 
 class _BatchNormReLUMixin(_FusedBatchNorm):
@@ -204,17 +350,24 @@ _FUSED = {nn.BatchNorm1d: BatchNormReLU1d, nn.BatchNorm2d: BatchNormReLU2d, nn.B
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# The hooks that see a module's output or its gradient (backward pre-hooks see the output's gradient).
+OUTPUT_HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def has_hooks(m: nn.Module) -> bool:
-    """Whether module `m` has forward, forward-pre or backward hooks of its own (also the fuse pass's test)."""
-    return any(getattr(m, name, None) for name in HOOK_DICTS)
+def has_hooks(m: nn.Module, output_only: bool = False) -> bool:
+    """Whether module `m` has forward, forward-pre or backward hooks of its own: the fuse pass's test,
+    whose fused calls are no module calls and would run none of them. With ``output_only``, only hooks
+    that see its output or output gradient: convert_batchnorm_relu's test for a BatchNorm, whose fused
+    layer is still called as a module (its pre-hooks run and see the same input) but outputs after the
+    ReLU."""
+    return any(getattr(m, name, None) for name in (OUTPUT_HOOK_DICTS if output_only else HOOK_DICTS))
 
 
 def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
     """Replace, in place, every BatchNorm{1,2,3}d immediately followed by a ReLU inside an
     ``nn.Sequential`` with the fused layer (and the ReLU with ``nn.Identity``). Returns `module`. A ReLU
-    subclass or a ReLU module with hooks is left alone.
+    subclass or a ReLU module with hooks is left alone, and so is a BatchNorm with forward or backward
+    hooks (fused, they would see the output after the ReLU); forward pre-hooks are carried over.
 
     Only Sequential pairs are rewritten: a BatchNorm whose ReLU is applied in a ``forward`` method
     cannot be detected without tracing, and is left alone.
@@ -225,8 +378,10 @@ def convert_batchnorm_relu(module: nn.Module) -> nn.Module:
         names = list(module._modules.keys())
         for a, b in zip(names, names[1:]):
             bn, act = module._modules[a], module._modules[b]
-            # exactly nn.ReLU (a subclass may compute something else), without hooks (they would be lost)
-            if type(bn) in _FUSED and type(act) is nn.ReLU and not has_hooks(act):
+            # exactly nn.ReLU (a subclass may compute something else), without hooks (they would be lost),
+            # after a BatchNorm without hooks on its output (they would see the ReLU's output)
+            if (type(bn) in _FUSED and type(act) is nn.ReLU and not has_hooks(act)
+                    and not has_hooks(bn, output_only=True)):
                 module._modules[a] = _FUSED[type(bn)].from_batchnorm(bn)
                 module._modules[b] = nn.Identity()
     return module
@@ -244,10 +399,68 @@ class SyncBatchNormAddReLU(_BatchNormAddReLUMixin, nn.SyncBatchNorm):
     """``relu(nn.SyncBatchNorm(...)(x) + residual)``, as ``SyncBatchNormReLU``."""
 
 
+class _ScriptableLayer:
+    """What the _Scriptable classes add to a fused layer class: the forward TorchScript compiles, and a
+    pickled or copied instance being the layer's own class."""
+
+    def __prepare_scriptable__(self):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # copyreg's reconstructor, as pickle protocols 0 and 1 use: pickle refuses a __newobj__ of
+        # another class than the object's
+        return copyreg._reconstructor, (self._torchfast_layer, object, None), self.__dict__
+
+
+class _ScriptableBatchNormReLU(_ScriptableLayer):
+    def forward(self, input: Tensor) -> Tensor:
+        if not _is_scripting():  # decided when compiled: eager calls run the layer's own forward
+            return _BatchNormReLUMixin.forward(self, input)
+        self._check_input_dim(input)
+        return _script_bn_relu(input, self.weight, self.bias, self.running_mean, self.running_var,
+                               self.num_batches_tracked, self.training, self.momentum, self.eps,
+                               self.track_running_stats, self._torchfast_sync, self._torchfast_cpu,
+                               self._torchfast_cuda)
+
+
+class _ScriptableBatchNormAddReLU(_ScriptableLayer):
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        if not _is_scripting():
+            return _BatchNormAddReLUMixin.forward(self, input, residual)
+        self._check_input_dim(input)
+        return _script_bn_add_relu(input, residual, self.weight, self.bias, self.running_mean, self.running_var,
+                                   self.num_batches_tracked, self.training, self.momentum, self.eps,
+                                   self.track_running_stats, self._torchfast_sync, self._torchfast_cpu,
+                                   self._torchfast_cuda)
+
+
+class _Scriptable:
+    """The classes torch.jit.script compiles the fused layers as (``_Scriptable.BatchNormReLU2d``...):
+    each layer class with a TorchScript forward, under the layer's own name (the scripted module's
+    ``original_name``). Instances are only made by ``__prepare_scriptable__``."""
+
+
+def _scriptable_class(cls, forward_mixin):
+    twin = type(cls.__name__, (forward_mixin, cls), {
+        "__module__": __name__, "__qualname__": "_Scriptable." + cls.__name__, "__doc__": cls.__doc__,
+        # constants of the compiled code (TorchScript reads a module's constants, not Python globals)
+        "__constants__": list(cls.__constants__) + ["_torchfast_sync", "_torchfast_cpu", "_torchfast_cuda"],
+        "_torchfast_sync": issubclass(cls, nn.SyncBatchNorm), "_torchfast_cpu": _FUSED_CPU,
+        "_torchfast_cuda": _FUSED_CUDA, "_torchfast_layer": cls})
+    setattr(_Scriptable, cls.__name__, twin)
+    return twin
+
+
+_SCRIPTABLE = {cls: _scriptable_class(cls, _ScriptableBatchNormReLU)
+               for cls in (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, SyncBatchNormReLU)}
+_SCRIPTABLE.update({cls: _scriptable_class(cls, _ScriptableBatchNormAddReLU)
+                    for cls in (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, SyncBatchNormAddReLU)})
+
 _TO_SYNC = {BatchNormReLU1d: SyncBatchNormReLU, BatchNormReLU2d: SyncBatchNormReLU, BatchNormReLU3d: SyncBatchNormReLU,
             SyncBatchNormReLU: SyncBatchNormReLU, BatchNormAddReLU1d: SyncBatchNormAddReLU,
             BatchNormAddReLU2d: SyncBatchNormAddReLU, BatchNormAddReLU3d: SyncBatchNormAddReLU,
             SyncBatchNormAddReLU: SyncBatchNormAddReLU}
+_TO_SYNC.update({twin: _TO_SYNC[cls] for cls, twin in _SCRIPTABLE.items()})
 _stock_convert_sync_batchnorm = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
 
 
