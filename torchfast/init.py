@@ -15,6 +15,7 @@ seed is drawn per call). With neither, the seed is drawn from torch's default CP
 number back from the device; nothing else here synchronises with the host.
 """
 import contextlib
+import functools
 import math
 import operator
 import sys
@@ -198,13 +199,17 @@ def _kernel_params(spec, dtype):
     p = spec[1]
     if spec[0] != UNIFORM or dtype not in (torch.float16, torch.bfloat16) or not p[0] < p[1]:
         return p
-    a, b = p[0], p[1]
+    return (p[0], _half_top(p[0], p[1], dtype)) + tuple(p[2:])
+
+
+@functools.lru_cache(maxsize=1024)  # (a model's layers repeat a few bounds; each costs a few tensor ops)
+def _half_top(a: float, b: float, dtype) -> float:
     b_rounded = float(torch.tensor([b], dtype=torch.float64).to(dtype).item())
     top = b_rounded if b_rounded < b else _adjacent(b_rounded, dtype, up=False)
     mid = (top + _adjacent(top, dtype, up=True)) / 2
     slack = 8 * 2.0 ** (math.frexp(max(abs(a), abs(mid)))[1] - 24)  # 8 float32 ulp of the largest magnitude
     hi = mid - slack
-    return (a, hi) + tuple(p[2:]) if hi > a else p
+    return hi if hi > a else b
 
 
 def _params(*values):
