@@ -117,6 +117,14 @@ def test_complex_fills_follow_stock_distributions(dtype):
     if dtype != torch.complex32:
         s = tfi.sparse_(torch.empty(40, 30, dtype=dtype), 0.25, seed=8)
         assert ((s == 0).sum(0) == 10).all()
+        # a complex layer's defaults, from reset_parameters and inside fast_init, as its own reset_parameters
+        bound = 1 / math.sqrt(300)  # kaiming_uniform_(a=sqrt(5)) over fan_in 300
+        lin = tfi.reset_parameters(nn.Linear(300, 200, dtype=dtype), seed=9)
+        with tfi.fast_init(seed=10):
+            built = nn.Linear(300, 200, dtype=dtype)
+        for w in (lin.weight, built.weight):
+            parts = torch.view_as_real(w.detach()).double()
+            assert parts.abs().max() <= bound and abs(parts.std().item() - bound / math.sqrt(3)) < 0.02 * bound
 
 
 def test_constants_fill_expanded_tensors_as_stock():

@@ -138,7 +138,9 @@ def _f32_resolves(spec) -> bool:
 def _fill(tensors, specs, seed):
     """Fill tensors[k] with distribution specs[k] = (kind, 6 params) using stream k. One op call
     per (device, dtype) group; non-contiguous tensors are filled through a contiguous buffer, and
-    truncated normals the float32 stream cannot resolve (_f32_resolves) through a float64 one."""
+    truncated normals the float32 stream cannot resolve (_f32_resolves) through a float64 one, and
+    complex tensors through their real view (_complex_target)."""
+    tensors, specs = list(tensors), list(specs)
     groups = {}
     for k, (t, spec) in enumerate(zip(tensors, specs)):
         if t.numel() == 0:
@@ -147,6 +149,9 @@ def _fill(tensors, specs, seed):
             with torch.no_grad():  # (an expanded tensor too: stock fills it, a buffer copy could not)
                 t.fill_(spec[1][0])
             continue
+        if t.is_complex():
+            t, spec = _complex_target(t, spec)
+            tensors[k], specs[k] = t, spec
         dtype = t.dtype
         if spec[0] == TRUNC_NORMAL and dtype != torch.float64 and not _f32_resolves(spec):
             dtype = torch.float64
@@ -307,8 +312,6 @@ def _apply(tensor, fname, spec_of, seed, generator, random=True, stock_args=(), 
             continue
         if random:
             _check_spec(spec, t.dtype.to_real())
-            if t.is_complex():
-                t, spec = _complex_target(t, spec)
         kept.append(t)
         specs.append(spec)
     if kept:
@@ -629,8 +632,7 @@ def sparse_(tensor, sparsity, std: float = 0.01, generator=None, *, seed=None):
             raise ValueError("Only tensors with 2 dimensions are supported")
         _check_spec(spec, t.dtype.to_real())
     seed = _draw_seed(seed, generator)
-    targets = [_complex_target(t, spec) if t.is_complex() else (t, spec) for t in mine]
-    _fill([t for t, _ in targets], [sp for _, sp in targets], seed)
+    _fill(mine, [spec] * len(mine), seed)
     picker = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for t in mine:
