@@ -1,5 +1,6 @@
 """Shared test machinery: backend parametrisation, the CUDA skip marker, the dtype-derived tolerance."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -73,3 +74,18 @@ def cpu_backend_built():
 
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+def script_module(module):
+    """torch.jit.script(module), without its deprecation notice."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
+
+
+def jit_save_load(scripted, path):
+    """A scripted module saved to `path` and loaded back, without torch.jit's deprecation notices."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, path)
+        return torch.jit.load(path)

@@ -1,7 +1,6 @@
 """Fused BatchNorm + residual add + ReLU against stock relu(batch_norm(x) + r) and the reference, on
 every backend."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ import torchfast
 from torchfast.nn import BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d
 from torchfast.nn.functional import batch_norm_add_relu
 
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, skip_unsupported
+from conftest import (FLOAT_DTYPES, assert_close_to_oracle, backend_params, jit_save_load, script_module,
+                      skip_unsupported)
 
 STOCK = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 FUSED = {1: BatchNormAddReLU1d, 2: BatchNormAddReLU2d, 3: BatchNormAddReLU3d}
@@ -252,19 +252,6 @@ def test_torch_compile_module():
     torch.testing.assert_close(layer.running_var, stock.running_var)
 
 
-def _script(module):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
-        return torch.jit.script(module)
-
-
-def _save_load(scripted, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
-        torch.jit.save(scripted, path)
-        return torch.jit.load(path)
-
-
 @pytest.mark.parametrize("residual_dtype", [torch.float32, torch.float64], ids=["fused", "promoting-residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_jit_script_matches_eager(training, residual_dtype):
@@ -281,7 +268,7 @@ def test_jit_script_matches_eager(training, residual_dtype):
         layer.running_var.uniform_(0.5, 1.5)
     layer.train(training)
     eager = copy.deepcopy(layer)
-    scripted = _script(layer)
+    scripted = script_module(layer)
     assert list(scripted.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
     from torchfast import _backends
     if _backends.why_not("cpu", "bn_add_relu", "cpu", torch.float32) is None:
@@ -304,7 +291,7 @@ def test_jit_script_save_load_round_trip(tmp_path):
     layer = BatchNormAddReLU2d(3)
     eager = copy.deepcopy(layer)
     path = str(tmp_path / "bn_add_relu.pt")
-    loaded = _save_load(_script(layer), path)
+    loaded = jit_save_load(script_module(layer), path)
     for training in (True, False):
         loaded.train(training)
         eager.train(training)

@@ -14,7 +14,8 @@ import torchfast
 from torchfast.nn import BatchNormAddReLU2d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from torchfast.nn.functional import batch_norm_add_relu, batch_norm_relu
 
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, backend_params, requires_cuda, skip_unsupported
+from conftest import (FLOAT_DTYPES, assert_close_to_oracle, backend_params, jit_save_load, requires_cuda, script_module,
+                      skip_unsupported)
 
 STOCK = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 FUSED = {1: BatchNormReLU1d, 2: BatchNormReLU2d, 3: BatchNormReLU3d}
@@ -1226,19 +1227,6 @@ def test_half_parameter_gradients_are_rounded_as_to(cpu_backend_built, dtype):
 # ------------------------------------------------------------------------------------------------
 # TorchScript (torch.jit.script / trace / save / load)
 
-def _script(module):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
-        return torch.jit.script(module)
-
-
-def _save_load(scripted, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
-        torch.jit.save(scripted, path)
-        return torch.jit.load(path)
-
-
 def _randomized(layer, seed=3):
     """`layer` with weight, bias and running statistics away from their initial values."""
     g = torch.Generator().manual_seed(seed)
@@ -1285,7 +1273,7 @@ def test_jit_script_matches_eager(kind, shape, kw, dtype, training):
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32  # (float32 with a half input)
     layer = _randomized(FUSED[kind](shape[1], dtype=pdtype, **kw)).train(training)
     eager = copy.deepcopy(layer)
-    scripted = _script(layer)
+    scripted = script_module(layer)
     assert list(scripted.state_dict()) == list(STOCK[kind](shape[1], **kw).state_dict())
     if _cpu_kernels_built():
         assert "torchfast::bn_relu" in str(scripted.inlined_graph)  # the fused op, not stock's composition
@@ -1309,7 +1297,7 @@ def test_jit_script_save_load_round_trip(tmp_path):
     layer = _randomized(BatchNormReLU2d(3))
     eager = copy.deepcopy(layer)
     path = str(tmp_path / "bn_relu.pt")
-    loaded = _save_load(_script(layer), path)
+    loaded = jit_save_load(script_module(layer), path)
     assert list(loaded.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
     for training in (True, False, True):
         loaded.train(training)
@@ -1330,7 +1318,7 @@ def test_jit_script_of_a_model_holding_fused_layers():
                           _randomized(BatchNormReLU2d(2), seed=4))
     layer = model[1]
     eager = copy.deepcopy(model)
-    scripted = _script(model)
+    scripted = script_module(model)
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(scripted(x), eager(x))
     assert torch.equal(model(x), eager(x))
@@ -1369,7 +1357,7 @@ def test_jit_script_sync_layer():
     synchronise (no torch.distributed in TorchScript), it refuses instead of computing local statistics."""
     from torchfast.nn import SyncBatchNormReLU
     layer = _randomized(SyncBatchNormReLU(3)).eval()
-    scripted = _script(layer)
+    scripted = script_module(layer)
     x = torch.randn(4, 3, 5, 5)
     assert torch.equal(scripted(x), layer(x))
     scripted.train()

@@ -15,7 +15,7 @@ import torchfast
 from torchfast.nn import fuse
 from torchfast.nn import modules as fused_modules
 
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, jit_save_load, script_module
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra (pip install .[test])")
 timm = pytest.importorskip("timm", reason="timm is a test extra (pip install .[test])")
@@ -617,19 +617,6 @@ def test_other_architectures_keep_their_outputs(name):
 # ------------------------------------------------------------------------------------------------
 # TorchScript
 
-def _script(module):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
-        return torch.jit.script(module)
-
-
-def _save_load(scripted, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save / load's deprecation notices
-        torch.jit.save(scripted, path)
-        return torch.jit.load(path)
-
-
 class ResBlocks(nn.Module):
     """conv-bn-relu, a residual block (bn-add-relu), a BatchNorm1d -> ReLU head."""
 
@@ -660,7 +647,7 @@ def test_jit_script_of_a_fused_model(training, tmp_path):
     model.train(training)
     eager = copy.deepcopy(model)
     children = dict(model.named_modules())
-    scripted = _script(model)
+    scripted = script_module(model)
     assert isinstance(model.forward, torchfast.nn.FusedForward)
     assert dict(model.named_modules()) == children
     assert list(scripted.state_dict()) == list(model.state_dict())
@@ -679,7 +666,7 @@ def test_jit_script_of_a_fused_model(training, tmp_path):
     for (name, t), u in zip(model.named_buffers(), eager.buffers()):
         assert torch.equal(t, u), name
     path = str(tmp_path / "fused.pt")
-    loaded = _save_load(scripted, path)
+    loaded = jit_save_load(scripted, path)
     x = torch.randn(4, 3, 6, 6)
     assert torch.equal(loaded(x), eager(x))
     with warnings.catch_warnings():
@@ -694,7 +681,7 @@ def test_jit_script_of_fused_resnet18():
     statistics)."""
     model = fuse(_build("resnet18"))
     eager = copy.deepcopy(model)
-    scripted = _script(model)
+    scripted = script_module(model)
     graph = str(scripted.inlined_graph)
     assert graph.count("torchfast::bn_relu(") == 9 and graph.count("torchfast::bn_add_relu(") == 8
     x = torch.randn(2, 3, 32, 32)
@@ -742,12 +729,12 @@ def test_jit_script_falls_back_to_the_class_forward():
     model = fuse(ScriptsOnlyItsOwnForward())
     assert isinstance(model.forward, torchfast.nn.FusedForward)
     with pytest.warns(UserWarning, match="scripting its own forward"):
-        scripted = _script(model)
+        scripted = script_module(model)
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(scripted(x), F.relu(copy.deepcopy(model.bn)(x)) * 13)
     later = fuse(Later())
     later.act = nn.ReLU()  # replaced since fuse: eager runs Later.forward
-    scripted = _script(later)
+    scripted = script_module(later)
     assert "torchfast::bn_relu" not in str(scripted.inlined_graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
