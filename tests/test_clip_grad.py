@@ -399,7 +399,7 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
         "out = {}\n"
         "for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):\n"
         "    g = torch.Generator().manual_seed(0)\n"
-        "    ts = [torch.randn(n, generator=g).to(dt) for n in (1, 31, 32, 33, 1000, 70001)]\n"
+        "    ts = [torch.randn(n, generator=g).to(dt) for n in (1, 15, 16, 17, 31, 32, 33, 1000, 70001, 3 * 32768 + 5)]\n"
         "    for p in (1.0, 2.0, float('inf'), 3.5):\n"
         "        out[(str(dt), p)] = torch.ops.torchfast.multi_tensor_norm(ts, p)\n"
         "    torch.ops.torchfast.multi_tensor_clip_(ts, torch.tensor(3.0), 1.0)\n"
@@ -420,6 +420,73 @@ def test_cpu_instruction_set_paths_agree(cpu_backend_built, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
             else:
                 assert torch.equal(a, b), (other, key)
+
+
+def _lane_norm(tensors, norm_type):
+    """The CPU kernel's norm, emulated with numpy: each tensor in chunks of 32768 elements, each chunk in
+    16 lanes (element i + j of every group of 16 to lane j, in order, in float32; the chunk's last
+    n % 16 elements to lanes 0, 1, ...), the lanes summed in float64 in order, the chunks in list order,
+    the result rounded to float32. Bit-exact: an element skipped, counted twice or added out of order shows."""
+    import numpy as np
+    total = 0.0
+    for t in tensors:
+        x = np.abs(t.detach().flatten().numpy())
+        for b in range(0, x.size, 32768):
+            c = x[b:b + 32768]
+            body = c.size - c.size % 16
+            terms = c if norm_type == 1.0 else c * c  # float32 products, rounded once
+            lanes = np.zeros(16, dtype=c.dtype)
+            if body:
+                lanes = np.cumsum(terms[:body].reshape(-1, 16), axis=0, dtype=c.dtype)[-1].copy()
+            lanes[:c.size - body] += terms[body:]
+            for v in lanes:
+                total += float(v)
+    return float(np.float32(total if norm_type == 1.0 else math.sqrt(total)))  # returned as float32
+
+
+def test_cpu_norm_is_the_fixed_lane_sum(cpu_backend_built):
+    """The CPU kernels read each thread's chunks as interleaved streams; the norm must still be exactly
+    the fixed-lane sum (see _lane_norm) on any thread count: lists with chunk tails of every residue
+    mod 16, tensors shorter than a lane group, long tensors split over streams and threads."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [1, 15, 16, 17, 47, 32768, 32769, 100003, 5, 65536 + 31, 3, 250000, 7 * 32768 + 9]
+    tensors = [torch.randn(n, generator=g) for n in sizes]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for norm_type in (1.0, 2.0):
+                got = torch.ops.torchfast.multi_tensor_norm(tensors, norm_type)
+                assert got.item() == _lane_norm(tensors, norm_type), (threads, norm_type)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_inf_norm_finds_every_element(cpu_backend_built, dtype):
+    """The inf-norm's max and NaN flag are kept per lane and per stream: one large value or one NaN at
+    any position (a lane group's first or last lane, a chunk's tail, each of a thread's streams, the
+    last element) must be found, on 1 and 2 threads."""
+    sizes = [37, 32768 * 3 + 11, 17, 32768 * 5 + 3]
+    n_total = sum(sizes)
+    positions = [0, 15, 16, 36, 37, 37 + 32768 * 3, 37 + 32768 * 3 + 10, 37 + 32768 * 3 + 11 + 16,
+                 n_total - 3 - 32768 * 2, n_total - 4, n_total - 1]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for pos in positions:
+                for bad in (100.0, -100.0, float("nan")):
+                    flat = torch.rand(n_total, generator=torch.Generator().manual_seed(pos)).to(dtype)
+                    flat[pos] = bad
+                    tensors = list(flat.split(sizes))
+                    got = torch.ops.torchfast.multi_tensor_norm(tensors, math.inf)
+                    if math.isnan(bad):
+                        assert got.isnan(), (threads, pos)
+                    else:
+                        assert got.item() == 100.0, (threads, pos, bad, got)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_many_small_tensors():

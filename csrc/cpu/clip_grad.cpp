@@ -29,8 +29,8 @@ namespace {
 // The loops for the running CPU: AVX-512, AVX2 or the build's baseline (see clip_grad_kernels.h).
 template <typename scalar_t>
 struct Loops {
-  decltype(&clip_base::norm_partial<scalar_t>) norm;
-  decltype(&clip_base::scale<scalar_t>) scale;
+  decltype(&clip_base::norm_partials<scalar_t>) norm;
+  decltype(&clip_base::scale_spans<scalar_t>) scale;
 };
 
 template <typename scalar_t>
@@ -38,16 +38,26 @@ Loops<scalar_t> loops() {
 #if defined(__x86_64__) && defined(__GNUC__)
   // the vector sets convert float16 with F16C (clip_grad_isa.cpp)
   if (std::is_same_v<scalar_t, c10::Half> && !cpu_features::has_f16c())
-    return {&clip_base::norm_partial<scalar_t>, &clip_base::scale<scalar_t>};
-  if (cpu_features::has_avx512()) return {&clip_avx512::norm_partial<scalar_t>, &clip_avx512::scale<scalar_t>};
-  if (cpu_features::has_avx2()) return {&clip_avx2::norm_partial<scalar_t>, &clip_avx2::scale<scalar_t>};
+    return {&clip_base::norm_partials<scalar_t>, &clip_base::scale_spans<scalar_t>};
+  if (cpu_features::has_avx512()) return {&clip_avx512::norm_partials<scalar_t>, &clip_avx512::scale_spans<scalar_t>};
+  if (cpu_features::has_avx2()) return {&clip_avx2::norm_partials<scalar_t>, &clip_avx2::scale_spans<scalar_t>};
 #endif
-  return {&clip_base::norm_partial<scalar_t>, &clip_base::scale<scalar_t>};
+  return {&clip_base::norm_partials<scalar_t>, &clip_base::scale_spans<scalar_t>};
 }
 
 // The memory block of a dense tensor (any dimension order), or a contiguous copy of it.
 at::Tensor dense_view(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+// The chunk table as the loops take it: each chunk's first element and length.
+template <typename scalar_t>
+std::vector<Span> spans_of(const std::vector<at::Tensor>& dense, const std::vector<Chunk>& chunks) {
+  std::vector<Span> spans;
+  spans.reserve(chunks.size());
+  for (const Chunk& ch : chunks)
+    spans.push_back({static_cast<scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin, ch.end - ch.begin});
+  return spans;
 }
 
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
@@ -78,12 +88,9 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Loops<scalar_t> k = loops<scalar_t>();
+    const std::vector<Span> spans = spans_of<scalar_t>(dense, chunks);
     parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks[c];
-        const scalar_t* x = static_cast<const scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
-        partial[c] = k.norm(kind, x, ch.end - ch.begin, norm_type);
-      }
+      k.norm(kind, spans.data() + cb, ce - cb, norm_type, partial.data() + cb);
     });
     double total = 0.0;
     if (kind == NormKind::kInf) {
@@ -130,17 +137,14 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
     for (const auto& t : strided) at::assert_no_internal_overlap(t);
     const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
     const Loops<scalar_t> k = loops<scalar_t>();
-    // Each thread walks its range forwards. Backwards (starting on the chunks the norm pass read last,
-    // still in cache) measured 4-7 % slower on one thread on the 2-core VM, in clip_grad_norm_ and in
-    // clip_grads_with_norm_ after a forward write of the list (ResNet-50's and GPT-2's gradients,
-    // interleaved; 2 threads: within +-3 %): the few MB of cache a thread gets there save less than
-    // the prefetchers lose on a descending walk.
+    // Each thread walks its range forwards (as interleaved streams, see clip_grad_kernels.h). Starting
+    // on the chunks the norm pass read last, still in cache, measured 4-7 % slower on one thread on the
+    // 2-core VM with one stream (a descending walk the prefetchers follow less well), and no faster
+    // with four (norm pass walking its chunks backwards, the scaling forwards; ResNet-50's and GPT-2's
+    // gradients, interleaved, 1 and 2 threads): the few MB of cache a thread gets there save too little.
+    const std::vector<Span> spans = spans_of<scalar_t>(dense, chunks);
     parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks[c];
-        scalar_t* x = static_cast<scalar_t*>(dense[ch.tensor].data_ptr()) + ch.begin;
-        k.scale(x, ch.end - ch.begin, static_cast<double>(coef));
-      }
+      k.scale(spans.data() + cb, ce - cb, static_cast<double>(coef));
     });
     for (auto& t : strided) t.mul_(static_cast<double>(coef));
   });

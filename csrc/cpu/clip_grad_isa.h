@@ -10,13 +10,20 @@ namespace torchfast {
 
 enum class NormKind { kOne, kTwo, kInf, kP };
 
-// norm_partial: sum |x|^p over n elements (max |x| for kInf, NaN if any is NaN), as a double.
-// scale: x *= coef over n elements (in the opmath type, rounded once).
-#define TORCHFAST_CLIP_KERNEL_DECLS                                          \
-  template <typename scalar_t>                                                \
-  double norm_partial(NormKind kind, const scalar_t* x, int64_t n, double p); \
-  template <typename scalar_t>                                                \
-  void scale(scalar_t* x, int64_t n, double coef);
+// One chunk of the multi-tensor table as the loops see it: n elements from data.
+struct Span {
+  void* data;
+  int64_t n;
+};
+
+// norm_partials: partial[i] = sum |x|^p over spans[i] (max |x| for kInf, NaN if any is NaN), as a
+// double, for i < count. Each partial depends only on its span's elements (fixed lanes, fixed order).
+// scale_spans: x *= coef over every span (in the opmath type, rounded once).
+#define TORCHFAST_CLIP_KERNEL_DECLS                                                                    \
+  template <typename scalar_t>                                                                          \
+  void norm_partials(NormKind kind, const Span* spans, int64_t count, double p, double* partial); \
+  template <typename scalar_t>                                                                          \
+  void scale_spans(const Span* spans, int64_t count, double coef);
 
 namespace clip_base {
 TORCHFAST_CLIP_KERNEL_DECLS
