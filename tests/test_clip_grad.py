@@ -489,6 +489,47 @@ def test_cpu_inf_norm_finds_every_element(cpu_backend_built, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("clip_grad"))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradients_sharing_memory_are_scaled_once_per_listing(device, backend, threads):
+    """A gradient listed twice, and gradients that are overlapping views of one block, are multiplied
+    once per listing, as stock's element-by-element _foreach_mul_ does (on the CPU the threads, on a GPU
+    the blocks of one launch, write at once: such tensors must be scaled in separate passes, or updates
+    are lost). Long enough that the chunk table splits over threads and streams."""
+    torchfast.set_backend(backend)
+    n = 300_000 if backend != "triton" else 3000
+
+    def build():
+        g = torch.Generator().manual_seed(11)
+        base = torch.randn(2 * n, generator=g).to(device)
+        other = torch.randn(n // 3, generator=g).to(device)
+        grads = [base[:n], other, base[n // 2:n // 2 + n], base[:n], base[n:]]  # listed twice; overlapping views
+        ps = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+        for p, t in zip(ps, grads):
+            p.grad = t
+        return ps, base, other
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for call in ("clip_grad_norm_", "clip_grads_with_norm_"):
+            ps, base, other = build()
+            ref_ps, ref_base, ref_other = build()
+            if call == "clip_grad_norm_":
+                got = torchfast.clip_grad_norm_(ps, 1.0)
+                want = tnu.clip_grad_norm_(ref_ps, 1.0)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # float32 sums of 1.5M squares
+            else:
+                norm = torch.tensor(50.0, device=device)
+                torchfast.clip_grads_with_norm_(ps, 1.0, norm)
+                tnu.clip_grads_with_norm_(ref_ps, 1.0, norm)
+            # elements listed once, twice or three times: scaled that many times, never fewer
+            torch.testing.assert_close(base, ref_base, rtol=1e-5, atol=0)
+            torch.testing.assert_close(other, ref_other, rtol=1e-5, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_many_small_tensors():
     ps = _params(torch.float32, shapes=[(64,)] * 2000)
     ref = _clone(ps)

@@ -700,6 +700,26 @@ def test_multi_tensor_norm_and_clip(emu, sizes, dtype, norm_type):
     assert torch.equal(fused_total, same_list_total)
 
 
+def test_clip_scales_gradients_sharing_memory_once_per_listing(emu):
+    """A gradient listed twice and overlapping views of one block go to separate launches (the blocks
+    of one launch write at once): each element is multiplied once per listing, as the reference does.
+    (The emulator runs a launch's blocks one after another, so this checks the split's results; the
+    race it prevents shows on a GPU and in the CPU test of test_clip_grad.)"""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(9000, generator=g)
+    other = torch.randn(2057, generator=g)
+
+    def lists(b, o):
+        return [b[:4100], o, b[2000:6100], b[:4100], b[6100:], b[1:2]]
+
+    got_base, got_other = base.clone(), other.clone()
+    ref_base, ref_other = base.clone(), other.clone()
+    norm = torch.tensor(500.0)
+    ops().multi_tensor_clip_(lists(got_base, got_other), norm, 1.0)
+    reference.clip_grad.multi_tensor_clip_(lists(ref_base, ref_other), norm, 1.0)
+    assert torch.equal(got_base, ref_base) and torch.equal(got_other, ref_other)
+
+
 # --------------------------------------------------------------------------------------------- init
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)

@@ -18,6 +18,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_features.h"
+#include "disjoint.h"
 
 #define TORCHFAST_CLIP_ISA clip_base
 #include "cpu/clip_grad_kernels.h"
@@ -135,17 +136,21 @@ void multi_tensor_clip_cpu(at::TensorList tensors, const at::Tensor& total_norm,
     // An expanded (stride-0) tensor cannot be scaled in place: refuse it with stock's error before
     // anything is written, not after the dense tensors were scaled.
     for (const auto& t : strided) at::assert_no_internal_overlap(t);
-    const std::vector<Chunk> chunks = make_chunks(dense, kChunkElems);
     const Loops<scalar_t> k = loops<scalar_t>();
-    // Each thread walks its range forwards (as interleaved streams, see clip_grad_kernels.h). Starting
-    // on the chunks the norm pass read last, still in cache, measured 4-7 % slower on one thread on the
-    // 2-core VM with one stream (a descending walk the prefetchers follow less well), and no faster
-    // with four (norm pass walking its chunks backwards, the scaling forwards; ResNet-50's and GPT-2's
-    // gradients, interleaved, 1 and 2 threads): the few MB of cache a thread gets there save too little.
-    const std::vector<Span> spans = spans_of<scalar_t>(dense, chunks);
-    parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
-      k.scale(spans.data() + cb, ce - cb, static_cast<double>(coef));
-    });
+    // A gradient listed twice (or two views of one block) is scaled in separate passes: within a
+    // pass the threads write at once (disjoint.h).
+    for (const auto& pass : disjoint_passes(dense)) {
+      const std::vector<Chunk> chunks = make_chunks(pass, kChunkElems);
+      // Each thread walks its range forwards (as interleaved streams, see clip_grad_kernels.h). Starting
+      // on the chunks the norm pass read last, still in cache, measured 4-7 % slower on one thread on the
+      // 2-core VM with one stream (a descending walk the prefetchers follow less well), and no faster
+      // with four (norm pass walking its chunks backwards, the scaling forwards; ResNet-50's and GPT-2's
+      // gradients, interleaved, 1 and 2 threads): the few MB of cache a thread gets there save too little.
+      const std::vector<Span> spans = spans_of<scalar_t>(pass, chunks);
+      parallel_over_chunks(chunks, [&](int64_t cb, int64_t ce) {
+        k.scale(spans.data() + cb, ce - cb, static_cast<double>(coef));
+      });
+    }
     for (auto& t : strided) t.mul_(static_cast<double>(coef));
   });
 }

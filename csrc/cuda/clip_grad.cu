@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "cuda/multi_tensor.cuh"
+#include "disjoint.h"
 #include "cuda/runtime.cuh"
 
 namespace torchfast {
@@ -225,10 +226,13 @@ void multi_tensor_clip_cuda(at::TensorList tensors, const at::Tensor& total_norm
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_clip_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* tp = total.data_ptr<acc_t>();
-    for_each_table(dense, [&](const ChunkTable& table, int, int nb) {
-      TF_LAUNCH(nb, kThreads, 0, stream, clip_chunks_kernel<scalar_t, acc_t>)(table, tp, static_cast<acc_t>(max_norm));
-      TF_LAUNCH_CHECK();
-    });
+    // A gradient listed twice (or two views of one block) is scaled by separate launches, one after
+    // another on the stream: the blocks of one launch write at once (disjoint.h).
+    for (const auto& pass : disjoint_passes(dense))
+      for_each_table(pass, [&](const ChunkTable& table, int, int nb) {
+        TF_LAUNCH(nb, kThreads, 0, stream, clip_chunks_kernel<scalar_t, acc_t>)(table, tp, static_cast<acc_t>(max_norm));
+        TF_LAUNCH_CHECK();
+      });
   });
   if (!strided.empty()) {
     // Rare (gradients are dense): a plain multiply by the clamped coefficient, still on the device.

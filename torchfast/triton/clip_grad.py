@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from torchfast.reference.clip_grad import acc_dtype, check_writable
-from torchfast.triton import INTERPRET, device_chunk_table, device_guard
+from torchfast.triton import INTERPRET, device_chunk_table, device_chunk_tables_disjoint, device_guard
 
 CHUNK = 1 << 16
 KIND_ONE, KIND_TWO, KIND_INF, KIND_P = 0, 1, 2, 3
@@ -129,19 +129,24 @@ def _block():
     return 128 if INTERPRET else 2048
 
 
-def _tables(tensors, device):
+def _tables(tensors, device, disjoint=False):
     """[(uploaded chunk table, base tensor, all 16-byte aligned)] for contiguous `tensors` whose
     addresses are multiples of their element size (all tensors in practice; see _addressable): one
     launch per table, the aligned tensors apart from the rest (almost always all of them). Row 0 holds
     each chunk's tensor's element offset from the base tensor, the kernels' base_ptr argument. Cached
     by the tensors' addresses and sizes (device_chunk_table), so the norm and the clip of one call, and
-    the next step's call on the same gradients, build and upload nothing."""
+    the next step's call on the same gradients, build and upload nothing. With `disjoint` (the in-place
+    clip) tensors that share memory go to separate tables (device_chunk_tables_disjoint)."""
     out = []
     aligned = [t for t in tensors if t.data_ptr() % 16 == 0]
     groups = ((aligned, True), ([t for t in tensors if t.data_ptr() % 16 != 0], False)) \
         if len(aligned) < len(tensors) else ((aligned, True),)
     for group, flag in groups:
-        if any(t.numel() for t in group):
+        if not any(t.numel() for t in group):
+            continue
+        if disjoint:
+            out += [(table, group[first], flag) for table, first in device_chunk_tables_disjoint(group, CHUNK, device)]
+        else:
             out.append((device_chunk_table(group, CHUNK, device, base=group[0]), group[0], flag))
     return out
 
@@ -189,7 +194,7 @@ def _clip_launch(tensors, total_norm: torch.Tensor, max_norm: float) -> None:
     check_writable(other)
     total = total_norm.reshape(()).to(device=device, dtype=torch.float32)
     with device_guard(device):
-        for table, base, aligned in _tables(dense, device):
+        for table, base, aligned in _tables(dense, device, disjoint=True):  # one launch after another
             _clip_chunks_kernel[(table.shape[1],)](base, table[0], table[1], table[2], total, float(max_norm),
                                                    CHUNK_ELEMS=CHUNK, BLOCK=_block(), ALIGNED=aligned,
                                                    VEC=_vec(dtype), num_warps=8)
