@@ -450,6 +450,37 @@ def test_thread_count_invariance(device, backend):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("init"))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_list_with_tensors_sharing_memory_fills_in_order(device, backend, threads):
+    """A tensor listed twice, and overlapping views of one buffer, end as if each listing were filled in
+    turn (the last one wins where they overlap), with each listing's own stream: one fill of the whole
+    list would have the threads (or a launch's blocks) write both at once and mix them. Long enough
+    that the fill splits over threads."""
+    n = 200_000 if backend != "triton" else 2000
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torchfast.use_backend(backend):
+            t = torch.empty(n, device=device)
+            buf = torch.empty(2 * n, device=device)
+            other = torch.empty(n // 3, device=device)
+            listing = [t, other, buf[: n], t, buf[n // 2: n // 2 + n], buf[n:]]
+            tfi.normal_(listing, seed=7, std=0.5)
+            # each listing's own values (no sharing), laid out as filling the listings in turn would leave them
+            fresh = [torch.empty_like(x) for x in listing]
+            tfi.normal_(fresh, seed=7, std=0.5)
+            want_buf = torch.empty(2 * n, device=device)
+            want_buf[:n] = fresh[2]
+            want_buf[n // 2: n // 2 + n] = fresh[4]
+            want_buf[n:] = fresh[5]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(t, fresh[3])  # t's second listing wins
+    assert torch.equal(other, fresh[1])
+    assert torch.equal(buf, want_buf)
+
+
 def test_distributions_goodness_of_fit():
     stats = pytest.importorskip("scipy.stats", reason="scipy is a test extra (pip install .[test]); the "
                                                         "goodness-of-fit tests need it")

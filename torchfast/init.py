@@ -28,6 +28,7 @@ from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out,
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchfast import _backends
+from torchfast._overlap import disjoint_passes
 from torchfast._ops import impl
 from torchfast.reference.philox import CONSTANT, NORMAL, TRUNC_NORMAL, UNIFORM
 
@@ -135,12 +136,20 @@ def _f32_resolves(spec) -> bool:
     return top == 0.0 or hi - lo >= 2.0 ** (math.frexp(top)[1] - 24) * 2 ** 16
 
 
-def _fill(tensors, specs, seed):
-    """Fill tensors[k] with distribution specs[k] = (kind, 6 params) using stream k. One op call
-    per (device, dtype) group; non-contiguous tensors are filled through a contiguous buffer, and
-    truncated normals the float32 stream cannot resolve (_f32_resolves) through a float64 one, and
-    complex tensors through their real view (_complex_target)."""
+def _fill(tensors, specs, seed, streams=None):
+    """Fill tensors[k] with distribution specs[k] = (kind, 6 params) using stream k (streams[k] when
+    given). One op call per (device, dtype) group; non-contiguous tensors are filled through a
+    contiguous buffer, and truncated normals the float32 stream cannot resolve (_f32_resolves) through
+    a float64 one, and complex tensors through their real view (_complex_target). Tensors that share
+    memory (one listed twice, views of one buffer) are filled in separate passes, in list order: the
+    last listing wins, as with one call per tensor (in one op call the threads would mix them)."""
     tensors, specs = list(tensors), list(specs)
+    streams = list(range(len(tensors))) if streams is None else list(streams)
+    passes = disjoint_passes(tensors)
+    if len(passes) > 1:
+        for part in passes:
+            _fill([tensors[i] for i in part], [specs[i] for i in part], seed, [streams[i] for i in part])
+        return
     groups = {}
     for k, (t, spec) in enumerate(zip(tensors, specs)):
         if t.numel() == 0:
@@ -175,7 +184,7 @@ def _fill(tensors, specs, seed):
             f64 = dtype == torch.float64
             params = [float(p) for k in ks
                       for p in (_params_f64(*specs[k][:2]) if f64 else _kernel_params(specs[k], dtype) + (0.0, 0.0))]
-            impl(backend).philox_fill_(targets, seed, list(ks), [specs[k][0] for k in ks], params)
+            impl(backend).philox_fill_(targets, seed, [streams[k] for k in ks], [specs[k][0] for k in ks], params)
             for t, buf in copies:
                 t.copy_(buf)
             if dtype == torch.float64:

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from torchfast._overlap import disjoint_passes
+
 # Under the interpreter (TRITON_INTERPRET=1, read by triton at import) kernels run on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -96,38 +98,10 @@ def device_chunk_table(tensors, chunk: int, device, base=None):
     return table
 
 
-def disjoint_passes(tensors):
-    """Indices of the contiguous `tensors` split into passes whose tensors share no memory (csrc/disjoint.h
-    does the same for the C++ backends): the blocks of one launch write at once, so a gradient listed
-    twice, or two views of one block, in one in-place launch would lose updates. Tensor i goes one pass
-    after the last pass of any earlier tensor overlapping it; without any overlap (the rule) one pass,
-    in list order."""
-    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
-    reach = 0
-    for b, e in sorted(s for s in spans if s[0] != s[1]):
-        if b < reach:
-            break
-        reach = max(reach, e)
-    else:
-        return [list(range(len(tensors)))]
-    level = []
-    for i, (b, e) in enumerate(spans):
-        lv = 0
-        if b != e:
-            for j in range(i):
-                bj, ej = spans[j]
-                if bj != ej and bj < e and b < ej:
-                    lv = max(lv, level[j] + 1)
-        level.append(lv)
-    passes = [[] for _ in range(max(level) + 1)]
-    for i, lv in enumerate(level):
-        passes[lv].append(i)
-    return passes
-
-
 def device_chunk_tables_disjoint(tensors, chunk: int, device):
     """For an in-place launch: [(chunk table, index of its base tensor)], one per pass of
-    disjoint_passes(tensors) (almost always one), each table's row 0 as offsets from its base tensor
+    torchfast._overlap.disjoint_passes(tensors) (almost always one: the blocks of one launch write at
+    once, so tensors sharing memory go to separate launches), each table's row 0 as offsets from its base tensor
     (see device_chunk_table); cached, like device_chunk_table, by the tensors' addresses and sizes, so
     the overlap check runs when the gradients move, not every step."""
     key = ("disjoint", str(device), chunk, tuple((t.data_ptr(), t.numel(), t.element_size()) for t in tensors))
