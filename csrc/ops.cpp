@@ -4,11 +4,17 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "disjoint.h"
 #include "schemas.h"
 
 #include <string>
 
 TORCH_LIBRARY(torchfast, m) { torchfast::define_ops(m); }
+
+// Reads only the tensors' addresses and shapes: one implementation for every device.
+TORCH_LIBRARY_IMPL(torchfast, CompositeExplicitAutograd, m) {
+  m.impl("overlap_levels", [](at::TensorList tensors) { return torchfast::overlap_levels(tensors); });
+}
 
 namespace {
 

@@ -81,6 +81,9 @@ inline void define_ops(torch::Library& m) {
   // is its counter stream, kinds[i] its distribution, params[8*i : 8*i+8] its parameters (philox.h).
   m.def(
       "philox_fill_(Tensor(a!)[] tensors, int seed, int[] streams, int[] kinds, float[] params) -> ()");
+  // Which tensors of a list share memory (csrc/disjoint.h): per tensor, the pass it must be written in
+  // so that no pass holds two tensors that overlap (all 0 when none do). Any device; reads no data.
+  m.def("overlap_levels(Tensor[] tensors) -> int[]");
 }
 
 }  // namespace torchfast

@@ -481,6 +481,27 @@ def test_list_with_tensors_sharing_memory_fills_in_order(device, backend, thread
     assert torch.equal(buf, want_buf)
 
 
+def test_overlap_levels_compiled_and_python_agree():
+    """torch.ops.torchfast.overlap_levels (C++) and torchfast._overlap._levels (the fallback without the
+    extension) give each tensor the same pass: duplicates, partial and adjacent views, strided views
+    (whose byte spans are a superset of their elements), empty and meta tensors."""
+    from torchfast import _ext, _overlap
+    base, other, m = torch.zeros(1000), torch.zeros(50), torch.zeros(20, 30)
+    cases = [
+        ([base, other], [0, 0]),
+        ([base[:100], base[100:200], other], [0, 0, 0]),  # adjacent views do not overlap
+        ([base, base], [0, 1]),
+        ([base[:500], other, base[250:750], base[600:], base[:0], base[:500]], [0, 0, 1, 2, 0, 2]),
+        ([m[:, 0], m[:, 1], m[0, :], m.t()], [0, 1, 2, 3]),
+        ([torch.empty(5, device="meta"), torch.empty(5, device="meta")], [0, 0]),
+    ]
+    for ts, want in cases:
+        assert _overlap._levels(ts) == want
+        if _ext._C is not None:
+            assert list(torch.ops.torchfast.overlap_levels(ts)) == want
+    assert _overlap.disjoint_passes([base[:500], other, base[250:750]]) == [[0, 1], [2]]
+
+
 def test_distributions_goodness_of_fit():
     stats = pytest.importorskip("scipy.stats", reason="scipy is a test extra (pip install .[test]); the "
                                                         "goodness-of-fit tests need it")
