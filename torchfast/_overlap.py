@@ -11,11 +11,13 @@ from torchfast import _ext
 
 def _span(t):
     """[first byte, one past the last byte) that t can touch: exact for dense tensors, a superset for
-    other strided ones (strides are never negative); empty for empty tensors and meta tensors."""
-    n = t.numel()
-    if n == 0 or t.is_meta:
+    other strided ones (strides are never negative); empty for empty tensors and tensors without data
+    (meta, or storage resized to nothing), as in csrc/disjoint.h."""
+    if t.numel() == 0 or t.is_meta:
         return (0, 0)
     begin = t.data_ptr()
+    if begin == 0:
+        return (0, 0)
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return (begin, begin + (last + 1) * t.element_size())
 

@@ -71,7 +71,7 @@ def device_guard(device):
 
 
 _TABLES = collections.OrderedDict()
-_TABLES_KEPT = 16
+_TABLES_KEPT = 32  # a clip keeps two per (dtype, alignment) group: the norm's table and the clip's
 
 
 def device_chunk_table(tensors, chunk: int, device, base=None):
@@ -81,7 +81,7 @@ def device_chunk_table(tensors, chunk: int, device, base=None):
     instead of its address (kernels then address base_ptr + offset, a pointer whose alignment Triton
     knows). A training loop's gradients usually keep their addresses from step to step (the caching
     allocator hands the same blocks back), and then nothing is built or uploaded: no host work beyond
-    the key, and nothing that would stop a CUDA graph capture. The last 16 tables are kept."""
+    the key, and nothing that would stop a CUDA graph capture. The last _TABLES_KEPT tables are kept."""
     key = (str(device), chunk, None if base is None else (base.data_ptr(), base.element_size()),
            tuple((t.data_ptr(), t.numel()) for t in tensors))
     table = _TABLES.get(key)

@@ -134,9 +134,10 @@ def _tables(tensors, device, disjoint=False):
     addresses are multiples of their element size (all tensors in practice; see _addressable): one
     launch per table, the aligned tensors apart from the rest (almost always all of them). Row 0 holds
     each chunk's tensor's element offset from the base tensor, the kernels' base_ptr argument. Cached
-    by the tensors' addresses and sizes (device_chunk_table), so the norm and the clip of one call, and
-    the next step's call on the same gradients, build and upload nothing. With `disjoint` (the in-place
-    clip) tensors that share memory go to separate tables (device_chunk_tables_disjoint)."""
+    by the tensors' addresses and sizes (device_chunk_table), so the next step's call on the same
+    gradients builds and uploads nothing. With `disjoint` (the in-place clip) tensors that share memory
+    go to separate tables (device_chunk_tables_disjoint, its own cache entries: the norm's table and
+    the clip's are built once each)."""
     out = []
     aligned = [t for t in tensors if t.data_ptr() % 16 == 0]
     groups = ((aligned, True), ([t for t in tensors if t.data_ptr() % 16 != 0], False)) \
