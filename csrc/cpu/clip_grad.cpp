@@ -1,7 +1,8 @@
 // Multi-tensor gradient clipping on the CPU (the loops are in clip_grad_kernels.h).
 //   multi_tensor_norm:  one parallel pass reading every tensor once (1 read).
-//   multi_tensor_clip_: one parallel pass, read + write, skipped entirely when the clip
-//                       coefficient is exactly 1 (x * 1 == x, so skipping is exact).
+//   multi_tensor_clip_: one parallel pass (one per set of tensors sharing no memory, disjoint.h),
+//                       read + write, skipped entirely when the clip coefficient is exactly 1
+//                       (x * 1 == x, so skipping is exact).
 // Both walk the fixed chunk table of common.h; per-chunk partial results are combined serially in
 // chunk order, so the norm is bitwise identical for any torch.get_num_threads().
 #include <ATen/ATen.h>

@@ -1,9 +1,9 @@
 // The multi-tensor clipping loops (the norm partials of a range of chunks, the scaling of a range),
-// compiled once per
-// instruction set: clip_base in clip_grad.cpp, clip_avx2 / clip_avx512 in clip_grad_isa.cpp under
-// `#pragma GCC target`. clip_grad.cpp picks a set at run time (cpu_features); all sets compute the same
-// sums in the same order (the lanes are fixed, not the vector width), so the norm does not depend on
-// which set runs. No include guard: included once per set, with TORCHFAST_CLIP_ISA naming it.
+// compiled once per instruction set: clip_base in clip_grad.cpp, clip_avx2 / clip_avx512 in
+// clip_grad_isa.cpp under `#pragma GCC target`. clip_grad.cpp picks a set at run time (cpu_features);
+// all sets compute the same sums in the same order (the lanes are fixed, not the vector width), so the
+// norm does not depend on which set runs. No include guard: included once per set, with
+// TORCHFAST_CLIP_ISA naming it.
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -251,7 +251,7 @@ void norm_streams(const Span* spans, int64_t count, acc_t p, double* partial) {
   }
 }
 
-// x *= coef over the vectors of [0, n): returns where they end (n, when n is a multiple of kScaleStep).
+// x *= coef over the vectors of [0, n): returns where they end (n, when n is a multiple of 32).
 template <typename scalar_t, typename acc_t>
 int64_t scale_vectors(scalar_t* x, int64_t n, acc_t coef) {
   int64_t i = 0;
