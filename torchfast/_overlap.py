@@ -47,6 +47,8 @@ def disjoint_passes(tensors):
     """Indices of `tensors` in passes whose tensors share no memory, in order: overlapping tensors keep
     their list order, the rest stay together. Without any overlap (the rule) one pass, in list order."""
     tensors = list(tensors)
+    if len(tensors) < 2:  # nothing to share memory with (init's single-tensor calls)
+        return [list(range(len(tensors)))]
     if _ext._C is not None:
         level = torch.ops.torchfast.overlap_levels(tensors)
     else:

@@ -74,6 +74,26 @@ _TABLES = collections.OrderedDict()
 _TABLES_KEPT = 32  # a clip keeps two per (dtype, alignment) group: the norm's table and the clip's
 
 
+def _cached(key, build):
+    """_TABLES[key], made by build() on a miss; the last _TABLES_KEPT entries are kept."""
+    value = _TABLES.get(key)
+    if value is not None:
+        _TABLES.move_to_end(key)
+        return value
+    value = _TABLES[key] = build()
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return value
+
+
+def _uploaded_table(tensors, chunk: int, device, base):
+    """chunk_table(tensors, chunk)[0] on `device`, row 0 as element offsets from `base` when given."""
+    table = chunk_table(tensors, chunk)[0]
+    if base is not None:
+        table[0] = (table[0] - base.data_ptr()) // base.element_size()
+    return upload(table, device)
+
+
 def device_chunk_table(tensors, chunk: int, device, base=None):
     """chunk_table(tensors, chunk)[0] on `device`, cached by (device, chunk, base, every tensor's address
     and element count): the table is a function of exactly these, so a hit is always the right table.
@@ -84,18 +104,7 @@ def device_chunk_table(tensors, chunk: int, device, base=None):
     the key, and nothing that would stop a CUDA graph capture. The last _TABLES_KEPT tables are kept."""
     key = (str(device), chunk, None if base is None else (base.data_ptr(), base.element_size()),
            tuple((t.data_ptr(), t.numel()) for t in tensors))
-    table = _TABLES.get(key)
-    if table is not None:
-        _TABLES.move_to_end(key)
-        return table
-    table = chunk_table(tensors, chunk)[0]
-    if base is not None:
-        table[0] = (table[0] - base.data_ptr()) // base.element_size()
-    table = upload(table, device)
-    _TABLES[key] = table
-    while len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
+    return _cached(key, lambda: _uploaded_table(tensors, chunk, device, base))
 
 
 def device_chunk_tables_disjoint(tensors, chunk: int, device):
@@ -105,18 +114,9 @@ def device_chunk_tables_disjoint(tensors, chunk: int, device):
     (see device_chunk_table); cached, like device_chunk_table, by the tensors' addresses and sizes, so
     the overlap check runs when the gradients move, not every step."""
     key = ("disjoint", str(device), chunk, tuple((t.data_ptr(), t.numel(), t.element_size()) for t in tensors))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
-    out = []
-    for part in disjoint_passes(tensors):
-        group = [tensors[i] for i in part]
-        table = chunk_table(group, chunk)[0]
-        table[0] = (table[0] - group[0].data_ptr()) // group[0].element_size()
-        out.append((upload(table, device), part[0]))
-    _TABLES[key] = out
-    while len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return out
 
+    def build():
+        groups = [(part[0], [tensors[i] for i in part]) for part in disjoint_passes(tensors)]
+        return [(_uploaded_table(group, chunk, device, group[0]), first) for first, group in groups]
+
+    return _cached(key, build)
